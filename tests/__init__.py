@@ -1,0 +1,1 @@
+"""vhostpath tests: run them with tests/run.py (see README)."""

@@ -1,0 +1,100 @@
+"""The test command: the host tier here, then the guest tier against real /dev/vhost-net.
+
+    sudo python3 tests/run.py             # both tiers; installs the guest's Debian packages
+    sudo python3 tests/run.py --host      # host tier only (no vhost-net needed)
+
+The guest tier boots Debian's kernel under QEMU (tests/guest.py) and runs the
+test_vhost*.py modules there.  A guest that cannot boot, a missing
+/dev/vhost-net, or a skipped guest test counts as a failure.  The last line is
+"N passed, N failed".
+"""
+
+import argparse
+import json
+import os
+import sys
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT]
+SUMMARY = "/mnt/results/summary.json"
+
+
+def run_tier(pattern, names=None):
+    """Run one tier's modules; return (passed, failed, skipped)."""
+    loader = unittest.TestLoader()
+    if names:
+        suite = loader.loadTestsFromNames(names)
+    else:
+        suite = loader.discover(HERE, pattern=pattern, top_level_dir=ROOT)
+    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    return result.testsRun - failed - skipped, failed, skipped
+
+
+def in_guest(names):
+    """Inside the guest: the vhost tier, with skips counted as failures."""
+    if not os.path.exists("/dev/vhost-net"):
+        passed, failed, skipped = 0, 1, 0
+        print("guest: /dev/vhost-net is missing", flush=True)
+    else:
+        passed, failed, skipped = run_tier("test_vhost*.py", names)
+    with open(SUMMARY, "w") as f:
+        json.dump({"passed": passed, "failed": failed + skipped, "skipped": skipped}, f)
+    return 0 if failed + skipped == 0 else 1
+
+
+def guest_tier(names):
+    from tests import guest
+    command = " ".join([sys.executable, "tests/run.py", "--in-guest", *names])
+    try:
+        _, _, files = guest.run(command, cwd=ROOT)
+    except guest.GuestError as e:
+        print(f"guest tier: FAILED, the guest could not run: {e}", flush=True)
+        return 0, 1
+    if "summary.json" not in files:
+        print("guest tier: FAILED, the guest wrote no summary", flush=True)
+        return 0, 1
+    summary = json.loads(files["summary.json"])
+    if summary["skipped"]:
+        print(f"guest tier: {summary['skipped']} skipped test(s) counted as failed", flush=True)
+    return summary["passed"], summary["failed"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", action="store_true", help="host tier only")
+    p.add_argument("--guest", action="store_true", help="guest tier only")
+    p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("tests", nargs="*", help="dotted test names (e.g. tests.test_vhost.TestPort)")
+    args = p.parse_args()
+    os.chdir(ROOT)
+    if args.in_guest:
+        return in_guest(args.tests)
+    if os.geteuid() != 0:
+        print("tests/run.py: run as root (tap devices, namespaces, QEMU)", file=sys.stderr)
+        return 2
+    from tests import guest
+    try:
+        guest.ensure_packages()
+    except guest.GuestError as e:
+        print(f"tests/run.py: {e}", file=sys.stderr)
+    passed = failed = skipped = 0
+    if not args.guest:
+        host_names = [t for t in args.tests if "test_host" in t]
+        if host_names or not args.tests:
+            p_, f_, s_ = run_tier("test_host*.py", host_names)
+            passed, failed, skipped = passed + p_, failed + f_, skipped + s_
+    if not args.host:
+        guest_names = [t for t in args.tests if "test_host" not in t]
+        if guest_names or not args.tests:
+            p_, f_ = guest_tier(guest_names)
+            passed, failed = passed + p_, failed + f_
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    return 0 if failed == 0 and passed > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

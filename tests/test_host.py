@@ -1,0 +1,325 @@
+"""Host tier: runs on any Linux host as root, without vhost-net.
+
+ABI cross-check against the system's uapi headers, ring arithmetic and the
+driver's checks of what a device publishes, tap creation and kernel naming,
+and every command-line error.
+"""
+
+import ctypes
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import vhostpath as vp
+from tests import topo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "vhostpath.py")
+
+# (C expression, Python value) pairs checked against the headers.
+IOCTLS = ["VHOST_GET_FEATURES", "VHOST_SET_FEATURES", "VHOST_SET_OWNER", "VHOST_SET_MEM_TABLE",
+          "VHOST_SET_VRING_NUM", "VHOST_SET_VRING_ADDR", "VHOST_SET_VRING_BASE",
+          "VHOST_GET_VRING_BASE", "VHOST_SET_VRING_KICK", "VHOST_SET_VRING_CALL",
+          "VHOST_NET_SET_BACKEND", "TUNSETIFF", "TUNGETFEATURES", "TUNSETOFFLOAD", "TUNGETIFF",
+          "TUNSETSNDBUF", "TUNGETVNETHDRSZ", "TUNSETVNETHDRSZ"]
+CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST_TSO4",
+             "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_F_NOTIFY_ON_EMPTY",
+             "VIRTIO_F_ANY_LAYOUT", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX",
+             "VIRTIO_F_VERSION_1", "VIRTIO_F_ACCESS_PLATFORM", "VRING_DESC_F_NEXT",
+             "VRING_DESC_F_WRITE", "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY",
+             "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VIRTIO_NET_HDR_F_DATA_VALID",
+             "VIRTIO_NET_HDR_GSO_NONE", "VIRTIO_NET_HDR_GSO_TCPV4", "VIRTIO_NET_HDR_GSO_UDP",
+             "VIRTIO_NET_HDR_GSO_TCPV6", "VHOST_VIRTIO", "VHOST_FILE_UNBIND", "IFF_TAP",
+             "IFF_MULTI_QUEUE", "IFF_NO_PI", "IFF_VNET_HDR", "TUN_F_CSUM", "TUN_F_TSO4",
+             "TUN_F_TSO6", "SIOCGIFADDR", "SIOCSIFHWADDR", "ARPHRD_ETHER", "IFNAMSIZ",
+             "SOL_PACKET", "ETH_P_ALL", "ETH_HLEN", "PACKET_ADD_MEMBERSHIP", "PACKET_MR_PROMISC",
+             "PACKET_STATISTICS", "PACKET_VNET_HDR", "PACKET_IGNORE_OUTGOING", "CAP_NET_ADMIN",
+             "CAP_NET_RAW", "AF_PACKET"]
+STRUCTS = {
+    "vhost_vring_state": "struct vhost_vring_state",
+    "vhost_vring_file": "struct vhost_vring_file",
+    "vhost_vring_addr": "struct vhost_vring_addr",
+    "vhost_memory_region": "struct vhost_memory_region",
+    "vhost_memory": "struct vhost_memory",
+    "vring_desc": "struct vring_desc",
+    "vring_avail": "struct vring_avail",
+    "vring_used_elem": "struct vring_used_elem",
+    "vring_used": "struct vring_used",
+    "virtio_net_hdr": "struct virtio_net_hdr",
+    "virtio_net_hdr_mrg_rxbuf": "struct virtio_net_hdr_mrg_rxbuf",
+    "packet_mreq": "struct packet_mreq",
+    "tpacket_stats": "struct tpacket_stats",
+}
+
+
+def _abi_program():
+    lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <sys/socket.h>",
+             "#include <linux/if.h>", "#include <linux/if_arp.h>",
+             "#include <linux/if_ether.h>", "#include <linux/if_packet.h>",
+             "#include <linux/if_tun.h>", "#include <linux/sockios.h>",
+             "#include <linux/capability.h>", "#include <linux/vhost.h>",
+             "#include <linux/virtio_config.h>", "#include <linux/virtio_ring.h>",
+             "#include <linux/virtio_net.h>",
+             "int main(void) {"]
+    for name in IOCTLS + CONSTANTS:
+        lines.append(f'  printf("{name} %lld\\n", (long long)({name}));')
+    for py, c in STRUCTS.items():
+        lines.append(f'  printf("sizeof {py} %zu\\n", sizeof({c}));')
+        for field, *_ in getattr(vp, py)._fields_:
+            lines.append(f'  printf("offsetof {py}.{field} %zu\\n", offsetof({c}, {field}));')
+    lines.append('  printf("sizeof ifreq %zu\\n", sizeof(struct ifreq));')
+    lines.append('  printf("offsetof ifreq.ifr_flags %zu\\n", offsetof(struct ifreq, ifr_flags));')
+    lines.append("  return 0; }")
+    return "\n".join(lines) + "\n"
+
+
+class TestABI(unittest.TestCase):
+    """Every ioctl number, constant, struct size and field offset against the C headers."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not shutil.which("gcc") or not os.path.exists("/usr/include/linux/vhost.h"):
+            raise unittest.SkipTest("gcc or the Linux uapi headers are not installed")
+        with tempfile.TemporaryDirectory() as tmp:
+            src, exe = os.path.join(tmp, "abi.c"), os.path.join(tmp, "abi")
+            with open(src, "w") as f:
+                f.write(_abi_program())
+            subprocess.run(["gcc", "-o", exe, src], check=True)
+            out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+        cls.c = dict(line.rsplit(" ", 1) for line in out.splitlines())
+
+    def test_ioctl_numbers_and_constants(self):
+        for name in IOCTLS + CONSTANTS:
+            with self.subTest(name=name):
+                self.assertEqual(getattr(vp, name), int(self.c[name]) & 0xFFFFFFFF
+                                 if name in IOCTLS else int(self.c[name]))
+
+    def test_struct_layouts(self):
+        for py in STRUCTS:
+            cls = getattr(vp, py)
+            with self.subTest(struct=py):
+                self.assertEqual(ctypes.sizeof(cls), int(self.c[f"sizeof {py}"]))
+                for field, *_ in cls._fields_:
+                    self.assertEqual(getattr(cls, field).offset,
+                                     int(self.c[f"offsetof {py}.{field}"]), field)
+        self.assertEqual(ctypes.sizeof(vp.ifreq), int(self.c["sizeof ifreq"]))
+        self.assertEqual(vp.ifreq.ifr_ifru.offset, int(self.c["offsetof ifreq.ifr_flags"]))
+
+    def test_pinned_values(self):
+        # Values from the reference tables, so a wrong helper cannot agree with itself.
+        self.assertEqual(vp.VHOST_SET_VRING_ADDR, 0x4028AF11)
+        self.assertEqual(vp.VHOST_GET_VRING_BASE, 0xC008AF12)
+        self.assertEqual(vp.VHOST_NET_SET_BACKEND, 0x4008AF30)
+        self.assertEqual(vp.TUNSETIFF, 0x400454CA)
+        self.assertEqual(vp.TUNSETVNETHDRSZ, 0x400454D8)
+
+
+class TestRingArithmetic(unittest.TestCase):
+    def test_layout_matches_standard_sizes(self):
+        self.assertEqual(vp.vring_layout(256), (0, 4096, 8192, 10246))
+        self.assertEqual(vp.vring_layout(1024), (0, 16384, 20480, 28678))
+
+    def test_layout_rejects_bad_sizes(self):
+        for bad in (0, 3, 100, 65536, -4):
+            with self.subTest(num=bad), self.assertRaises(ValueError):
+                vp.vring_layout(bad)
+
+    def test_vnet_hdr_len(self):
+        self.assertEqual(vp.vnet_hdr_len(0), 10)
+        self.assertEqual(vp.vnet_hdr_len(1 << vp.VIRTIO_NET_F_MRG_RXBUF), 12)
+        self.assertEqual(vp.vnet_hdr_len(1 << vp.VIRTIO_F_VERSION_1), 12)
+
+    def test_full_barrier_runs(self):
+        barrier = vp._full_barrier()
+        self.assertTrue(barrier.available, "no fence on this CPU: kicks would be unconditional")
+        barrier()
+
+
+class TestUsedRingChecks(unittest.TestCase):
+    """The driver validates what a device publishes.  The test plays a misbehaving
+    device by writing the used ring in memory (no kernel involved)."""
+
+    def setUp(self):
+        self.num = 8
+        _, _, used, size = vp.vring_layout(self.num)
+        self.arena = vp.Arena(size + self.num * 256)
+        self.vq = vp.SplitVirtqueue(self.arena, 0, size, self.num, 256, True, kickfd=-1)
+        self.used = used
+        for i in range(4):
+            self.vq.add_buf(self.vq.free.pop(), 256)
+
+    def tearDown(self):
+        del self.vq
+        self.arena.close()
+
+    def publish(self, *elems, idx=None):
+        ring = self.arena.view[self.used:self.used + 4 + 8 * self.num].cast("I")
+        hdr = self.arena.view[self.used:self.used + 4].cast("H")
+        for k, (desc_id, length) in enumerate(elems):
+            ring[1 + 2 * k], ring[2 + 2 * k] = desc_id, length
+        hdr[1] = len(elems) if idx is None else idx
+        ring.release()
+        hdr.release()
+
+    def test_good_entries_are_returned(self):
+        self.publish((1, 100), (0, 256))       # out of order is allowed
+        self.assertEqual(self.vq.used_pending(), 2)
+        self.assertEqual(self.vq.get_buf(), (1, 100))
+        self.assertEqual(self.vq.get_buf(), (0, 256))
+        self.assertEqual(self.vq.used_pending(), 0)
+
+    def test_index_beyond_ring(self):
+        self.publish(idx=self.num + 1)
+        with self.assertRaisesRegex(vp.RingBrokenError, "more than the ring"):
+            self.vq.used_pending()
+        with self.assertRaisesRegex(vp.RingBrokenError, "broken"):   # sticky
+            self.vq.used_pending()
+
+    def test_id_out_of_range(self):
+        self.publish((self.num, 10))
+        with self.assertRaisesRegex(vp.RingBrokenError, f"used id {self.num}"):
+            self.vq.get_buf()
+
+    def test_id_not_owned_by_device(self):
+        self.publish((5, 10))                 # descriptor 5 was never made available
+        with self.assertRaisesRegex(vp.RingBrokenError, "used id 5"):
+            self.vq.get_buf()
+
+    def test_id_published_twice(self):
+        self.publish((2, 10), (2, 10))
+        self.vq.get_buf()
+        with self.assertRaisesRegex(vp.RingBrokenError, "used id 2"):
+            self.vq.get_buf()
+
+    def test_length_beyond_buffer(self):
+        self.publish((3, 257))
+        with self.assertRaisesRegex(vp.RingBrokenError, "used len 257"):
+            self.vq.get_buf()
+
+    def test_add_buf_then_kick_prepare_publishes(self):
+        desc = (vp.vring_desc * self.num).from_buffer(self.arena.mm)
+        avail = self.arena.view[16 * self.num:16 * self.num + 4 + 2 * self.num].cast("H")
+        self.assertEqual([desc[i].len for i in range(4)], [256] * 4)
+        self.assertEqual(desc[0].flags, vp.VRING_DESC_F_WRITE)
+        self.assertEqual(desc[0].addr, self.arena.addr + vp.vring_layout(self.num)[3])
+        self.assertEqual(list(avail[2:6]), [0, 1, 2, 3])
+        self.assertEqual(avail[1], 0)          # entries written, index not yet published
+        self.assertTrue(self.vq.kick_prepare())   # used->flags clear: the device wants a kick
+        self.assertEqual(avail[1], 4)
+        self.assertFalse(self.vq.kick_prepare())  # nothing new since
+        avail.release()
+        del desc
+
+
+def _interfaces():
+    return set(os.listdir("/sys/class/net"))
+
+
+class TestTap(unittest.TestCase):
+    def test_kernel_names_taps_from_template(self):
+        before = _interfaces()
+        with vp.Tap("tap%d") as a, vp.Tap("tap%d") as b:
+            self.assertRegex(a.name, r"^tap\d+$")
+            self.assertNotIn(a.name, before)
+            self.assertEqual(int(b.name[3:]), int(a.name[3:]) + 1)
+            with open(f"/sys/class/net/{a.name}/tun_flags") as f:
+                flags = int(f.read(), 16)
+            self.assertEqual(flags & 0xFFFF, vp.IFF_TAP | vp.IFF_NO_PI | vp.IFF_VNET_HDR)
+            self.assertEqual(a.flags() & 0x7FFF, vp.IFF_TAP | vp.IFF_NO_PI | vp.IFF_VNET_HDR)
+            name = a.name
+        self.assertNotIn(name, _interfaces(), "tap left behind after close")
+
+    def test_named_tap_and_settings(self):
+        with vp.Tap("vptest%d") as t:
+            self.assertRegex(t.name, r"^vptest\d+$")
+            self.assertEqual(t.vnet_hdr_sz(), 10)
+            t.set_vnet_hdr_sz(12)
+            self.assertEqual(t.vnet_hdr_sz(), 12)
+            t.set_sndbuf(vp.INT_MAX)
+            t.set_offload(vp.TUN_F_CSUM | vp.TUN_F_TSO4 | vp.TUN_F_TSO6)
+            with self.assertRaises(OSError) as cm:
+                t.set_offload(vp.TUN_F_TSO4)        # TSO without CSUM: EINVAL
+            self.assertEqual(cm.exception.errno, errno.EINVAL)
+            self.assertIn("TUNSETOFFLOAD", str(cm.exception))
+            self.assertIn(t.name, str(cm.exception))
+            t.set_mac(b"\x02\x00\x00\x12\x34\x56")
+            with open(f"/sys/class/net/{t.name}/address") as f:
+                self.assertEqual(f.read().strip(), "02:00:00:12:34:56")
+
+    def test_bad_names_rejected(self):
+        for bad in ("", "x" * 16, "a/b", "a b"):
+            with self.subTest(name=bad), self.assertRaises(vp.VhostPathError):
+                vp.Tap(bad)
+
+
+def _run_tool(*args, **kw):
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+class TestCliErrors(unittest.TestCase):
+    """Each error: exit status 1 and one clear line on stderr, nothing created."""
+
+    def assertFails(self, result, *needles):
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        for needle in needles:
+            self.assertIn(needle, lines[0])
+        self.assertTrue(lines[0].startswith("vhostpath: "), lines[0])
+
+    def test_not_linux(self):
+        code = ("import sys; sys.platform = 'darwin'; sys.path.insert(0, %r); "
+                "import vhostpath; sys.exit(vhostpath.main(['--iface', 'lo']))" % ROOT)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        self.assertFails(r, "Linux only", "darwin")
+
+    def test_not_root(self):
+        exe = topo.unprivileged_python()
+        r = subprocess.run([exe, TOOL, "--iface", "lo"], user=65534, group=65534,
+                           extra_groups=[], capture_output=True, text=True, timeout=60)
+        self.assertFails(r, "permission denied", "root", "CAP_NET_ADMIN")
+
+    def test_vhost_net_missing(self):
+        r = _run_tool("--iface", "lo", "--path", "/nonexistent/vhost-net")
+        self.assertFails(r, "/nonexistent/vhost-net does not exist", "modprobe vhost_net")
+
+    def test_nic_missing(self):
+        r = _run_tool("--iface", "nosuchnic0", "--path", "/dev/null")
+        self.assertFails(r, "nosuchnic0", "no such network interface")
+
+    def test_bad_queue_size(self):
+        for bad in ("100", "0", "65536"):
+            with self.subTest(size=bad):
+                self.assertFails(_run_tool("--iface", "lo", "--queue-size", bad),
+                                 "--queue-size", "power of two")
+
+    def test_bad_mac(self):
+        self.assertFails(_run_tool("--iface", "lo", "--mac", "zz:00"), "invalid MAC")
+        self.assertFails(_run_tool("--iface", "lo", "--mac", "01:00:5e:00:00:01"), "unicast")
+
+    def test_tap_name_taken_by_another_device(self):
+        subprocess.run(["ip", "link", "add", "vptaken0", "type", "veth", "peer", "name",
+                        "vptaken1"], check=True)
+        try:
+            r = _run_tool("--iface", "lo", "--path", "/dev/null", "--tap", "vptaken0")
+            self.assertFails(r, "vptaken0", "not a tap")
+        finally:
+            subprocess.run(["ip", "link", "del", "vptaken0"], check=True)
+
+    def test_tap_same_as_nic(self):
+        self.assertFails(_run_tool("--iface", "lo", "--path", "/dev/null", "--tap", "lo"),
+                         "NIC itself")
+
+    def test_help_touches_nothing(self):
+        r = _run_tool("--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("--queue-size", r.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()

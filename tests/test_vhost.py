@@ -1,0 +1,259 @@
+"""Guest tier: end-to-end tests against the real /dev/vhost-net (run inside the QEMU guest).
+
+tests/run.py boots the guest and runs this module there; a skip counts as a
+failure.  Each test builds what it needs and removes it.
+"""
+
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import unittest
+
+import vhostpath as vp
+from tests import topo
+
+MB = 1 << 20
+OUR_MAC = bytes.fromhex("020000000002")
+
+
+def _csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _icmp_echo(dst_mac, src_ip, dst_ip, payload, ident=0x4242):
+    icmp = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + payload
+    icmp = icmp[:2] + struct.pack("!H", _csum(icmp)) + icmp[4:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0x4000, 64, 1, 0,
+                     socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return dst_mac + OUR_MAC + b"\x08\x00" + ip + icmp
+
+
+def _arp_request(src_ip, target_ip):
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, OUR_MAC, socket.inet_aton(src_ip),
+                      bytes(6), socket.inet_aton(target_ip))
+    return b"\xff" * 6 + OUR_MAC + b"\x08\x06" + arp
+
+
+def _receive(port, match, timeout=20):
+    """rx_burst until a frame satisfies ``match``; wait on the RX call eventfd."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        port.ack_calls()
+        for frame in port.rx_burst():
+            if match(frame):
+                return frame
+        select.select([port.call_fds()[vp.VHOST_NET_VQ_RX]], [], [],
+                      max(0, deadline - time.monotonic()))
+    raise AssertionError(f"no matching frame from the kernel within {timeout} s")
+
+
+class TestVirtioUserPort(unittest.TestCase):
+    """The library on its own: a port, frames in and out of the kernel, clean close."""
+
+    def test_bring_up_and_close_leave_nothing(self):
+        fds_before = sorted(os.listdir("/proc/self/fd"))
+        before = topo.interfaces()
+        port = vp.VirtioUserPort(queue_size=256)
+        try:
+            self.assertEqual(port.name, "tap0")            # named by the kernel
+            self.assertNotIn("tap0", before)
+            self.assertTrue(port.features & 1 << vp.VIRTIO_NET_F_MRG_RXBUF)
+            self.assertEqual(port.hdr_len, 12)
+            self.assertEqual(port.tap.vnet_hdr_sz(), 12)
+            self.assertEqual(len(topo.vhost_threads(os.getpid())), 1)
+        finally:
+            port.close()
+        self.assertNotIn("tap0", topo.interfaces())
+        topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost thread exit")
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
+
+    def test_arp_answered_by_the_kernel(self):
+        with vp.VirtioUserPort(mac="02:00:00:00:00:01") as port:
+            topo.configure_tap(port.name, "10.9.0.1/24")
+            self.assertEqual(port.tx_burst([_arp_request("10.9.0.2", "10.9.0.1")]), 1)
+            reply = _receive(port, lambda f: f[12:14] == b"\x08\x06" and f[20:22] == b"\0\2")
+            self.assertEqual(reply[:6], OUR_MAC)
+            self.assertEqual(reply[22:28], bytes.fromhex("020000000001"))   # tap's MAC
+            self.assertEqual(reply[28:32], socket.inet_aton("10.9.0.1"))
+            self.assertEqual(port.stats.tx_packets, 1)
+            self.assertGreaterEqual(port.stats.rx_packets, 1)
+
+    def test_jumbo_echo_spans_several_rx_buffers(self):
+        """An 8000-byte ICMP echo reply from the kernel arrives in >= 4 merged RX buffers."""
+        with vp.VirtioUserPort(mac="02:00:00:00:00:01", queue_size=64) as port:
+            topo.sh("ip", "link", "set", port.name, "mtu", "9000")
+            topo.configure_tap(port.name, "10.9.0.1/24")
+            topo.sh("ip", "neigh", "add", "10.9.0.2", "lladdr", "02:00:00:00:00:02",
+                    "dev", port.name)
+            payload = os.urandom(8000)
+            frame = _icmp_echo(bytes.fromhex("020000000001"), "10.9.0.2", "10.9.0.1", payload)
+            self.assertEqual(port.tx_burst([frame]), 1)
+            seen = []
+            real_rx_packet = port.rx_packet
+
+            def counting_rx_packet():
+                views = real_rx_packet()
+                if views is not None:
+                    seen.append(len(views))
+                return views
+            port.rx_packet = counting_rx_packet
+            reply = _receive(port, lambda f: f[12:14] == b"\x08\x00" and f[23] == 1
+                             and f[34] == 0)
+            self.assertEqual(reply[42:], payload)
+            self.assertGreaterEqual(max(seen), 4, f"buffers per packet: {seen}")
+
+
+class BridgeCase:
+    """The command-line tool bridging veth0 (the NIC) and tap0, end to end."""
+
+    OFFLOADS = True
+
+    @classmethod
+    def setUpClass(cls):
+        topo.make_outside(offloads=cls.OFFLOADS)
+        cls.tool = topo.Tool("--iface", "veth0")
+        topo.configure_tap("tap0")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tool.kill()
+        topo.remove_outside()
+
+    def test_1_tap_named_by_the_kernel(self):
+        self.assertIn("tap0 created (named by the kernel), bridging veth0 <-> tap0 through "
+                      "/dev/vhost-net, queue size 256", self.tool.first_line)
+
+    def test_2_ping_both_ways(self):
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+        self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS), 3)
+
+    def test_3_tcp_outside_to_kernel(self):
+        sent, received = topo.tcp_transfer("in", 20 * MB)
+        self.assertEqual(sent, received)
+        self.assertTrue(sent.startswith(f"{20 * MB} "))
+
+    def test_4_tcp_kernel_to_outside(self):
+        sent, received = topo.tcp_transfer("out", 20 * MB)
+        self.assertEqual(sent, received)
+        self.assertTrue(sent.startswith(f"{20 * MB} "))
+
+    def test_5_statistics_show_the_traffic(self):
+        rc, out, err = self.tool.stop(signal.SIGINT)
+        self.assertEqual(rc, 0, err)
+        ports = topo.report_counters(out)
+        self.assertEqual(set(ports), {"veth0", "tap0"}, out)
+        # Both transfers crossed the tool: 20 MB each way, plus headers.
+        self.assertGreater(ports["veth0"]["RX-bytes"], 20 * MB)
+        self.assertGreater(ports["veth0"]["TX-bytes"], 20 * MB)
+        self.assertGreater(ports["tap0"]["TX-bytes"], 20 * MB)
+        self.assertGreater(ports["tap0"]["RX-bytes"], 20 * MB)
+        self.assertEqual(ports["veth0"]["TX-packets"], ports["tap0"]["RX-packets"])
+        self.assertEqual(ports["veth0"]["RX-packets"], ports["tap0"]["TX-packets"])
+        self.assertNotIn("tap0", topo.interfaces())
+
+
+class TestBridgeOffloadsOn(BridgeCase, unittest.TestCase):
+    """veth's defaults: TSO super-frames and partial checksums reach the packet socket."""
+    OFFLOADS = True
+
+
+class TestBridgeOffloadsOff(BridgeCase, unittest.TestCase):
+    """ethtool -K veth1 tx off: MTU-sized frames with full checksums."""
+    OFFLOADS = False
+
+
+class TestShutdown(unittest.TestCase):
+    """SIGINT and SIGTERM: report printed, tap gone, vhost thread gone, NIC restored."""
+
+    def setUp(self):
+        topo.make_outside()
+
+    def tearDown(self):
+        topo.remove_outside()
+
+    def check_signal(self, sig):
+        arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
+        with open(arp_ignore) as f:
+            original = f.read().strip()
+        tool = topo.Tool("--iface", "veth0")
+        try:
+            self.assertIn("tap0", topo.interfaces())
+            self.assertEqual(len(topo.vhost_threads(tool.pid)), 1)
+            with open(arp_ignore) as f:
+                self.assertEqual(f.read().strip(), "8")
+            rc, out, err = tool.stop(sig)
+        finally:
+            tool.kill()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("Forward statistics for port 0 (veth0)", out)
+        self.assertIn("Forward statistics for port 1 (tap0)", out)
+        self.assertNotIn("tap0", topo.interfaces())
+        self.assertEqual(topo.vhost_threads(tool.pid), [])
+        with open(arp_ignore) as f:
+            self.assertEqual(f.read().strip(), original)
+
+    def test_sigint(self):
+        self.check_signal(signal.SIGINT)
+
+    def test_sigterm(self):
+        self.check_signal(signal.SIGTERM)
+
+
+class TestCliWithVhost(unittest.TestCase):
+    """Command-line behaviour that needs a real /dev/vhost-net."""
+
+    def setUp(self):
+        topo.make_outside()
+
+    def tearDown(self):
+        topo.remove_outside()
+
+    def test_non_root_fails_clearly(self):
+        r = subprocess.run([topo.unprivileged_python(), topo.TOOL, "--iface", "veth0"], user=65534, group=65534,
+                           extra_groups=[], capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.strip().splitlines(),
+                         ["vhostpath: permission denied: run as root (needs CAP_NET_ADMIN "
+                          "and CAP_NET_RAW to create the tap and open a packet socket)"])
+        self.assertNotIn("tap0", topo.interfaces())
+
+    def test_address_on_nic_warns(self):
+        topo.sh("ip", "addr", "add", "1.1.1.9/24", "dev", "veth0")
+        tool = topo.Tool("--iface", "veth0")
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0)
+        self.assertIn("warning: veth0 still has IPv4 address 1.1.1.9", err)
+
+    def test_existing_tap_in_use_fails_clearly(self):
+        with vp.Tap("vpbusy0"):
+            r = subprocess.run([sys.executable, topo.TOOL, "--iface", "veth0", "--tap",
+                                "vpbusy0"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("vpbusy0 is already in use", r.stderr)
+
+    def test_verbose_and_periodic_stats(self):
+        tool = topo.Tool("--iface", "veth0", "-v", "--stats", "0.2", "--mac",
+                         "02:00:00:00:00:07")
+        with open("/sys/class/net/tap0/address") as f:
+            self.assertEqual(f.read().strip(), "02:00:00:00:00:07")
+        line = tool.readline(timeout=30)
+        self.assertRegex(line or "", r"veth0: rx \d+ pkts .* \| tap0: rx \d+ pkts")
+        rc, out, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("negotiated 0x8000", err)
+        self.assertIn("header 12 bytes", err)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,194 @@
+"""Test topology for the guest tier: an outside host behind a veth pair, and the tool.
+
+    root namespace                               namespace "outside"
+    kernel stack 1.1.1.1/24 on tap0              1.1.1.2/24 on veth1
+          |                                          |
+    tap0 <-vhost-net-> vhostpath <-AF_PACKET-> veth0 ===== veth1
+"""
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "vhostpath.py")
+XFER = os.path.join(ROOT, "tests", "xfer.py")
+NS = "outside"
+KERNEL_IP, OUTSIDE_IP = "1.1.1.1", "1.1.1.2"
+
+
+def sh(*cmd, check=True, timeout=120, ns=None):
+    """Run a command (optionally in the outside namespace); return its stdout."""
+    if ns:
+        cmd = ("ip", "netns", "exec", ns, *cmd)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+def unprivileged_python():
+    """A Python interpreter that uid 65534 may execute (pyenv under /root may not be)."""
+    for exe in (sys.executable, "/usr/bin/python3"):
+        try:
+            r = subprocess.run([exe, "-c", "pass"], user=65534, group=65534, extra_groups=[],
+                               capture_output=True)
+        except PermissionError:
+            continue
+        if r.returncode == 0:
+            return exe
+    raise AssertionError("no Python interpreter runnable by uid 65534")
+
+
+def interfaces():
+    return set(os.listdir("/sys/class/net"))
+
+
+def make_outside(offloads=True):
+    """Create veth0 (the NIC, here) and veth1 (the outside host, 1.1.1.2/24)."""
+    remove_outside()
+    sh("ip", "netns", "add", NS)
+    sh("ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", NS)
+    sh("ip", "link", "set", "veth0", "up")
+    sh("ip", "link", "set", "lo", "up", ns=NS)
+    sh("ip", "addr", "add", f"{OUTSIDE_IP}/24", "dev", "veth1", ns=NS)
+    sh("ip", "link", "set", "veth1", "up", ns=NS)
+    if not offloads:        # a plain 1500-byte wire: full checksums, no TSO super-frames
+        sh("ethtool", "-K", "veth1", "tx", "off", ns=NS)
+
+
+def remove_outside():
+    sh("ip", "netns", "del", NS, check=False)
+    sh("ip", "link", "del", "veth0", check=False)
+
+
+def configure_tap(name="tap0", address=f"{KERNEL_IP}/24"):
+    sh("ip", "addr", "add", address, "dev", name)
+    sh("ip", "link", "set", name, "up")
+
+
+def vhost_threads(pid):
+    """Kernel vhost worker threads serving process ``pid`` (named vhost-<pid>)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == f"vhost-{pid}":
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def wait_until(predicate, timeout, what):
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _readline(stream, deadline):
+    fd = stream.fileno()
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1)
+        if not chunk:
+            return line.decode() or None
+        line += chunk
+    return line.decode()
+
+
+class Tool:
+    """vhostpath started as a user would, with its output captured."""
+
+    def __init__(self, *args, timeout=60, user=None, python=sys.executable):
+        kw = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
+        self.proc = subprocess.Popen([python, TOOL, *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, **kw)
+        self.first_line = _readline(self.proc.stdout, time.monotonic() + timeout)
+        if self.first_line is None or "created" not in self.first_line:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"vhostpath did not start: {self.first_line!r} "
+                                 f"{err.decode().strip()}")
+
+    def readline(self, timeout):
+        """The next line the tool prints, or None after ``timeout`` seconds."""
+        return _readline(self.proc.stdout, time.monotonic() + timeout)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self, sig=signal.SIGINT, timeout=60):
+        """Signal the tool; return (exit status, stdout after the first line, stderr)."""
+        self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError(f"vhostpath ignored signal {sig} for {timeout} s") from None
+        return self.proc.returncode, out.decode(), err.decode()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def report_counters(report):
+    """{port name: {RX-packets: n, ...}} parsed from the tool's final statistics."""
+    ports, current = {}, None
+    for line in report.splitlines():
+        m = re.search(r"Forward statistics for port \d+ \((\S+)\)", line)
+        if m:
+            current = ports.setdefault(m.group(1), {})
+        elif current is not None:
+            for key, value in re.findall(r"([RT]X-\w+):\s+(\d+)", line):
+                current[key] = int(value)
+    return ports
+
+
+def ping(target, ns=None, count=3):
+    """Ping ``target``; return the number of replies."""
+    out = sh("ping", "-c", str(count), "-i", "0.2", "-W", "5", target, ns=ns, check=False,
+             timeout=60)
+    m = re.search(r"(\d+) received", out)
+    return int(m.group(1)) if m else 0
+
+
+def tcp_transfer(direction, nbytes, port=5001, timeout=300):
+    """Send ``nbytes`` over TCP through the path; return (sent, received) "<n> <sha256>".
+
+    direction "in": outside -> kernel (1.1.1.1); "out": kernel -> outside.
+    """
+    recv_ns, send_ns, target = (None, NS, KERNEL_IP) if direction == "in" \
+        else (NS, None, OUTSIDE_IP)
+    prefix = ["ip", "netns", "exec", recv_ns] if recv_ns else []
+    receiver = subprocess.Popen([*prefix, sys.executable, XFER, "recv", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = _readline(receiver.stdout, time.monotonic() + 60)
+        if ready != "ready\n":
+            raise AssertionError(f"receiver did not start: {ready!r}")
+        sent = sh(sys.executable, XFER, "send", target, str(port), str(nbytes), ns=send_ns,
+                  timeout=timeout).strip()
+        out, err = receiver.communicate(timeout=timeout)
+        if receiver.returncode:
+            raise AssertionError(f"receiver failed: {err.decode().strip()}")
+        return sent, out.decode().strip()
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.communicate()

@@ -1,0 +1,42 @@
+"""TCP transfer with a sha256 on each end, for the end-to-end tests and benchmarks.
+
+    python3 xfer.py recv PORT              # prints "ready", then "<bytes> <sha256>" at EOF
+    python3 xfer.py send HOST PORT BYTES   # sends BYTES random bytes, prints "<bytes> <sha256>"
+"""
+import hashlib
+import os
+import socket
+import sys
+
+
+def recv(port):
+    with socket.create_server(("0.0.0.0", int(port))) as srv:
+        print("ready", flush=True)
+        srv.settimeout(120)
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(120)
+            digest, total = hashlib.sha256(), 0
+            buf = bytearray(1 << 16)
+            while n := conn.recv_into(buf):
+                digest.update(memoryview(buf)[:n])
+                total += n
+    print(total, digest.hexdigest(), flush=True)
+
+
+def send(host, port, nbytes):
+    nbytes = int(nbytes)
+    digest, total = hashlib.sha256(), 0
+    with socket.create_connection((host, int(port)), timeout=120) as conn:
+        while total < nbytes:
+            chunk = os.urandom(min(1 << 20, nbytes - total))
+            conn.sendall(chunk)
+            digest.update(chunk)
+            total += len(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)                      # wait for the receiver to close: all data read
+    print(total, digest.hexdigest(), flush=True)
+
+
+if __name__ == "__main__":
+    {"recv": recv, "send": send}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,1310 @@
+#!/usr/bin/env python3
+"""vhostpath: the virtio-user "exceptional path" in one standard-library Python file.
+
+A user-space virtio-net *driver* opens ``/dev/vhost-net``; the kernel's vhost
+worker thread moves packets between the driver's virtqueues and a tap device
+(``tap0``), i.e. into the Linux network stack.  vhostpath bridges a NIC (an
+``AF_PACKET`` raw socket) to those virtqueues, so that what arrives on the NIC
+reaches the kernel through ``tap0`` and what the kernel sends on ``tap0`` leaves
+through the NIC::
+
+    NIC eth1 --AF_PACKET--> [vhostpath: TX virtqueue] --vhost-net--> tap0 --> kernel stack
+    NIC eth1 <-AF_PACKET--- [vhostpath: RX virtqueue] <-vhost-net--- tap0 <-- kernel stack
+
+Requirements: Linux, Python >= 3.10, root (CAP_NET_ADMIN and CAP_NET_RAW), and
+the ``vhost_net`` module (``modprobe vhost_net``).  Nothing outside the
+standard library.
+
+Command line::
+
+    sudo python3 vhostpath.py --iface eth1
+    sudo ip addr add 1.1.1.1/24 dev tap0 && sudo ip link set tap0 up
+
+Library::
+
+    import vhostpath
+    with vhostpath.VirtioUserPort(queue_size=256) as port:   # creates tap0
+        port.tx_burst([frame])                               # frames into the kernel
+        frames = port.rx_burst()                             # frames from the kernel
+
+Licence: BSD-3-Clause.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "VhostPathError", "RingBrokenError",
+    "Arena", "SplitVirtqueue", "vring_layout", "vnet_hdr_len",
+    "Tap", "VhostNet", "PacketSocket",
+    "PortStats", "VirtioUserPort", "Bridge", "main",
+]
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import select
+import socket
+import struct
+import sys
+import time
+
+########################################################################################
+# Kernel ABI: constants
+########################################################################################
+
+# asm-generic/ioctl.h (x86, arm, riscv): dir:2 | size:14 | type:8 | nr:8
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _IOC(direction, kind, nr, size):
+    return (direction << 30) | (size << 16) | (kind << 8) | nr
+
+
+def _IO(kind, nr):
+    return _IOC(_IOC_NONE, kind, nr, 0)
+
+
+def _IOR(kind, nr, ctype):
+    return _IOC(_IOC_READ, kind, nr, ctypes.sizeof(ctype))
+
+
+def _IOW(kind, nr, ctype):
+    return _IOC(_IOC_WRITE, kind, nr, ctypes.sizeof(ctype))
+
+
+def _IOWR(kind, nr, ctype):
+    return _IOC(_IOC_READ | _IOC_WRITE, kind, nr, ctypes.sizeof(ctype))
+
+
+# linux/virtio_config.h, virtio_ring.h, virtio_net.h: feature bits
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+VIRTIO_F_ANY_LAYOUT = 27
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+
+# linux/virtio_ring.h
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+VRING_ALIGN = 4096                      # the legacy "standard layout" alignment of the used ring
+
+# linux/virtio_net.h: struct virtio_net_hdr flags and gso_type
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+
+# linux/vhost.h
+VHOST_VIRTIO = 0xAF
+VHOST_NET_VQ_RX = 0                     # vring index 0: device -> driver (kernel -> us)
+VHOST_NET_VQ_TX = 1                     # vring index 1: driver -> device (us -> kernel)
+VHOST_FILE_UNBIND = -1
+
+# linux/if_tun.h
+TUN_TYPE = ord("T")
+IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+# linux/sockios.h, linux/if_arp.h, linux/if.h
+SIOCGIFADDR = 0x8915
+SIOCSIFHWADDR = 0x8924
+ARPHRD_ETHER = 1
+IFNAMSIZ = 16
+
+# linux/socket.h, linux/if_ether.h, linux/if_packet.h
+AF_PACKET = 17
+SOL_PACKET = 263
+ETH_P_ALL = 0x0003
+ETH_HLEN = 14
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
+PACKET_STATISTICS = 6
+PACKET_VNET_HDR = 15
+PACKET_IGNORE_OUTGOING = 23
+
+# linux/capability.h: bits of CapEff in /proc/self/status
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+
+INT_MAX = 2**31 - 1
+
+########################################################################################
+# Kernel ABI: structures (field for field as in the uapi headers, x86_64 layout)
+########################################################################################
+
+
+class vhost_vring_state(ctypes.Structure):
+    """linux/vhost_types.h: VHOST_SET_VRING_NUM / _BASE argument."""
+    _fields_ = [("index", ctypes.c_uint), ("num", ctypes.c_uint)]
+
+
+class vhost_vring_file(ctypes.Structure):
+    """linux/vhost_types.h: VHOST_SET_VRING_KICK / _CALL, VHOST_NET_SET_BACKEND argument."""
+    _fields_ = [("index", ctypes.c_uint), ("fd", ctypes.c_int)]
+
+
+class vhost_vring_addr(ctypes.Structure):
+    """linux/vhost_types.h: VHOST_SET_VRING_ADDR argument (note: used before avail)."""
+    _fields_ = [
+        ("index", ctypes.c_uint),
+        ("flags", ctypes.c_uint),
+        ("desc_user_addr", ctypes.c_uint64),
+        ("used_user_addr", ctypes.c_uint64),
+        ("avail_user_addr", ctypes.c_uint64),
+        ("log_guest_addr", ctypes.c_uint64),
+    ]
+
+
+class vhost_memory_region(ctypes.Structure):
+    """linux/vhost_types.h: one guest-physical -> user-virtual mapping."""
+    _fields_ = [
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+        ("flags_padding", ctypes.c_uint64),
+    ]
+
+
+class vhost_memory(ctypes.Structure):
+    """linux/vhost_types.h: header of VHOST_SET_MEM_TABLE; regions[] follow it."""
+    _fields_ = [("nregions", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
+
+
+class vring_desc(ctypes.Structure):
+    """linux/virtio_ring.h: one descriptor of the split ring's descriptor table."""
+    _fields_ = [
+        ("addr", ctypes.c_uint64),
+        ("len", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("next", ctypes.c_uint16),
+    ]
+
+
+class vring_avail(ctypes.Structure):
+    """linux/virtio_ring.h: header of the avail ring; ring[num] and used_event follow."""
+    _fields_ = [("flags", ctypes.c_uint16), ("idx", ctypes.c_uint16)]
+
+
+class vring_used_elem(ctypes.Structure):
+    """linux/virtio_ring.h: one entry of the used ring."""
+    _fields_ = [("id", ctypes.c_uint32), ("len", ctypes.c_uint32)]
+
+
+class vring_used(ctypes.Structure):
+    """linux/virtio_ring.h: header of the used ring; ring[num] and avail_event follow."""
+    _fields_ = [("flags", ctypes.c_uint16), ("idx", ctypes.c_uint16)]
+
+
+class virtio_net_hdr(ctypes.Structure):
+    """linux/virtio_net.h: the header in front of every packet (10 bytes)."""
+    _fields_ = [
+        ("flags", ctypes.c_uint8),
+        ("gso_type", ctypes.c_uint8),
+        ("hdr_len", ctypes.c_uint16),
+        ("gso_size", ctypes.c_uint16),
+        ("csum_start", ctypes.c_uint16),
+        ("csum_offset", ctypes.c_uint16),
+    ]
+
+
+class virtio_net_hdr_mrg_rxbuf(ctypes.Structure):
+    """linux/virtio_net.h: the header with num_buffers, used with MRG_RXBUF (12 bytes)."""
+    _fields_ = [("hdr", virtio_net_hdr), ("num_buffers", ctypes.c_uint16)]
+
+
+class ifreq(ctypes.Structure):
+    """linux/if.h: struct ifreq, reduced to the union members used here (40 bytes)."""
+
+    class _ifru(ctypes.Union):
+        class _hwaddr(ctypes.Structure):
+            _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_ubyte * 14)]
+
+        _fields_ = [("ifru_flags", ctypes.c_short), ("ifru_hwaddr", _hwaddr),
+                    ("ifru_pad", ctypes.c_ubyte * 24)]
+
+    _fields_ = [("ifr_name", ctypes.c_char * IFNAMSIZ), ("ifr_ifru", _ifru)]
+
+
+class packet_mreq(ctypes.Structure):
+    """linux/if_packet.h: PACKET_ADD_MEMBERSHIP argument."""
+    _fields_ = [
+        ("mr_ifindex", ctypes.c_int),
+        ("mr_type", ctypes.c_ushort),
+        ("mr_alen", ctypes.c_ushort),
+        ("mr_address", ctypes.c_ubyte * 8),
+    ]
+
+
+class tpacket_stats(ctypes.Structure):
+    """linux/if_packet.h: PACKET_STATISTICS result (clear on read)."""
+    _fields_ = [("tp_packets", ctypes.c_uint), ("tp_drops", ctypes.c_uint)]
+
+
+# linux/vhost.h
+VHOST_GET_FEATURES = _IOR(VHOST_VIRTIO, 0x00, ctypes.c_uint64)
+VHOST_SET_FEATURES = _IOW(VHOST_VIRTIO, 0x00, ctypes.c_uint64)
+VHOST_SET_OWNER = _IO(VHOST_VIRTIO, 0x01)
+VHOST_SET_MEM_TABLE = _IOW(VHOST_VIRTIO, 0x03, vhost_memory)
+VHOST_SET_VRING_NUM = _IOW(VHOST_VIRTIO, 0x10, vhost_vring_state)
+VHOST_SET_VRING_ADDR = _IOW(VHOST_VIRTIO, 0x11, vhost_vring_addr)
+VHOST_SET_VRING_BASE = _IOW(VHOST_VIRTIO, 0x12, vhost_vring_state)
+VHOST_GET_VRING_BASE = _IOWR(VHOST_VIRTIO, 0x12, vhost_vring_state)
+VHOST_SET_VRING_KICK = _IOW(VHOST_VIRTIO, 0x20, vhost_vring_file)
+VHOST_SET_VRING_CALL = _IOW(VHOST_VIRTIO, 0x21, vhost_vring_file)
+VHOST_NET_SET_BACKEND = _IOW(VHOST_VIRTIO, 0x30, vhost_vring_file)
+
+# linux/if_tun.h
+TUNSETIFF = _IOW(TUN_TYPE, 202, ctypes.c_int)
+TUNGETFEATURES = _IOR(TUN_TYPE, 207, ctypes.c_uint)
+TUNSETOFFLOAD = _IOW(TUN_TYPE, 208, ctypes.c_uint)
+TUNGETIFF = _IOR(TUN_TYPE, 210, ctypes.c_uint)
+TUNSETSNDBUF = _IOW(TUN_TYPE, 212, ctypes.c_int)
+TUNGETVNETHDRSZ = _IOR(TUN_TYPE, 215, ctypes.c_int)
+TUNSETVNETHDRSZ = _IOW(TUN_TYPE, 216, ctypes.c_int)
+
+########################################################################################
+# Errors
+########################################################################################
+
+
+class VhostPathError(Exception):
+    """A failure with a message fit for the user: bad input, missing device or privilege."""
+
+
+class RingBrokenError(VhostPathError):
+    """The device published something impossible on a used ring; the ring is unusable."""
+
+
+########################################################################################
+# Syscall helpers
+########################################################################################
+
+
+def _ioctl(fd, name, request, arg=0, what=""):
+    """The one ioctl choke point: errno kept, the request's name and device in the message."""
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        raise OSError(e.errno, f"{name} on {what or 'fd %d' % fd}: {os.strerror(e.errno)}") from None
+
+
+def _ifreq(name, flags=0):
+    req = ifreq()
+    req.ifr_name = name.encode()
+    req.ifr_ifru.ifru_flags = flags
+    return req
+
+
+def _sysctl_swap(path, value):
+    """Write ``value`` to a /proc/sys file; return the old value, or None if absent."""
+    try:
+        with open(path, "r+") as f:
+            old = f.read().strip()
+            f.seek(0)
+            f.write(value)
+        return old
+    except FileNotFoundError:
+        return None
+
+
+class _Barrier:
+    """A full memory barrier (the kernel's virtio_mb), callable from Python.
+
+    x86-64 is TSO: stores become visible in program order and loads are not
+    reordered with loads, so desc -> avail ring entry -> avail->idx needs no
+    fence.  A later *load* may still pass an earlier *store* though, and the
+    kick decision (store avail->idx, then load used->flags) is exactly that
+    pattern: without a fence both sides could miss each other and the device
+    would sleep on a non-empty ring.  CPython has no fence, so a 4-byte
+    function (``mfence; ret``, or ``dmb ish; ret`` on arm64) is placed in an
+    executable page.  Where that is impossible (another CPU, or W^X policy),
+    ``available`` is False and callers must kick unconditionally.
+    """
+
+    _CODE = {
+        "x86_64": b"\x0f\xae\xf0\xc3",                      # mfence; ret
+        "aarch64": bytes.fromhex("bf3b03d5c0035fd6"),       # dmb ish; ret
+    }
+
+    def __init__(self):
+        self.available = False
+        self._fn = None
+        code = self._CODE.get(platform.machine())
+        if code is None:
+            return
+        try:
+            self._page = mmap.mmap(-1, mmap.PAGESIZE)
+            self._page.write(code)
+            self._anchor = ctypes.c_char.from_buffer(self._page)
+            addr = ctypes.addressof(self._anchor)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            if libc.mprotect(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+                return
+        except (OSError, AttributeError):
+            return
+        self._fn = ctypes.CFUNCTYPE(None)(addr)
+        self.available = True
+
+    def __call__(self):
+        self._fn()
+
+
+_barrier = None
+
+
+def _full_barrier():
+    """The process-wide _Barrier, made on first use (importing touches nothing)."""
+    global _barrier
+    if _barrier is None:
+        _barrier = _Barrier()
+    return _barrier
+
+
+########################################################################################
+# Shared memory: the arena handed to the kernel
+########################################################################################
+
+
+class Arena:
+    """One page-aligned anonymous mmap holding rings and packet buffers.
+
+    It is registered with VHOST_SET_MEM_TABLE as a single identity-mapped
+    region (guest-physical address == user virtual address), so descriptor
+    addresses are plain pointers.  The kernel keeps raw addresses into it:
+    the arena must outlive every vhost fd that uses it.
+    """
+
+    def __init__(self, size):
+        self.size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._anchor = ctypes.c_char.from_buffer(self.mm)
+        self.addr = ctypes.addressof(self._anchor)
+        self.view = memoryview(self.mm)
+
+    def region(self):
+        """The vhost_memory_region that maps the whole arena."""
+        return vhost_memory_region(guest_phys_addr=self.addr, memory_size=self.size,
+                                   userspace_addr=self.addr, flags_padding=0)
+
+    def close(self):
+        """Unmap; only after every vhost fd using the arena is closed."""
+        if self.mm is not None:
+            self.view.release()
+            del self._anchor
+            self.mm.close()
+            self.mm = None
+
+    def __repr__(self):
+        return f"<Arena {self.size} bytes at {self.addr:#x}>"
+
+
+########################################################################################
+# Split virtqueue (virtio 1.x spec, section 2.7; the legacy layout of linux/virtio_ring.h)
+########################################################################################
+
+
+def vring_layout(num):
+    """Offsets of a split ring of ``num`` entries: (desc, avail, used, total size).
+
+    Standard layout: the descriptor table, the avail ring right after it, the
+    used ring at the next VRING_ALIGN boundary; both rings carry a trailing
+    event index word.
+    """
+    if num < 1 or num > 32768 or num & (num - 1):
+        raise ValueError(f"queue size must be a power of two from 1 to 32768, not {num}")
+    desc = 0
+    avail = desc + ctypes.sizeof(vring_desc) * num
+    used = (avail + 4 + 2 * num + 2 + VRING_ALIGN - 1) // VRING_ALIGN * VRING_ALIGN
+    return desc, avail, used, used + 4 + ctypes.sizeof(vring_used_elem) * num + 2
+
+
+def vnet_hdr_len(features):
+    """Size of the virtio-net header for the negotiated features (virtio spec 5.1.6).
+
+    12 (with num_buffers) when MRG_RXBUF or VERSION_1 is negotiated, else 10.
+    Both the tap (TUNSETVNETHDRSZ) and the buffer layout use this.
+    """
+    if features & (1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_F_VERSION_1):
+        return ctypes.sizeof(virtio_net_hdr_mrg_rxbuf)
+    return ctypes.sizeof(virtio_net_hdr)
+
+
+class SplitVirtqueue:
+    """The driver side of one split virtqueue whose memory lives in an Arena.
+
+    Every descriptor ``i`` owns buffer ``i`` (``buf_size`` bytes) for the life
+    of the queue, so a descriptor id is also a buffer index.  Vocabulary as in
+    Linux's virtio_ring.c: ``add_buf`` / ``kick_prepare`` / ``notify`` /
+    ``get_buf``.  Each used entry is bounds-checked; a device that breaks the
+    rules makes the ring broken (sticky) and raises RingBrokenError.
+    """
+
+    def __init__(self, arena, ring_offset, buf_offset, num, buf_size, device_writes, kickfd):
+        self.num = num
+        self.buf_size = buf_size
+        self.kickfd = kickfd
+        self.broken = False
+        d, a, u, _ = vring_layout(num)
+        base = arena.addr + ring_offset
+        self.desc_addr, self.avail_addr, self.used_addr = base + d, base + a, base + u
+        view = arena.view
+        # ctypes overlays for one-time set-up; flat memoryview casts for the hot path.
+        self._desc = (vring_desc * num).from_buffer(arena.mm, ring_offset + d)
+        self._desc_u32 = view[ring_offset + d:ring_offset + a].cast("I")
+        self._avail = view[ring_offset + a:ring_offset + a + 4 + 2 * num].cast("H")
+        self._used_hdr = view[ring_offset + u:ring_offset + u + 4].cast("H")
+        self._used_ring = view[ring_offset + u + 4:ring_offset + u + 4 + 8 * num].cast("I")
+        self.bufs = [view[buf_offset + i * buf_size:buf_offset + (i + 1) * buf_size]
+                     for i in range(num)]
+        flags = VRING_DESC_F_WRITE if device_writes else 0
+        for i in range(num):
+            self._desc[i].addr = arena.addr + buf_offset + i * buf_size
+            self._desc[i].len = buf_size
+            self._desc[i].flags = flags
+        self.avail_idx_shadow = 0        # our next avail->idx (free running u16)
+        self.last_used_idx = 0           # next used entry to read
+        self.num_added = 0               # entries added since the last kick_prepare
+        self.inflight = [False] * num    # descriptor ids the device owns
+        self.free = list(range(num - 1, -1, -1))
+
+    def add_buf(self, desc_id, length):
+        """Offer descriptor ``desc_id`` holding (TX) or accepting (RX) ``length`` bytes.
+
+        Order per virtio spec 2.7.13: descriptor, then avail ring entry; the
+        index is published by kick_prepare.  On x86-64 (TSO) these plain stores
+        reach the device in program order.
+        """
+        self._desc_u32[desc_id * 4 + 2] = length
+        self._avail[2 + (self.avail_idx_shadow & (self.num - 1))] = desc_id
+        self.avail_idx_shadow = (self.avail_idx_shadow + 1) & 0xFFFF
+        self.inflight[desc_id] = True
+        self.num_added += 1
+
+    def kick_prepare(self):
+        """Publish avail->idx; return True if the device wants a kick (NO_NOTIFY clear)."""
+        if not self.num_added:
+            return False
+        self.num_added = 0
+        self._avail[1] = self.avail_idx_shadow    # after the entries: TSO keeps the order
+        barrier = _full_barrier()
+        if not barrier.available:
+            return True
+        barrier()                                 # avail->idx store before used->flags load
+        return not self._used_hdr[0] & VRING_USED_F_NO_NOTIFY
+
+    def notify(self):
+        """Kick: signal the kick eventfd (8-byte counter increment)."""
+        os.write(self.kickfd, b"\x01\0\0\0\0\0\0\0")
+
+    def kick(self):
+        """kick_prepare + notify."""
+        if self.kick_prepare():
+            self.notify()
+
+    def used_pending(self):
+        """How many used entries the device has published that we have not consumed."""
+        if self.broken:
+            raise RingBrokenError("virtqueue is broken")
+        n = (self._used_hdr[1] - self.last_used_idx) & 0xFFFF
+        if n > self.num:
+            self._break(f"used->idx moved by {n} entries, more than the ring's {self.num}")
+        return n
+
+    def peek_used(self, k=0):
+        """The k-th unconsumed used entry (desc id, length), checked, left on the ring."""
+        slot = (self.last_used_idx + k) & (self.num - 1)
+        desc_id, length = self._used_ring[2 * slot], self._used_ring[2 * slot + 1]
+        if desc_id >= self.num or not self.inflight[desc_id]:
+            self._break(f"used id {desc_id} is not a descriptor the device owns")
+        if length > self.buf_size:
+            self._break(f"used len {length} exceeds the {self.buf_size}-byte buffer {desc_id}")
+        return desc_id, length
+
+    def consume_used(self, desc_id):
+        """Consume the next used entry, which peek_used showed to hold ``desc_id``."""
+        if not self.inflight[desc_id]:
+            self._break(f"used id {desc_id} published twice")
+        self.inflight[desc_id] = False
+        self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+
+    def get_buf(self):
+        """Take the next used entry: (desc id, length written)."""
+        desc_id, length = self.peek_used()
+        self.consume_used(desc_id)
+        return desc_id, length
+
+    def close(self):
+        """Release every view into the arena, so that the arena can be unmapped."""
+        for view in (self._desc_u32, self._avail, self._used_hdr, self._used_ring, *self.bufs):
+            view.release()
+        self._desc = None
+
+    def _break(self, why):
+        self.broken = True
+        raise RingBrokenError(f"virtqueue broken: {why}")
+
+
+########################################################################################
+# Devices: tap, vhost-net, packet socket
+########################################################################################
+
+
+class Tap:
+    """A tap device from /dev/net/tun (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).
+
+    ``name`` may be a template such as ``tap%d``: the kernel picks the first
+    free name, available as ``.name``.  The tap disappears when the last fd
+    (ours, and the reference vhost holds) is closed, unless it is persistent.
+    """
+
+    def __init__(self, name="tap%d"):
+        if not name or len(name.encode()) >= IFNAMSIZ or any(c in "/: " for c in name):
+            raise VhostPathError(f"invalid tap name {name!r}")
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            req = _ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            _ioctl(self.fd, "TUNSETIFF", TUNSETIFF, req, name)
+            self.name = req.ifr_name.decode()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def set_vnet_hdr_sz(self, size):
+        """TUNSETVNETHDRSZ: the header size the tap reads and writes (10 or 12)."""
+        _ioctl(self.fd, "TUNSETVNETHDRSZ", TUNSETVNETHDRSZ, struct.pack("i", size), self.name)
+
+    def vnet_hdr_sz(self):
+        """TUNGETVNETHDRSZ."""
+        out = _ioctl(self.fd, "TUNGETVNETHDRSZ", TUNGETVNETHDRSZ, struct.pack("i", 0), self.name)
+        return struct.unpack("i", out)[0]
+
+    def set_sndbuf(self, size):
+        """TUNSETSNDBUF; INT_MAX lets vhost-net batch small packets as XDP buffers."""
+        _ioctl(self.fd, "TUNSETSNDBUF", TUNSETSNDBUF, struct.pack("i", size), self.name)
+
+    def set_offload(self, flags):
+        """TUNSETOFFLOAD (TUN_F_*): what the kernel may hand us unsegmented or unchecksummed."""
+        _ioctl(self.fd, "TUNSETOFFLOAD", TUNSETOFFLOAD, flags, self.name)
+
+    def set_mac(self, mac):
+        """SIOCSIFHWADDR through the tap fd (tun accepts it there, no socket needed)."""
+        req = _ifreq(self.name)
+        req.ifr_ifru.ifru_hwaddr.sa_family = ARPHRD_ETHER
+        req.ifr_ifru.ifru_hwaddr.sa_data[:6] = list(mac)
+        _ioctl(self.fd, "SIOCSIFHWADDR", SIOCSIFHWADDR, req, self.name)
+
+    def flags(self):
+        """TUNGETIFF: the tap's IFF_* flags."""
+        req = _ifreq(self.name)
+        _ioctl(self.fd, "TUNGETIFF", TUNGETIFF, req, self.name)
+        return req.ifr_ifru.ifru_flags & 0xFFFF
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<Tap {self.name} fd={self.fd}>"
+
+
+class VhostNet:
+    """One /dev/vhost-net device: a kernel worker thread serving vring 0 (RX) and 1 (TX).
+
+    Thin wrappers, one per request, named after the ioctls.  Only the process
+    that called VHOST_SET_OWNER (done here) may issue further requests.
+    """
+
+    def __init__(self, path="/dev/vhost-net"):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _ioctl(self.fd, "VHOST_SET_OWNER", VHOST_SET_OWNER, 0, path)
+            out = _ioctl(self.fd, "VHOST_GET_FEATURES", VHOST_GET_FEATURES,
+                         struct.pack("Q", 0), path)
+            self.offered = struct.unpack("Q", out)[0]
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def set_features(self, features):
+        _ioctl(self.fd, "VHOST_SET_FEATURES", VHOST_SET_FEATURES,
+               struct.pack("Q", features), self.path)
+
+    def set_mem_table(self, regions):
+        class _table(ctypes.Structure):
+            _fields_ = [("hdr", vhost_memory), ("regions", vhost_memory_region * len(regions))]
+        table = _table(vhost_memory(len(regions), 0), (vhost_memory_region * len(regions))(*regions))
+        _ioctl(self.fd, "VHOST_SET_MEM_TABLE", VHOST_SET_MEM_TABLE, table, self.path)
+
+    def set_vring_num(self, index, num):
+        _ioctl(self.fd, "VHOST_SET_VRING_NUM", VHOST_SET_VRING_NUM,
+               vhost_vring_state(index, num), self.path)
+
+    def set_vring_base(self, index, base):
+        _ioctl(self.fd, "VHOST_SET_VRING_BASE", VHOST_SET_VRING_BASE,
+               vhost_vring_state(index, base), self.path)
+
+    def set_vring_addr(self, index, vq):
+        addr = vhost_vring_addr(index=index, flags=0, desc_user_addr=vq.desc_addr,
+                                used_user_addr=vq.used_addr, avail_user_addr=vq.avail_addr)
+        _ioctl(self.fd, "VHOST_SET_VRING_ADDR", VHOST_SET_VRING_ADDR, addr, self.path)
+
+    def set_vring_kick(self, index, fd):
+        _ioctl(self.fd, "VHOST_SET_VRING_KICK", VHOST_SET_VRING_KICK,
+               vhost_vring_file(index, fd), self.path)
+
+    def set_vring_call(self, index, fd):
+        _ioctl(self.fd, "VHOST_SET_VRING_CALL", VHOST_SET_VRING_CALL,
+               vhost_vring_file(index, fd), self.path)
+
+    def set_backend(self, index, fd):
+        """VHOST_NET_SET_BACKEND: a tap (or AF_PACKET) fd, or -1 to unbind."""
+        _ioctl(self.fd, "VHOST_NET_SET_BACKEND", VHOST_NET_SET_BACKEND,
+               vhost_vring_file(index, fd), self.path)
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        """Closing stops the worker thread and drops its references to the backend."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self):
+        return f"<VhostNet {self.path} fd={self.fd}>"
+
+
+class PacketSocket:
+    """An AF_PACKET/SOCK_RAW socket on a NIC: every frame in, every frame out.
+
+    PACKET_VNET_HDR puts a 10-byte virtio_net_hdr in front of each frame, so
+    GSO super-frames and partial checksums (veth does both by default) cross
+    intact.  Promiscuous, all protocols, own transmissions not looped back.
+    """
+
+    def __init__(self, iface):
+        self.iface = iface
+        try:
+            self.ifindex = socket.if_nametoindex(iface)
+        except OSError:
+            raise VhostPathError(f"no such network interface: {iface}") from None
+        # Protocol 0 until bound: an ETH_P_ALL socket would see every interface's traffic.
+        self.sock = socket.socket(AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            with contextlib.suppress(OSError):   # SO_RCVBUFFORCE needs CAP_NET_ADMIN
+                self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)   # SO_RCVBUFFORCE
+            self.sock.bind((iface, ETH_P_ALL))
+            mreq = packet_mreq(mr_ifindex=self.ifindex, mr_type=PACKET_MR_PROMISC)
+            self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, bytes(mreq))
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def drops(self):
+        """Frames the kernel dropped for want of socket buffer since the last call."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, ctypes.sizeof(tpacket_stats))
+        return tpacket_stats.from_buffer_copy(raw).tp_drops
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+    def __repr__(self):
+        return f"<PacketSocket {self.iface} fd={self.sock.fileno()}>"
+
+
+########################################################################################
+# Forwarding: the virtio-user port and the bridge
+########################################################################################
+
+
+class PortStats:
+    """Per-port counters, as in testpmd's forward statistics."""
+
+    FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped")
+
+    def __init__(self, name):
+        self.name = name
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+
+    def as_dict(self):
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+    def report(self, port_id):
+        bar = "-" * 22
+        return "\n".join([
+            f"  {bar} Forward statistics for port {port_id} ({self.name}) {bar}",
+            f"  RX-packets: {self.rx_packets:<14d} RX-dropped: {self.rx_dropped:<14d} "
+            f"RX-bytes: {self.rx_bytes}",
+            f"  TX-packets: {self.tx_packets:<14d} TX-dropped: {self.tx_dropped:<14d} "
+            f"TX-bytes: {self.tx_bytes}",
+        ])
+
+
+# Buffer sizes.  RX (kernel -> us) buffers hold one MTU-sized frame; larger
+# packets span several buffers (MRG_RXBUF).  TX (us -> kernel) buffers hold the
+# largest frame a packet socket can deliver: a 64 KB GSO super-frame.
+RX_BUF_SIZE = 2048
+TX_BUF_SIZE = 12 + 65536 + 4096
+
+
+def _parse_mac(text):
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise VhostPathError(f"invalid MAC address {text!r} (want xx:xx:xx:xx:xx:xx)")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise VhostPathError(f"invalid MAC address {text!r}") from None
+    if mac[0] & 1 or mac == bytes(6):
+        raise VhostPathError(f"MAC address {text} is not a unicast address")
+    return mac
+
+
+class VirtioUserPort:
+    """A virtio-net driver whose device is the kernel's vhost-net, backed by a tap.
+
+    One queue pair: vring 0 receives what the kernel sends on the tap, vring 1
+    carries what we send into the kernel.  Usable on its own (``rx_burst`` /
+    ``tx_burst`` copy frames in and out) or zero-copy from the Bridge
+    (``tx_slot`` / ``tx_commit``, ``rx_packet`` / ``rx_release``).
+
+    Args:
+        path: the vhost-net device node.
+        tap: tap name or template (``tap%d``: the kernel names it).
+        queue_size: entries per virtqueue, a power of two (vhost allows up to 32768).
+        mac: the tap's MAC address (bytes or ``xx:xx:...``), or None for the kernel's.
+
+    Raises:
+        VhostPathError, OSError: set-up failed; everything created is released.
+    """
+
+    WANTED_FEATURES = 1 << VIRTIO_NET_F_MRG_RXBUF
+
+    def __init__(self, path="/dev/vhost-net", tap="tap%d", queue_size=256, mac=None):
+        vring_layout(queue_size)
+        self.path, self.queue_size = path, queue_size
+        self.mac = _parse_mac(mac) if isinstance(mac, str) else mac
+        self.stats = PortStats("?")
+        self._stack = contextlib.ExitStack()
+        try:
+            self._start(tap)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _start(self, tap_name):
+        """Bring-up, in the order vhost-net requires (see stop() for the mirror)."""
+        push = self._stack.callback
+        self.tap = Tap(tap_name)
+        push(self.tap.close)
+        self.stats.name = self.tap.name
+        # The arena outlives the vhost fd: registered before it, so closed after it.
+        num = self.queue_size
+        ring_size = (vring_layout(num)[3] + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        rx_rings, tx_rings = 0, ring_size
+        rx_bufs = 2 * ring_size
+        tx_bufs = rx_bufs + num * RX_BUF_SIZE
+        self.arena = Arena(tx_bufs + num * TX_BUF_SIZE)
+        push(self.arena.close)
+        self.vhost = VhostNet(self.path)
+        push(self._unbind_and_close_vhost)
+        self.features = self.vhost.offered & self.WANTED_FEATURES
+        self.vhost.set_features(self.features)
+        self.hdr_len = vnet_hdr_len(self.features)
+        self.vhost.set_mem_table([self.arena.region()])
+        self.kickfds, self.callfds = [], []
+        for _ in range(2):
+            for fds in (self.kickfds, self.callfds):
+                fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+                push(os.close, fds[-1])
+        self.rxq = SplitVirtqueue(self.arena, rx_rings, rx_bufs, num, RX_BUF_SIZE, True,
+                                  self.kickfds[VHOST_NET_VQ_RX])
+        push(self.rxq.close)
+        self.txq = SplitVirtqueue(self.arena, tx_rings, tx_bufs, num, TX_BUF_SIZE, False,
+                                  self.kickfds[VHOST_NET_VQ_TX])
+        push(self.txq.close)
+        for index, vq in ((VHOST_NET_VQ_RX, self.rxq), (VHOST_NET_VQ_TX, self.txq)):
+            self.vhost.set_vring_num(index, num)
+            self.vhost.set_vring_base(index, 0)
+            self.vhost.set_vring_addr(index, vq)
+            self.vhost.set_vring_call(index, self.callfds[index])
+            self.vhost.set_vring_kick(index, self.kickfds[index])
+        # The tap produces and consumes the virtio-net header (VHOST_NET_F_VIRTIO_NET_HDR
+        # not negotiated), so its header size must match ours.
+        self.tap.set_vnet_hdr_sz(self.hdr_len)
+        self.tap.set_sndbuf(INT_MAX)
+        self.tap.set_offload(0)
+        if self.mac is not None:
+            self.tap.set_mac(self.mac)
+        while self.rxq.free:                       # every RX buffer to the device
+            self.rxq.add_buf(self.rxq.free.pop(), RX_BUF_SIZE)
+        self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fd)
+        self.vhost.set_backend(VHOST_NET_VQ_TX, self.tap.fd)
+        # Publish the RX buffers and kick both queues once: vhost may already
+        # wait for a kick (DPDK does the same at port start).
+        self.rxq.kick_prepare()
+        self.rxq.notify()
+        self.txq.notify()
+        self._rx_ids = []                  # descriptors of the packets rx_packet returned
+        self._rx_count = self._rx_bytes = 0
+
+    def _unbind_and_close_vhost(self):
+        if self.vhost.fd >= 0:
+            for index in (VHOST_NET_VQ_RX, VHOST_NET_VQ_TX):
+                with contextlib.suppress(OSError):
+                    self.vhost.set_backend(index, VHOST_FILE_UNBIND)
+        self.vhost.close()
+
+    def stop(self):
+        """Unbind the backend, close vhost (its worker exits), eventfds, tap, then the arena."""
+        self._stack.close()
+
+    close = stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return f"<VirtioUserPort {self.tap.name} via {self.path} queue_size={self.queue_size}>"
+
+    @property
+    def name(self):
+        return self.tap.name
+
+    def call_fds(self):
+        """The call eventfds (RX, TX): readable when the device has used buffers."""
+        return tuple(self.callfds)
+
+    def ack_calls(self):
+        """Reset the call eventfds before draining the used rings (no lost wakeups)."""
+        for fd in self.callfds:
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 8)
+
+    # -- into the kernel (TX virtqueue) --------------------------------------------------
+
+    def tx_reclaim(self):
+        """Take back TX buffers the device has consumed."""
+        txq = self.txq
+        for _ in range(txq.used_pending()):
+            desc_id, _ = txq.get_buf()
+            txq.free.append(desc_id)
+
+    def tx_slot(self):
+        """A free TX buffer (header + frame) to fill, or None when the ring is full."""
+        txq = self.txq
+        if not txq.free:
+            self.tx_reclaim()
+            if not txq.free:
+                return None
+        return txq.bufs[txq.free[-1]]
+
+    def tx_commit(self, length):
+        """Queue the buffer returned by tx_slot, holding ``length`` bytes (header included)."""
+        self.txq.add_buf(self.txq.free.pop(), length)
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += length - self.hdr_len
+
+    def tx_flush(self):
+        """Publish queued TX buffers; kick if vhost asks for it."""
+        self.txq.kick()
+
+    def tx_burst(self, frames, hdr=b""):
+        """Copy Ethernet frames into the kernel; return how many were queued.
+
+        ``hdr`` is an optional virtio_net_hdr (10 bytes) applied to every
+        frame; the default is all zero (no offload).
+        """
+        h = self.hdr_len
+        sent = 0
+        for frame in frames:
+            buf = self.tx_slot()
+            if buf is None or h + len(frame) > len(buf):
+                self.stats.tx_dropped += 1
+                continue
+            buf[:h] = bytes(hdr).ljust(h, b"\0")[:h]
+            buf[h:h + len(frame)] = frame
+            self.tx_commit(h + len(frame))
+            sent += 1
+        self.tx_flush()
+        return sent
+
+    # -- from the kernel (RX virtqueue) --------------------------------------------------
+
+    def rx_packet(self):
+        """The next packet the kernel sent, as buffer views, or None.
+
+        The first view starts with the virtio-net header (hdr_len bytes);
+        with MRG_RXBUF a large packet continues in further views (num_buffers
+        of them).  The entries stay on the used ring until rx_release()
+        (done with every packet taken) or rx_unget() (take them again later).
+        """
+        rxq, h = self.rxq, self.hdr_len
+        pending = rxq.used_pending() - len(self._rx_ids)
+        if pending <= 0:
+            return None
+        desc_id, length = rxq.peek_used(len(self._rx_ids))
+        if length < h:
+            rxq._break(f"used len {length} is shorter than the {h}-byte header")
+        first = rxq.bufs[desc_id][:length]
+        views, ids = [first], [desc_id]
+        if h == ctypes.sizeof(virtio_net_hdr_mrg_rxbuf):
+            nbufs = first[10] | first[11] << 8
+            if not 1 <= nbufs <= pending:
+                rxq._break(f"num_buffers {nbufs} but {pending} used entries published")
+            for k in range(1, nbufs):
+                desc_id, length = rxq.peek_used(len(self._rx_ids) + k)
+                views.append(rxq.bufs[desc_id][:length])
+                ids.append(desc_id)
+        self._rx_ids.extend(ids)
+        self._rx_bytes += sum(map(len, views)) - h
+        self._rx_count += 1
+        return views
+
+    def rx_release(self):
+        """Give the buffers of the packets taken with rx_packet back to the device."""
+        rxq = self.rxq
+        for desc_id in self._rx_ids:
+            rxq.consume_used(desc_id)
+            rxq.add_buf(desc_id, RX_BUF_SIZE)
+        self._rx_ids.clear()
+        self.stats.rx_packets += self._rx_count
+        self.stats.rx_bytes += self._rx_bytes
+        self._rx_count = self._rx_bytes = 0
+
+    def rx_unget(self):
+        """Put back the packets taken since the last rx_release: rx_packet returns them again."""
+        self._rx_ids.clear()
+        self._rx_count = self._rx_bytes = 0
+
+    def rx_flush(self):
+        """Publish refilled RX buffers; kick if vhost asks for it."""
+        self.rxq.kick()
+
+    def rx_burst(self, max_packets=32):
+        """Copy up to ``max_packets`` frames the kernel sent; return them as bytes (no header)."""
+        frames = []
+        while len(frames) < max_packets:
+            views = self.rx_packet()
+            if views is None:
+                break
+            frames.append(b"".join([views[0][self.hdr_len:], *views[1:]]))
+            self.rx_release()
+        self.rx_flush()
+        return frames
+
+
+class Bridge:
+    """Forwards between a NIC (packet socket) and a VirtioUserPort, both ways.
+
+    ``run()`` is a poll loop on the NIC socket, the call eventfds and a wakeup
+    pipe; each wakeup drains everything ready.  Frames are received straight
+    into TX ring buffers and sent straight from RX ring buffers: Python never
+    copies payload.  ``stop()`` may be called from a signal handler.
+    """
+
+    def __init__(self, nic, port):
+        self.nic, self.port = nic, port
+        self.nic_stats = PortStats(nic.iface)
+        # The NIC stays a kernel netdev: its own stack would answer ARP for the
+        # addresses that live on the tap and the outside would learn the NIC's
+        # MAC, bypassing the path.  arp_ignore 8 (ip-sysctl.rst: "do not reply
+        # for all local addresses") silences it; close() restores the setting.
+        self._arp_ignore = f"/proc/sys/net/ipv4/conf/{nic.iface}/arp_ignore"
+        self._arp_ignore_old = _sysctl_swap(self._arp_ignore, "8")
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._nic_blocked = False         # a send to the NIC hit a full socket buffer
+        h = port.hdr_len
+        # recvmsg_into/sendmsg views that split the packet socket's 10-byte header
+        # from the frame, so a 12-byte (num_buffers) layout needs no copy.
+        self._tx_iov = [[buf[:10], buf[h:]] for buf in port.txq.bufs]
+
+    def close(self):
+        """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
+        if self._arp_ignore_old is not None:
+            _sysctl_swap(self._arp_ignore, self._arp_ignore_old)
+            self._arp_ignore_old = None
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for iov in self._tx_iov:
+            for view in iov:
+                view.release()
+
+    def stop(self):
+        """Ask run() to return (safe from signal handlers and other threads)."""
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def nic_to_kernel(self):
+        """Receive frames from the NIC into free TX buffers; return how many."""
+        port, nic, st = self.port, self.nic, self.nic_stats
+        h, done = port.hdr_len, 0
+        recvmsg_into = nic.sock.recvmsg_into
+        while port.tx_slot() is not None:
+            desc_id = port.txq.free[-1]
+            try:
+                n, _, flags, _ = recvmsg_into(self._tx_iov[desc_id])
+            except BlockingIOError:
+                break
+            if flags & socket.MSG_TRUNC or n < 10 + ETH_HLEN:
+                st.rx_dropped += 1
+                continue
+            st.rx_packets += 1
+            st.rx_bytes += n - 10
+            port.tx_commit(n - 10 + h)
+            done += 1
+        port.tx_flush()
+        return done
+
+    def kernel_to_nic(self):
+        """Send what the kernel put on the RX ring out of the NIC; return how many."""
+        port, st, h, done = self.port, self.nic_stats, self.port.hdr_len, 0
+        sendmsg = self.nic.sock.sendmsg
+        self._nic_blocked = False
+        while (views := port.rx_packet()) is not None:
+            first = views[0]
+            try:
+                n = sendmsg([first[:10], first[h:], *views[1:]])
+            except BlockingIOError:         # socket buffer full: retry on POLLOUT
+                port.rx_unget()
+                self._nic_blocked = True
+                break
+            except OSError:                 # EMSGSIZE, ENETDOWN, ...: a NIC tx drop
+                st.tx_dropped += 1
+            else:
+                st.tx_packets += 1
+                st.tx_bytes += n - 10
+            port.rx_release()
+            done += 1
+        port.rx_flush()
+        return done
+
+    def poll_once(self):
+        """One pass over both directions; returns frames moved."""
+        self.port.ack_calls()
+        return self.kernel_to_nic() + self.nic_to_kernel()
+
+    def run(self, stats_interval=None, on_stats=None):
+        """Forward until stop(); call ``on_stats(bridge)`` every ``stats_interval`` s."""
+        poller = select.poll()
+        nic_fd = self.nic.fileno()
+        for fd in (*self.port.call_fds(), self._wake_r):
+            poller.register(fd, select.POLLIN)
+        nic_mask = select.POLLIN
+        poller.register(nic_fd, nic_mask)
+        next_stats = time.monotonic() + stats_interval if stats_interval else None
+        while not self._stopping:
+            timeout = None
+            if next_stats is not None:
+                timeout = max(0, int((next_stats - time.monotonic()) * 1000))
+            poller.poll(timeout)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 64)
+            self.poll_once()
+            # Read the NIC only while TX buffers are free; wait for POLLOUT while blocked.
+            mask = (select.POLLIN if self.port.txq.free or self.port.txq.used_pending() else 0)
+            mask |= select.POLLOUT if self._nic_blocked else 0
+            if mask != nic_mask:
+                poller.modify(nic_fd, mask)
+                nic_mask = mask
+            if next_stats is not None and time.monotonic() >= next_stats:
+                next_stats += stats_interval
+                if on_stats:
+                    on_stats(self)
+
+    def refresh_stats(self):
+        """Add the packet socket's drop count (read and cleared from the kernel)."""
+        self.nic_stats.rx_dropped += self.nic.drops()
+
+    def report(self):
+        """Forward statistics of both ports, testpmd style."""
+        self.refresh_stats()
+        return "\n".join([self.nic_stats.report(0), self.port.stats.report(1)])
+
+
+########################################################################################
+# Command line
+########################################################################################
+
+
+def _capabilities():
+    """Effective capability mask of this process (from /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _ipv4_address(iface):
+    """The NIC's (first) IPv4 address, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            out = fcntl.ioctl(s.fileno(), SIOCGIFADDR, bytes(_ifreq(iface)))
+        except OSError:
+            return None
+    return socket.inet_ntoa(out[20:24])
+
+
+def _check_environment(args):
+    """Every failure a user can fix, each a one-line VhostPathError, before touching devices."""
+    if not sys.platform.startswith("linux"):
+        raise VhostPathError("vhostpath runs on Linux only (it needs /dev/vhost-net, "
+                             f"tun/tap and AF_PACKET); this is {sys.platform}")
+    try:
+        vring_layout(args.queue_size)
+    except ValueError as e:
+        raise VhostPathError(f"--queue-size: {e}") from None
+    if args.mac is not None:
+        _parse_mac(args.mac)
+    caps = _capabilities()
+    if not caps & (1 << CAP_NET_ADMIN) or not caps & (1 << CAP_NET_RAW):
+        raise VhostPathError("permission denied: run as root (needs CAP_NET_ADMIN and "
+                             "CAP_NET_RAW to create the tap and open a packet socket)")
+    if not os.path.exists(args.path):
+        raise VhostPathError(f"{args.path} does not exist: load the vhost-net driver "
+                             "with 'modprobe vhost_net'")
+    try:
+        socket.if_nametoindex(args.iface)
+    except OSError:
+        raise VhostPathError(f"--iface {args.iface}: no such network interface") from None
+    tap = args.tap
+    if "%" not in tap:
+        if tap == args.iface:
+            raise VhostPathError(f"--tap {tap} is the NIC itself")
+        if os.path.exists(f"/sys/class/net/{tap}") and \
+                not os.path.exists(f"/sys/class/net/{tap}/tun_flags"):
+            raise VhostPathError(f"--tap {tap}: a network interface of that name exists "
+                                 "and is not a tap device")
+
+
+def _describe_oserror(e, args):
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return f"permission denied: {e.strerror or e} (run as root)"
+    if e.errno == errno.EBUSY and "TUNSETIFF" in str(e):
+        return f"tap {args.tap} is already in use by another process"
+    if e.errno == errno.EINVAL and "TUNSETIFF" in str(e):
+        return f"cannot attach to tap {args.tap}: it is a tun device or its flags differ"
+    return str(e)
+
+
+def _build_parser():
+    p = argparse.ArgumentParser(
+        prog="vhostpath",
+        description="Bridge a NIC to the Linux network stack through a tap served by "
+                    "the kernel's vhost-net (virtio-user as exceptional path).")
+    p.add_argument("--iface", required=True, help="the NIC to bridge (AF_PACKET)")
+    p.add_argument("--path", default="/dev/vhost-net", help="vhost-net device (default %(default)s)")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="virtqueue entries, a power of two (default %(default)s; 1024 recommended)")
+    p.add_argument("--tap", default="tap%d",
+                   help="tap name, or a template the kernel completes (default %(default)s)")
+    p.add_argument("--mac", help="MAC address for the tap (default: the kernel's random one)")
+    p.add_argument("--stats", type=float, metavar="SECONDS",
+                   help="print one statistics line every SECONDS")
+    p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _stats_line(bridge):
+    bridge.refresh_stats()
+    n, t = bridge.nic_stats, bridge.port.stats
+    return (f"{time.strftime('%H:%M:%S')} {n.name}: rx {n.rx_packets} pkts {n.rx_bytes} B "
+            f"drop {n.rx_dropped}, tx {n.tx_packets} pkts {n.tx_bytes} B drop {n.tx_dropped} | "
+            f"{t.name}: rx {t.rx_packets} pkts {t.rx_bytes} B, tx {t.tx_packets} pkts "
+            f"{t.tx_bytes} B drop {t.tx_dropped}")
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status."""
+    import signal
+    args = _build_parser().parse_args(argv)
+
+    def say(msg):
+        print(f"vhostpath: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        _check_environment(args)
+        if args.stats is not None and args.stats <= 0:
+            raise VhostPathError("--stats: the period must be positive")
+        address = _ipv4_address(args.iface)
+        if address:
+            say(f"warning: {args.iface} still has IPv4 address {address}: the kernel will "
+                "see its traffic twice (remove it with 'ip addr flush dev "
+                f"{args.iface}')")
+        with contextlib.ExitStack() as stack:
+            nic = PacketSocket(args.iface)
+            stack.callback(nic.close)
+            port = VirtioUserPort(args.path, args.tap, args.queue_size, args.mac)
+            stack.callback(port.stop)
+            bridge = Bridge(nic, port)
+            stack.callback(bridge.close)
+            named = "named by the kernel" if "%" in args.tap else "as asked"
+            print(f"{port.name} created ({named}), bridging {args.iface} <-> {port.name} "
+                  f"through {args.path}, queue size {args.queue_size}", flush=True)
+            if args.verbose:
+                say(f"vhost features offered {port.vhost.offered:#x}, negotiated "
+                    f"{port.features:#x}, virtio-net header {port.hdr_len} bytes, "
+                    f"tap flags {port.tap.flags():#x}, full barrier "
+                    f"{'mfence/dmb' if _full_barrier().available else 'unavailable: kick always'}")
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: bridge.stop())
+            on_stats = (lambda b: print(_stats_line(b), flush=True)) if args.stats else None
+            bridge.run(args.stats, on_stats)
+            print(bridge.report(), flush=True)
+    except VhostPathError as e:
+        say(str(e))
+        return 1
+    except OSError as e:
+        say(_describe_oserror(e, args))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
