@@ -94,7 +94,8 @@ def wait_until(predicate, timeout, what):
         time.sleep(0.05)
 
 
-def _readline(stream, deadline):
+def readline(stream, deadline):
+    """One line from a pipe, or None at EOF or once ``deadline`` (monotonic) passes."""
     fd = stream.fileno()
     line = b""
     while not line.endswith(b"\n"):
@@ -115,7 +116,7 @@ class Tool:
         kw = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
         self.proc = subprocess.Popen([python, TOOL, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, **kw)
-        self.first_line = _readline(self.proc.stdout, time.monotonic() + timeout)
+        self.first_line = readline(self.proc.stdout, time.monotonic() + timeout)
         if self.first_line is None or "created" not in self.first_line:
             self.proc.kill()
             _, err = self.proc.communicate(timeout=30)
@@ -124,7 +125,7 @@ class Tool:
 
     def readline(self, timeout):
         """The next line the tool prints, or None after ``timeout`` seconds."""
-        return _readline(self.proc.stdout, time.monotonic() + timeout)
+        return readline(self.proc.stdout, time.monotonic() + timeout)
 
     @property
     def pid(self):
@@ -179,7 +180,7 @@ def tcp_transfer(direction, nbytes, port=5001, timeout=300):
     receiver = subprocess.Popen([*prefix, sys.executable, XFER, "recv", str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        ready = _readline(receiver.stdout, time.monotonic() + 60)
+        ready = readline(receiver.stdout, time.monotonic() + 60)
         if ready != "ready\n":
             raise AssertionError(f"receiver did not start: {ready!r}")
         sent = sh(sys.executable, XFER, "send", target, str(port), str(nbytes), ns=send_ns,
