@@ -85,6 +85,8 @@ VIRTIO_NET_F_CSUM = 0
 VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_GUEST_TSO4 = 7
 VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_F_NOTIFY_ON_EMPTY = 24
 VIRTIO_F_ANY_LAYOUT = 27
@@ -453,10 +455,12 @@ class SplitVirtqueue:
     """The driver side of one split virtqueue whose memory lives in an Arena.
 
     Every descriptor ``i`` owns buffer ``i`` (``buf_size`` bytes) for the life
-    of the queue, so a descriptor id is also a buffer index.  Vocabulary as in
-    Linux's virtio_ring.c: ``add_buf`` / ``kick_prepare`` / ``notify`` /
-    ``get_buf``.  Each used entry is bounds-checked; a device that breaks the
-    rules makes the ring broken (sticky) and raises RingBrokenError.
+    of the queue, so a descriptor id is also a buffer index.  A packet larger
+    than one buffer travels as a descriptor chain (``add_chain``).  Vocabulary
+    as in Linux's virtio_ring.c: ``add_buf`` / ``add_chain`` / ``kick_prepare``
+    / ``notify`` / ``get_buf``.  Each used entry is bounds-checked; a device
+    that breaks the rules makes the ring broken (sticky) and raises
+    RingBrokenError.
     """
 
     def __init__(self, arena, ring_offset, buf_offset, num, buf_size, device_writes, kickfd):
@@ -468,37 +472,54 @@ class SplitVirtqueue:
         base = arena.addr + ring_offset
         self.desc_addr, self.avail_addr, self.used_addr = base + d, base + a, base + u
         view = arena.view
-        # ctypes overlays for one-time set-up; flat memoryview casts for the hot path.
-        self._desc = (vring_desc * num).from_buffer(arena.mm, ring_offset + d)
-        self._desc_u32 = view[ring_offset + d:ring_offset + a].cast("I")
+        # ctypes overlay for one-time set-up; flat memoryview casts for the hot path.
+        desc = (vring_desc * num).from_buffer(arena.mm, ring_offset + d)
+        self._flags = VRING_DESC_F_WRITE if device_writes else 0
+        for i in range(num):
+            desc[i].addr = arena.addr + buf_offset + i * buf_size
+            desc[i].len = buf_size
+            desc[i].flags = self._flags
+        del desc
+        self._desc_u16 = view[ring_offset + d:ring_offset + a].cast("H")   # flags: 8i+6, next: 8i+7
+        self._desc_u32 = view[ring_offset + d:ring_offset + a].cast("I")   # len: 4i+2
         self._avail = view[ring_offset + a:ring_offset + a + 4 + 2 * num].cast("H")
         self._used_hdr = view[ring_offset + u:ring_offset + u + 4].cast("H")
         self._used_ring = view[ring_offset + u + 4:ring_offset + u + 4 + 8 * num].cast("I")
         self.bufs = [view[buf_offset + i * buf_size:buf_offset + (i + 1) * buf_size]
                      for i in range(num)]
-        flags = VRING_DESC_F_WRITE if device_writes else 0
-        for i in range(num):
-            self._desc[i].addr = arena.addr + buf_offset + i * buf_size
-            self._desc[i].len = buf_size
-            self._desc[i].flags = flags
         self.avail_idx_shadow = 0        # our next avail->idx (free running u16)
         self.last_used_idx = 0           # next used entry to read
         self.num_added = 0               # entries added since the last kick_prepare
-        self.inflight = [False] * num    # descriptor ids the device owns
+        self.owned = [0] * num           # per head the device owns: bytes offered, else 0
+        self.chains = [None] * num       # per chain head: the chain's descriptor ids
         self.free = list(range(num - 1, -1, -1))
 
-    def add_buf(self, desc_id, length):
-        """Offer descriptor ``desc_id`` holding (TX) or accepting (RX) ``length`` bytes.
-
-        Order per virtio spec 2.7.13: descriptor, then avail ring entry; the
-        index is published by kick_prepare.  On x86-64 (TSO) these plain stores
-        reach the device in program order.
-        """
-        self._desc_u32[desc_id * 4 + 2] = length
-        self._avail[2 + (self.avail_idx_shadow & (self.num - 1))] = desc_id
+    def _add_head(self, head, capacity):
+        # Virtio spec 2.7.13: descriptors first, then the avail ring entry; the
+        # index is published by kick_prepare.  On x86-64 (TSO) these plain
+        # stores reach the device in program order, so no fence is needed.
+        self._avail[2 + (self.avail_idx_shadow & (self.num - 1))] = head
         self.avail_idx_shadow = (self.avail_idx_shadow + 1) & 0xFFFF
-        self.inflight[desc_id] = True
+        self.owned[head] = capacity
         self.num_added += 1
+
+    def add_buf(self, desc_id, length):
+        """Offer the single descriptor ``desc_id`` holding or accepting ``length`` bytes."""
+        self._desc_u32[desc_id * 4 + 2] = length
+        self._add_head(desc_id, length)
+
+    def add_chain(self, ids, length):
+        """Offer descriptors ``ids`` chained (VRING_DESC_F_NEXT), holding ``length`` bytes."""
+        d16, d32, size = self._desc_u16, self._desc_u32, self.buf_size
+        last = ids[-1]
+        for desc_id, nxt in zip(ids, ids[1:]):
+            d32[desc_id * 4 + 2] = size
+            d16[desc_id * 8 + 6] = self._flags | VRING_DESC_F_NEXT
+            d16[desc_id * 8 + 7] = nxt
+        d32[last * 4 + 2] = length - size * (len(ids) - 1)
+        d16[last * 8 + 6] = self._flags
+        self.chains[ids[0]] = ids
+        self._add_head(ids[0], length)
 
     def kick_prepare(self):
         """Publish avail->idx; return True if the device wants a kick (NO_NOTIFY clear)."""
@@ -531,33 +552,34 @@ class SplitVirtqueue:
         return n
 
     def peek_used(self, k=0):
-        """The k-th unconsumed used entry (desc id, length), checked, left on the ring."""
+        """The k-th unconsumed used entry (head id, length), checked, left on the ring."""
         slot = (self.last_used_idx + k) & (self.num - 1)
         desc_id, length = self._used_ring[2 * slot], self._used_ring[2 * slot + 1]
-        if desc_id >= self.num or not self.inflight[desc_id]:
+        if desc_id >= self.num or not self.owned[desc_id]:
             self._break(f"used id {desc_id} is not a descriptor the device owns")
-        if length > self.buf_size:
-            self._break(f"used len {length} exceeds the {self.buf_size}-byte buffer {desc_id}")
+        if length > self.owned[desc_id]:
+            self._break(f"used len {length} exceeds the {self.owned[desc_id]} bytes "
+                        f"offered in descriptor {desc_id}")
         return desc_id, length
 
     def consume_used(self, desc_id):
         """Consume the next used entry, which peek_used showed to hold ``desc_id``."""
-        if not self.inflight[desc_id]:
+        if not self.owned[desc_id]:
             self._break(f"used id {desc_id} published twice")
-        self.inflight[desc_id] = False
+        self.owned[desc_id] = 0
         self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
 
     def get_buf(self):
-        """Take the next used entry: (desc id, length written)."""
+        """Take the next used entry: (head id, length written)."""
         desc_id, length = self.peek_used()
         self.consume_used(desc_id)
         return desc_id, length
 
     def close(self):
         """Release every view into the arena, so that the arena can be unmapped."""
-        for view in (self._desc_u32, self._avail, self._used_hdr, self._used_ring, *self.bufs):
+        for view in (self._desc_u16, self._desc_u32, self._avail, self._used_hdr,
+                     self._used_ring, *self.bufs):
             view.release()
-        self._desc = None
 
     def _break(self, why):
         self.broken = True
@@ -734,6 +756,11 @@ class PacketSocket:
             self.sock.close()
             raise
 
+    def mtu(self):
+        """The NIC's MTU (from sysfs)."""
+        with open(f"/sys/class/net/{self.iface}/mtu") as f:
+            return int(f.read())
+
     def drops(self):
         """Frames the kernel dropped for want of socket buffer since the last call."""
         raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, ctypes.sizeof(tpacket_stats))
@@ -755,12 +782,18 @@ class PacketSocket:
 
 
 class PortStats:
-    """Per-port counters, as in testpmd's forward statistics."""
+    """Per-port counters, as in testpmd's forward statistics.
 
-    FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped")
+    ``rx_oversize`` / ``tx_oversize`` count frames longer than the port's MTU
+    allows (GSO super-frames carried whole); they are reported only for a port
+    whose ``mtu`` is known.
+    """
 
-    def __init__(self, name):
-        self.name = name
+    FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
+              "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize")
+
+    def __init__(self, name, mtu=None):
+        self.name, self.mtu = name, mtu
         for f in self.FIELDS:
             setattr(self, f, 0)
 
@@ -769,20 +802,70 @@ class PortStats:
 
     def report(self, port_id):
         bar = "-" * 22
-        return "\n".join([
-            f"  {bar} Forward statistics for port {port_id} ({self.name}) {bar}",
-            f"  RX-packets: {self.rx_packets:<14d} RX-dropped: {self.rx_dropped:<14d} "
-            f"RX-bytes: {self.rx_bytes}",
-            f"  TX-packets: {self.tx_packets:<14d} TX-dropped: {self.tx_dropped:<14d} "
-            f"TX-bytes: {self.tx_bytes}",
-        ])
+        lines = [f"  {bar} Forward statistics for port {port_id} ({self.name}) {bar}"]
+        for d in ("rx", "tx"):
+            D = d.upper()
+            line = (f"  {D}-packets: {getattr(self, d + '_packets'):<14d} "
+                    f"{D}-dropped: {getattr(self, d + '_dropped'):<14d} "
+                    f"{D}-bytes: {getattr(self, d + '_bytes')}")
+            if self.mtu is not None:
+                line += f"  {D}-over-MTU: {getattr(self, d + '_oversize')}"
+            lines.append(line)
+        return "\n".join(lines)
 
 
-# Buffer sizes.  RX (kernel -> us) buffers hold one MTU-sized frame; larger
-# packets span several buffers (MRG_RXBUF).  TX (us -> kernel) buffers hold the
-# largest frame a packet socket can deliver: a 64 KB GSO super-frame.
-RX_BUF_SIZE = 2048
-TX_BUF_SIZE = 12 + 65536 + 4096
+# Every ring buffer is BUF_SIZE bytes.  A larger packet from the kernel spans
+# several RX buffers (MRG_RXBUF, num_buffers); a larger frame from the NIC is
+# received across a TX descriptor chain.  The largest frame is a 64 KB GSO
+# super-frame (the kernel's gso_max_size) with an Ethernet and a VLAN header.
+BUF_SIZE = 2048
+MAX_FRAME = 65536 + ETH_HLEN + 4
+MAX_CHAIN = -(-(12 + MAX_FRAME) // BUF_SIZE)
+MIN_QUEUE_SIZE = 64                       # room for one full chain, and then some
+
+# Feature names for -v (linux/virtio_net.h, virtio_config.h, virtio_ring.h).
+FEATURE_NAMES = {
+    VIRTIO_NET_F_CSUM: "CSUM", VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
+    VIRTIO_NET_F_GUEST_TSO4: "GUEST_TSO4", VIRTIO_NET_F_GUEST_TSO6: "GUEST_TSO6",
+    VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4", VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6",
+    VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF", VIRTIO_F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
+    VIRTIO_F_ANY_LAYOUT: "ANY_LAYOUT", VIRTIO_RING_F_INDIRECT_DESC: "INDIRECT_DESC",
+    VIRTIO_RING_F_EVENT_IDX: "EVENT_IDX", VIRTIO_F_VERSION_1: "VERSION_1",
+    VIRTIO_F_ACCESS_PLATFORM: "ACCESS_PLATFORM",
+}
+
+
+def feature_names(features):
+    """'MRG_RXBUF GUEST_CSUM ...' for a feature mask (unknown bits as bitNN)."""
+    return " ".join(FEATURE_NAMES.get(b, f"bit{b}") for b in range(64) if features >> b & 1)
+
+
+def offload_features(rx_cksum, lro):
+    """The virtio-net offload bits the driver negotiates with the tap (not with vhost).
+
+    The tap always accepts partial checksums and GSO frames from us (CSUM,
+    HOST_TSO4/6).  GUEST_CSUM lets the kernel hand us partial checksums,
+    GUEST_TSO4/6 (LRO) 64 KB TCP segments; TSO needs the checksum offload.
+    """
+    if lro and not rx_cksum:
+        raise VhostPathError("LRO needs rx checksum offload (the kernel refuses TSO "
+                             "without it)")
+    bits = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6
+    if rx_cksum:
+        bits |= 1 << VIRTIO_NET_F_GUEST_CSUM
+    if lro:
+        bits |= 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6
+    return bits
+
+
+def tap_offloads(features):
+    """TUNSETOFFLOAD flags for negotiated features: what the kernel may hand us."""
+    flags = TUN_F_CSUM if features >> VIRTIO_NET_F_GUEST_CSUM & 1 else 0
+    if flags and features >> VIRTIO_NET_F_GUEST_TSO4 & 1:
+        flags |= TUN_F_TSO4
+    if flags and features >> VIRTIO_NET_F_GUEST_TSO6 & 1:
+        flags |= TUN_F_TSO6
+    return flags
 
 
 def _parse_mac(text):
@@ -798,6 +881,13 @@ def _parse_mac(text):
     return mac
 
 
+def _check_queue_size(num):
+    vring_layout(num)
+    if num < MIN_QUEUE_SIZE:
+        raise ValueError(f"queue size must be at least {MIN_QUEUE_SIZE} (a 64 KB frame "
+                         f"takes {MAX_CHAIN} descriptors), not {num}")
+
+
 class VirtioUserPort:
     """A virtio-net driver whose device is the kernel's vhost-net, backed by a tap.
 
@@ -809,19 +899,24 @@ class VirtioUserPort:
     Args:
         path: the vhost-net device node.
         tap: tap name or template (``tap%d``: the kernel names it).
-        queue_size: entries per virtqueue, a power of two (vhost allows up to 32768).
+        queue_size: entries per virtqueue, a power of two from 64 to 32768.
         mac: the tap's MAC address (bytes or ``xx:xx:...``), or None for the kernel's.
+        rx_cksum: VIRTIO_NET_F_GUEST_CSUM: the kernel may hand us partial checksums.
+        lro: VIRTIO_NET_F_GUEST_TSO4/6: the kernel may hand us 64 KB TCP segments
+            (needs rx_cksum).
 
     Raises:
         VhostPathError, OSError: set-up failed; everything created is released.
     """
 
-    WANTED_FEATURES = 1 << VIRTIO_NET_F_MRG_RXBUF
+    VHOST_FEATURES = 1 << VIRTIO_NET_F_MRG_RXBUF   # what we ask of vhost-net itself
 
-    def __init__(self, path="/dev/vhost-net", tap="tap%d", queue_size=256, mac=None):
-        vring_layout(queue_size)
+    def __init__(self, path="/dev/vhost-net", tap="tap%d", queue_size=256, mac=None,
+                 rx_cksum=False, lro=False):
+        _check_queue_size(queue_size)
         self.path, self.queue_size = path, queue_size
         self.mac = _parse_mac(mac) if isinstance(mac, str) else mac
+        self.offloads = offload_features(rx_cksum, lro)
         self.stats = PortStats("?")
         self._stack = contextlib.ExitStack()
         try:
@@ -840,14 +935,16 @@ class VirtioUserPort:
         num = self.queue_size
         ring_size = (vring_layout(num)[3] + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         rx_rings, tx_rings = 0, ring_size
-        rx_bufs = 2 * ring_size
-        tx_bufs = rx_bufs + num * RX_BUF_SIZE
-        self.arena = Arena(tx_bufs + num * TX_BUF_SIZE)
+        rx_bufs, tx_bufs = 2 * ring_size, 2 * ring_size + num * BUF_SIZE
+        self.arena = Arena(tx_bufs + num * BUF_SIZE)
         push(self.arena.close)
         self.vhost = VhostNet(self.path)
         push(self._unbind_and_close_vhost)
-        self.features = self.vhost.offered & self.WANTED_FEATURES
-        self.vhost.set_features(self.features)
+        # Offload bits are negotiated with the tap, never sent to vhost-net (it
+        # refuses bits it does not know with EOPNOTSUPP).
+        self.vhost_features = self.vhost.offered & self.VHOST_FEATURES
+        self.vhost.set_features(self.vhost_features)
+        self.features = self.vhost_features | self.offloads
         self.hdr_len = vnet_hdr_len(self.features)
         self.vhost.set_mem_table([self.arena.region()])
         self.kickfds, self.callfds = [], []
@@ -855,12 +952,16 @@ class VirtioUserPort:
             for fds in (self.kickfds, self.callfds):
                 fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
                 push(os.close, fds[-1])
-        self.rxq = SplitVirtqueue(self.arena, rx_rings, rx_bufs, num, RX_BUF_SIZE, True,
+        self.rxq = SplitVirtqueue(self.arena, rx_rings, rx_bufs, num, BUF_SIZE, True,
                                   self.kickfds[VHOST_NET_VQ_RX])
         push(self.rxq.close)
-        self.txq = SplitVirtqueue(self.arena, tx_rings, tx_bufs, num, TX_BUF_SIZE, False,
+        self.txq = SplitVirtqueue(self.arena, tx_rings, tx_bufs, num, BUF_SIZE, False,
                                   self.kickfds[VHOST_NET_VQ_TX])
         push(self.txq.close)
+        # Per TX buffer: its first 10 bytes, and what follows the hdr_len-byte
+        # header: a packet socket's 10-byte header scatters into a 12-byte layout.
+        self._tx_split = [(b[:10], b[self.hdr_len:]) for b in self.txq.bufs]
+        push(lambda: [v.release() for pair in self._tx_split for v in pair])
         for index, vq in ((VHOST_NET_VQ_RX, self.rxq), (VHOST_NET_VQ_TX, self.txq)):
             self.vhost.set_vring_num(index, num)
             self.vhost.set_vring_base(index, 0)
@@ -871,11 +972,11 @@ class VirtioUserPort:
         # not negotiated), so its header size must match ours.
         self.tap.set_vnet_hdr_sz(self.hdr_len)
         self.tap.set_sndbuf(INT_MAX)
-        self.tap.set_offload(0)
+        self.tap.set_offload(tap_offloads(self.features))
         if self.mac is not None:
             self.tap.set_mac(self.mac)
         while self.rxq.free:                       # every RX buffer to the device
-            self.rxq.add_buf(self.rxq.free.pop(), RX_BUF_SIZE)
+            self.rxq.add_buf(self.rxq.free.pop(), BUF_SIZE)
         self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fd)
         self.vhost.set_backend(VHOST_NET_VQ_TX, self.tap.fd)
         # Publish the RX buffers and kick both queues once: vhost may already
@@ -925,24 +1026,35 @@ class VirtioUserPort:
     # -- into the kernel (TX virtqueue) --------------------------------------------------
 
     def tx_reclaim(self):
-        """Take back TX buffers the device has consumed."""
+        """Take back the TX chains the device has consumed."""
         txq = self.txq
         for _ in range(txq.used_pending()):
-            desc_id, _ = txq.get_buf()
-            txq.free.append(desc_id)
+            head, _ = txq.get_buf()
+            txq.free.extend(txq.chains[head])
 
     def tx_slot(self):
-        """A free TX buffer (header + frame) to fill, or None when the ring is full."""
+        """Scatter views for the next frame, or None while fewer than MAX_CHAIN buffers are free.
+
+        The first view takes the packet socket's 10-byte virtio_net_hdr, the
+        rest take up to MAX_FRAME bytes of frame across free TX buffers; fill
+        them (recvmsg_into does) and call tx_commit with the bytes used.
+        """
         txq = self.txq
-        if not txq.free:
+        free = txq.free
+        if len(free) < MAX_CHAIN:
             self.tx_reclaim()
-            if not txq.free:
+            if len(free) < MAX_CHAIN:
                 return None
-        return txq.bufs[txq.free[-1]]
+        bufs = txq.bufs
+        return [*self._tx_split[free[-1]], *[bufs[d] for d in free[-2:-MAX_CHAIN - 1:-1]]]
 
     def tx_commit(self, length):
-        """Queue the buffer returned by tx_slot, holding ``length`` bytes (header included)."""
-        self.txq.add_buf(self.txq.free.pop(), length)
+        """Queue the buffers of the last tx_slot holding ``length`` bytes (hdr_len included)."""
+        free = self.txq.free
+        k = -(-length // BUF_SIZE)
+        ids = free[:-k - 1:-1]
+        del free[-k:]
+        self.txq.add_chain(ids, length)
         self.stats.tx_packets += 1
         self.stats.tx_bytes += length - self.hdr_len
 
@@ -956,16 +1068,19 @@ class VirtioUserPort:
         ``hdr`` is an optional virtio_net_hdr (10 bytes) applied to every
         frame; the default is all zero (no offload).
         """
-        h = self.hdr_len
+        head = bytes(hdr).ljust(10, b"\0")[:10]
         sent = 0
         for frame in frames:
-            buf = self.tx_slot()
-            if buf is None or h + len(frame) > len(buf):
+            views = self.tx_slot() if len(frame) <= MAX_FRAME else None
+            if views is None:
                 self.stats.tx_dropped += 1
                 continue
-            buf[:h] = bytes(hdr).ljust(h, b"\0")[:h]
-            buf[h:h + len(frame)] = frame
-            self.tx_commit(h + len(frame))
+            data, off = memoryview(head + bytes(frame)), 0
+            for v in views:
+                n = min(len(v), len(data) - off)
+                v[:n] = data[off:off + n]
+                off += n
+            self.tx_commit(self.hdr_len + len(frame))
             sent += 1
         self.tx_flush()
         return sent
@@ -1007,7 +1122,7 @@ class VirtioUserPort:
         rxq = self.rxq
         for desc_id in self._rx_ids:
             rxq.consume_used(desc_id)
-            rxq.add_buf(desc_id, RX_BUF_SIZE)
+            rxq.add_buf(desc_id, BUF_SIZE)
         self._rx_ids.clear()
         self.stats.rx_packets += self._rx_count
         self.stats.rx_bytes += self._rx_bytes
@@ -1046,7 +1161,8 @@ class Bridge:
 
     def __init__(self, nic, port):
         self.nic, self.port = nic, port
-        self.nic_stats = PortStats(nic.iface)
+        self.nic_stats = PortStats(nic.iface, nic.mtu())
+        self._max_frame = self.nic_stats.mtu + ETH_HLEN + 4    # one VLAN tag allowed
         # The NIC stays a kernel netdev: its own stack would answer ARP for the
         # addresses that live on the tap and the outside would learn the NIC's
         # MAC, bypassing the path.  arp_ignore 8 (ip-sysctl.rst: "do not reply
@@ -1056,10 +1172,6 @@ class Bridge:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
-        h = port.hdr_len
-        # recvmsg_into/sendmsg views that split the packet socket's 10-byte header
-        # from the frame, so a 12-byte (num_buffers) layout needs no copy.
-        self._tx_iov = [[buf[:10], buf[h:]] for buf in port.txq.bufs]
 
     def close(self):
         """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
@@ -1069,9 +1181,6 @@ class Bridge:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for iov in self._tx_iov:
-            for view in iov:
-                view.release()
 
     def stop(self):
         """Ask run() to return (safe from signal handlers and other threads)."""
@@ -1081,21 +1190,22 @@ class Bridge:
 
     def nic_to_kernel(self):
         """Receive frames from the NIC into free TX buffers; return how many."""
-        port, nic, st = self.port, self.nic, self.nic_stats
-        h, done = port.hdr_len, 0
-        recvmsg_into = nic.sock.recvmsg_into
-        while port.tx_slot() is not None:
-            desc_id = port.txq.free[-1]
+        port, st, h, done = self.port, self.nic_stats, self.port.hdr_len, 0
+        recvmsg_into = self.nic.sock.recvmsg_into
+        while (iov := port.tx_slot()) is not None:
             try:
-                n, _, flags, _ = recvmsg_into(self._tx_iov[desc_id])
+                n, _, flags, _ = recvmsg_into(iov)
             except BlockingIOError:
                 break
-            if flags & socket.MSG_TRUNC or n < 10 + ETH_HLEN:
+            size = n - 10
+            if flags & socket.MSG_TRUNC or size < ETH_HLEN:
                 st.rx_dropped += 1
                 continue
             st.rx_packets += 1
-            st.rx_bytes += n - 10
-            port.tx_commit(n - 10 + h)
+            st.rx_bytes += size
+            if size > self._max_frame:
+                st.rx_oversize += 1
+            port.tx_commit(size + h)
             done += 1
         port.tx_flush()
         return done
@@ -1116,8 +1226,11 @@ class Bridge:
             except OSError:                 # EMSGSIZE, ENETDOWN, ...: a NIC tx drop
                 st.tx_dropped += 1
             else:
+                size = n - 10
                 st.tx_packets += 1
-                st.tx_bytes += n - 10
+                st.tx_bytes += size
+                if size > self._max_frame:
+                    st.tx_oversize += 1
             port.rx_release()
             done += 1
         port.rx_flush()
@@ -1137,6 +1250,7 @@ class Bridge:
         nic_mask = select.POLLIN
         poller.register(nic_fd, nic_mask)
         next_stats = time.monotonic() + stats_interval if stats_interval else None
+        txq = self.port.txq
         while not self._stopping:
             timeout = None
             if next_stats is not None:
@@ -1145,9 +1259,10 @@ class Bridge:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 64)
             self.poll_once()
-            # Read the NIC only while TX buffers are free; wait for POLLOUT while blocked.
-            mask = (select.POLLIN if self.port.txq.free or self.port.txq.used_pending() else 0)
-            mask |= select.POLLOUT if self._nic_blocked else 0
+            # Read the NIC only while a whole chain's worth of TX buffers is free
+            # (else the TX call wakes us); wait for POLLOUT while a send is blocked.
+            room = len(txq.free) >= MAX_CHAIN or txq.used_pending()
+            mask = (select.POLLIN if room else 0) | (select.POLLOUT if self._nic_blocked else 0)
             if mask != nic_mask:
                 poller.modify(nic_fd, mask)
                 nic_mask = mask
@@ -1196,11 +1311,13 @@ def _check_environment(args):
         raise VhostPathError("vhostpath runs on Linux only (it needs /dev/vhost-net, "
                              f"tun/tap and AF_PACKET); this is {sys.platform}")
     try:
-        vring_layout(args.queue_size)
+        _check_queue_size(args.queue_size)
     except ValueError as e:
         raise VhostPathError(f"--queue-size: {e}") from None
     if args.mac is not None:
         _parse_mac(args.mac)
+    if args.lro and args.rx_cksum is False:
+        raise VhostPathError("--lro needs rx checksum offload: drop --no-rx-cksum")
     caps = _capabilities()
     if not caps & (1 << CAP_NET_ADMIN) or not caps & (1 << CAP_NET_RAW):
         raise VhostPathError("permission denied: run as root (needs CAP_NET_ADMIN and "
@@ -1244,6 +1361,13 @@ def _build_parser():
     p.add_argument("--tap", default="tap%d",
                    help="tap name, or a template the kernel completes (default %(default)s)")
     p.add_argument("--mac", help="MAC address for the tap (default: the kernel's random one)")
+    p.add_argument("--lro", action=argparse.BooleanOptionalAction, default=False,
+                   help="large receive: the kernel hands over 64 KB TCP segments "
+                        "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out (default: off)")
+    p.add_argument("--rx-cksum", action=argparse.BooleanOptionalAction, default=None,
+                   help="rx checksum offload: packets from the kernel may carry partial "
+                        "checksums (VIRTIO_NET_F_GUEST_CSUM), completed on the way out "
+                        "(default: off; on with --lro)")
     p.add_argument("--stats", type=float, metavar="SECONDS",
                    help="print one statistics line every SECONDS")
     p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
@@ -1280,7 +1404,8 @@ def main(argv=None):
         with contextlib.ExitStack() as stack:
             nic = PacketSocket(args.iface)
             stack.callback(nic.close)
-            port = VirtioUserPort(args.path, args.tap, args.queue_size, args.mac)
+            port = VirtioUserPort(args.path, args.tap, args.queue_size, args.mac,
+                                  rx_cksum=bool(args.rx_cksum or args.lro), lro=args.lro)
             stack.callback(port.stop)
             bridge = Bridge(nic, port)
             stack.callback(bridge.close)
@@ -1288,10 +1413,17 @@ def main(argv=None):
             print(f"{port.name} created ({named}), bridging {args.iface} <-> {port.name} "
                   f"through {args.path}, queue size {args.queue_size}", flush=True)
             if args.verbose:
-                say(f"vhost features offered {port.vhost.offered:#x}, negotiated "
-                    f"{port.features:#x}, virtio-net header {port.hdr_len} bytes, "
-                    f"tap flags {port.tap.flags():#x}, full barrier "
-                    f"{'mfence/dmb' if _full_barrier().available else 'unavailable: kick always'}")
+                offloads = tap_offloads(port.features)
+                say(f"vhost-net offered {port.vhost.offered:#x} "
+                    f"({feature_names(port.vhost.offered)})")
+                say(f"negotiated {port.features:#x} ({feature_names(port.features)}); "
+                    f"vhost-net got {port.vhost_features:#x}, the rest is the tap's")
+                say(f"virtio-net header {port.hdr_len} bytes; tap flags {port.tap.flags():#x}; "
+                    f"tap offloads {offloads:#x} ("
+                    + (" ".join(n for f, n in ((TUN_F_CSUM, "CSUM"), (TUN_F_TSO4, "TSO4"),
+                                               (TUN_F_TSO6, "TSO6")) if offloads & f) or "none")
+                    + "); full barrier "
+                    + ("mfence/dmb" if _full_barrier().available else "unavailable: kick always"))
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: bridge.stop())
             on_stats = (lambda b: print(_stats_line(b), flush=True)) if args.stats else None

@@ -4,11 +4,14 @@
 
 Each setup carries iperf3 TCP traffic both ways between the kernel side
 (1.1.1.1) and the outside host (1.1.1.2, namespace "outside"):
-  - kernel direct: 1.1.1.1 placed on the NIC-side veth, no user-space hop (the limit);
-  - vhostpath: 1.1.1.1 on tap0, vhostpath bridging veth0 <-> tap0 through vhost-net.
-Each setup runs with the outside veth's offloads off (a plain 1500-byte wire) and on
-(veth's defaults).  Prints a markdown table with ratios to kernel direct; TCG speed
-varies between boots, so only ratios from one run compare.
+  - kernel direct: 1.1.1.1 placed on the NIC-side veth, no user-space hop (the limit),
+    with the NIC's offloads off (the reference for vhostpath without offloads) and on
+    (the reference for --lro);
+  - vhostpath: 1.1.1.1 on tap0, vhostpath bridging veth0 <-> tap0 through vhost-net,
+    without offloads, with --rx-cksum, with --lro.
+Each runs with the outside veth's offloads off (a plain 1500-byte wire) and on
+(veth's defaults).  Prints a markdown table with ratios to the matching kernel-direct
+row; TCG speed varies between boots, so only ratios from one run compare.
 """
 
 import argparse
@@ -47,25 +50,37 @@ def iperf3(seconds, reverse):
         server.wait()
 
 
-def kernel_direct():
-    topo.configure_tap("veth0")
-    return None
+def kernel_direct(nic_offloads):
+    def start():
+        if not nic_offloads:
+            topo.sh("ethtool", "-K", "veth0", "tx", "off")
+        topo.configure_tap("veth0")
+    return start
 
 
-def vhostpath():
-    tool = topo.Tool("--iface", "veth0", "--queue-size", "1024")
-    topo.configure_tap("tap0")
-    return tool
+def vhostpath(*args):
+    def start():
+        tool = topo.Tool("--iface", "veth0", "--queue-size", "1024", *args)
+        topo.configure_tap("tap0")
+        return tool
+    return start
 
 
-SETUPS = [("kernel direct", kernel_direct), ("vhostpath", vhostpath)]
+# (name, start, index of the reference row in this list or None for a reference)
+SETUPS = [
+    ("kernel direct, NIC tx offloads off", kernel_direct(False), None),
+    ("vhostpath --no-lro --no-rx-cksum", vhostpath("--no-lro", "--no-rx-cksum"), 0),
+    ("vhostpath --rx-cksum", vhostpath("--rx-cksum"), 0),
+    ("kernel direct, NIC offloads on", kernel_direct(True), None),
+    ("vhostpath --lro", vhostpath("--lro"), 3),
+]
 
 
 def in_guest(seconds):
     rows = []
     for offloads in (False, True):
-        reference = None
-        for name, start in SETUPS:
+        measured = []
+        for name, start, ref in SETUPS:
             topo.make_outside(offloads=offloads)
             tool = start()
             try:
@@ -77,9 +92,10 @@ def in_guest(seconds):
                 if tool:
                     tool.stop()
                 topo.remove_outside()
-            reference = reference or (inbound, outbound)
+            measured.append((inbound, outbound))
+            base = measured[ref] if ref is not None else (inbound, outbound)
             rows.append((name, "on" if offloads else "off", inbound, outbound,
-                         inbound / reference[0], outbound / reference[1]))
+                         inbound / base[0], outbound / base[1]))
     lines = ["| setup | outside offloads | outside->kernel Mb/s | kernel->outside Mb/s "
              "| ratio in | ratio out |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {o} | {i:.0f} | {u:.0f} | {ri:.2f}x | {ru:.2f}x |"

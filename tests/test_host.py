@@ -27,7 +27,7 @@ IOCTLS = ["VHOST_GET_FEATURES", "VHOST_SET_FEATURES", "VHOST_SET_OWNER", "VHOST_
           "VHOST_NET_SET_BACKEND", "TUNSETIFF", "TUNGETFEATURES", "TUNSETOFFLOAD", "TUNGETIFF",
           "TUNSETSNDBUF", "TUNGETVNETHDRSZ", "TUNSETVNETHDRSZ"]
 CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST_TSO4",
-             "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_F_NOTIFY_ON_EMPTY",
+             "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_HOST_TSO4", "VIRTIO_NET_F_HOST_TSO6", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_F_NOTIFY_ON_EMPTY",
              "VIRTIO_F_ANY_LAYOUT", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX",
              "VIRTIO_F_VERSION_1", "VIRTIO_F_ACCESS_PLATFORM", "VRING_DESC_F_NEXT",
              "VRING_DESC_F_WRITE", "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY",
@@ -133,6 +133,29 @@ class TestRingArithmetic(unittest.TestCase):
         self.assertEqual(vp.vnet_hdr_len(1 << vp.VIRTIO_NET_F_MRG_RXBUF), 12)
         self.assertEqual(vp.vnet_hdr_len(1 << vp.VIRTIO_F_VERSION_1), 12)
 
+    def test_offload_features(self):
+        tx = (1 << vp.VIRTIO_NET_F_CSUM | 1 << vp.VIRTIO_NET_F_HOST_TSO4
+              | 1 << vp.VIRTIO_NET_F_HOST_TSO6)
+        self.assertEqual(vp.offload_features(False, False), tx)
+        self.assertEqual(vp.offload_features(True, False), tx | 1 << vp.VIRTIO_NET_F_GUEST_CSUM)
+        lro = vp.offload_features(True, True)
+        self.assertEqual(vp.feature_names(lro),
+                         "CSUM GUEST_CSUM GUEST_TSO4 GUEST_TSO6 HOST_TSO4 HOST_TSO6")
+        with self.assertRaisesRegex(vp.VhostPathError, "LRO needs rx checksum"):
+            vp.offload_features(False, True)
+
+    def test_tap_offloads(self):
+        self.assertEqual(vp.tap_offloads(vp.offload_features(False, False)), 0)
+        self.assertEqual(vp.tap_offloads(vp.offload_features(True, False)), vp.TUN_F_CSUM)
+        self.assertEqual(vp.tap_offloads(vp.offload_features(True, True)),
+                         vp.TUN_F_CSUM | vp.TUN_F_TSO4 | vp.TUN_F_TSO6)
+        # TSO bits without GUEST_CSUM never reach the tap (it would refuse them).
+        self.assertEqual(vp.tap_offloads(1 << vp.VIRTIO_NET_F_GUEST_TSO4), 0)
+
+    def test_largest_frame_fits_a_chain(self):
+        self.assertGreaterEqual(vp.MAX_CHAIN * vp.BUF_SIZE, 12 + vp.MAX_FRAME)
+        self.assertLessEqual(vp.MAX_CHAIN, vp.MIN_QUEUE_SIZE)
+
     def test_full_barrier_runs(self):
         barrier = vp._full_barrier()
         self.assertTrue(barrier.available, "no fence on this CPU: kicks would be unconditional")
@@ -199,6 +222,20 @@ class TestUsedRingChecks(unittest.TestCase):
         self.publish((3, 257))
         with self.assertRaisesRegex(vp.RingBrokenError, "used len 257"):
             self.vq.get_buf()
+
+    def test_add_chain_links_descriptors(self):
+        vq = vp.SplitVirtqueue(self.arena, 0, vp.vring_layout(self.num)[3], self.num, 256,
+                               False, kickfd=-1)
+        desc = (vp.vring_desc * self.num).from_buffer(self.arena.mm)
+        ids = [vq.free.pop() for _ in range(3)]
+        vq.add_chain(ids, 600)
+        self.assertEqual([(desc[i].len, desc[i].flags) for i in ids],
+                         [(256, vp.VRING_DESC_F_NEXT), (256, vp.VRING_DESC_F_NEXT), (88, 0)])
+        self.assertEqual([desc[ids[0]].next, desc[ids[1]].next], ids[1:])
+        self.assertEqual(vq.chains[ids[0]], ids)
+        self.assertEqual(vq.owned[ids[0]], 600)
+        del desc
+        vq.close()
 
     def test_add_buf_then_kick_prepare_publishes(self):
         desc = (vp.vring_desc * self.num).from_buffer(self.arena.mm)
@@ -297,6 +334,12 @@ class TestCliErrors(unittest.TestCase):
             with self.subTest(size=bad):
                 self.assertFails(_run_tool("--iface", "lo", "--queue-size", bad),
                                  "--queue-size", "power of two")
+        self.assertFails(_run_tool("--iface", "lo", "--queue-size", "32"),
+                         "--queue-size", "at least 64")
+
+    def test_lro_without_rx_checksum(self):
+        self.assertFails(_run_tool("--iface", "lo", "--lro", "--no-rx-cksum"),
+                         "--lro needs rx checksum")
 
     def test_bad_mac(self):
         self.assertFails(_run_tool("--iface", "lo", "--mac", "zz:00"), "invalid MAC")

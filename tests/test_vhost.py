@@ -89,8 +89,9 @@ class TestVirtioUserPort(unittest.TestCase):
             self.assertEqual(port.stats.tx_packets, 1)
             self.assertGreaterEqual(port.stats.rx_packets, 1)
 
-    def test_jumbo_echo_spans_several_rx_buffers(self):
-        """An 8000-byte ICMP echo reply from the kernel arrives in >= 4 merged RX buffers."""
+    def test_jumbo_echo_spans_several_buffers_both_ways(self):
+        """An 8000-byte ICMP echo goes in as a 4-descriptor TX chain; the reply comes
+        back in >= 4 merged RX buffers (MRG_RXBUF)."""
         with vp.VirtioUserPort(mac="02:00:00:00:00:01", queue_size=64) as port:
             topo.sh("ip", "link", "set", port.name, "mtu", "9000")
             topo.configure_tap(port.name, "10.9.0.1/24")
@@ -112,17 +113,22 @@ class TestVirtioUserPort(unittest.TestCase):
                              and f[34] == 0)
             self.assertEqual(reply[42:], payload)
             self.assertGreaterEqual(max(seen), 4, f"buffers per packet: {seen}")
+            self.assertEqual(max(len(c) for c in port.txq.chains if c), 4)
 
 
 class BridgeCase:
     """The command-line tool bridging veth0 (the NIC) and tap0, end to end."""
 
-    OFFLOADS = True
+    ARGS = ()               # tool options
+    OFFLOADS = True         # the outside veth's checksum/TSO offloads
+    GRO = False             # GRO on both veth ends
+    LRO = False             # whether ARGS make the kernel hand over 64 KB segments
 
     @classmethod
     def setUpClass(cls):
-        topo.make_outside(offloads=cls.OFFLOADS)
-        cls.tool = topo.Tool("--iface", "veth0")
+        topo.make_outside(offloads=cls.OFFLOADS, gro=cls.GRO)
+        cls.errors_before = (topo.checksum_errors(), topo.checksum_errors(ns=topo.NS))
+        cls.tool = topo.Tool("--iface", "veth0", *cls.ARGS)
         topo.configure_tap("tap0")
 
     @classmethod
@@ -131,8 +137,8 @@ class BridgeCase:
         topo.remove_outside()
 
     def test_1_tap_named_by_the_kernel(self):
-        self.assertIn("tap0 created (named by the kernel), bridging veth0 <-> tap0 through "
-                      "/dev/vhost-net, queue size 256", self.tool.first_line)
+        self.assertRegex(self.tool.first_line, r"tap0 created \(named by the kernel\), bridging "
+                         r"veth0 <-> tap0 through /dev/vhost-net, queue size \d+")
 
     def test_2_ping_both_ways(self):
         self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
@@ -148,29 +154,64 @@ class BridgeCase:
         self.assertEqual(sent, received)
         self.assertTrue(sent.startswith(f"{20 * MB} "))
 
-    def test_5_statistics_show_the_traffic(self):
+    def test_5_no_checksum_errors_on_either_side(self):
+        self.assertEqual(topo.checksum_errors(), self.errors_before[0])
+        self.assertEqual(topo.checksum_errors(ns=topo.NS), self.errors_before[1])
+
+    def test_6_statistics_show_the_traffic(self):
         rc, out, err = self.tool.stop(signal.SIGINT)
         self.assertEqual(rc, 0, err)
         ports = topo.report_counters(out)
         self.assertEqual(set(ports), {"veth0", "tap0"}, out)
+        nic, tap = ports["veth0"], ports["tap0"]
         # Both transfers crossed the tool: 20 MB each way, plus headers.
-        self.assertGreater(ports["veth0"]["RX-bytes"], 20 * MB)
-        self.assertGreater(ports["veth0"]["TX-bytes"], 20 * MB)
-        self.assertGreater(ports["tap0"]["TX-bytes"], 20 * MB)
-        self.assertGreater(ports["tap0"]["RX-bytes"], 20 * MB)
-        self.assertEqual(ports["veth0"]["TX-packets"], ports["tap0"]["RX-packets"])
-        self.assertEqual(ports["veth0"]["RX-packets"], ports["tap0"]["TX-packets"])
+        for counters, key in ((nic, "RX-bytes"), (nic, "TX-bytes"), (tap, "RX-bytes"),
+                              (tap, "TX-bytes")):
+            self.assertGreater(counters[key], 20 * MB, key)
+        self.assertEqual(nic["TX-packets"], tap["RX-packets"])
+        self.assertEqual(nic["RX-packets"], tap["TX-packets"])
+        self.assertEqual(nic["TX-dropped"], 0)
+        # Frames above the MTU: from the kernel only with LRO, from the NIC only
+        # when the outside sends TSO super-frames.
+        if self.LRO:
+            self.assertGreater(nic["TX-over-MTU"], 0, out)
+        else:
+            self.assertEqual(nic["TX-over-MTU"], 0, out)
+        if self.OFFLOADS:
+            self.assertGreater(nic["RX-over-MTU"], 0, out)
+        else:
+            self.assertEqual(nic["RX-over-MTU"], 0, out)
         self.assertNotIn("tap0", topo.interfaces())
 
 
 class TestBridgeOffloadsOn(BridgeCase, unittest.TestCase):
-    """veth's defaults: TSO super-frames and partial checksums reach the packet socket."""
-    OFFLOADS = True
+    """No offload towards us; veth's defaults: TSO super-frames and partial checksums in."""
 
 
 class TestBridgeOffloadsOff(BridgeCase, unittest.TestCase):
-    """ethtool -K veth1 tx off: MTU-sized frames with full checksums."""
+    """No offload anywhere: ethtool -K veth1 tx off, MTU-sized frames, full checksums."""
+    ARGS = ("--no-lro", "--no-rx-cksum")
     OFFLOADS = False
+
+
+class TestBridgeRxCksum(BridgeCase, unittest.TestCase):
+    """--rx-cksum: the kernel hands over partial checksums, completed on the way out."""
+    ARGS = ("--rx-cksum",)
+    OFFLOADS = False
+
+
+class TestBridgeLro(BridgeCase, unittest.TestCase):
+    """--lro with 1024-entry rings: 64 KB segments from the kernel, outside a plain wire."""
+    ARGS = ("--lro", "--queue-size", "1024")
+    OFFLOADS = False
+    LRO = True
+
+
+class TestBridgeLroOutsideTsoGro(BridgeCase, unittest.TestCase):
+    """--lro with the outside's TSO and GRO on: 64 KB frames both ways."""
+    ARGS = ("--lro",)
+    GRO = True
+    LRO = True
 
 
 class TestShutdown(unittest.TestCase):
@@ -220,8 +261,9 @@ class TestCliWithVhost(unittest.TestCase):
         topo.remove_outside()
 
     def test_non_root_fails_clearly(self):
-        r = subprocess.run([topo.unprivileged_python(), topo.TOOL, "--iface", "veth0"], user=65534, group=65534,
-                           extra_groups=[], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([topo.unprivileged_python(), topo.TOOL, "--iface", "veth0"],
+                           user=65534, group=65534, extra_groups=[], capture_output=True,
+                           text=True, timeout=60)
         self.assertEqual(r.returncode, 1)
         self.assertEqual(r.stderr.strip().splitlines(),
                          ["vhostpath: permission denied: run as root (needs CAP_NET_ADMIN "
@@ -242,6 +284,14 @@ class TestCliWithVhost(unittest.TestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("vpbusy0 is already in use", r.stderr)
 
+    def test_verbose_shows_lro_features_and_tap_offloads(self):
+        tool = topo.Tool("--iface", "veth0", "-v", "--lro")
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertRegex(err, r"negotiated 0x[0-9a-f]+ \(CSUM GUEST_CSUM GUEST_TSO4 GUEST_TSO6 "
+                              r"HOST_TSO4 HOST_TSO6 MRG_RXBUF\)")
+        self.assertIn("tap offloads 0x7 (CSUM TSO4 TSO6)", err)
+
     def test_verbose_and_periodic_stats(self):
         tool = topo.Tool("--iface", "veth0", "-v", "--stats", "0.2", "--mac",
                          "02:00:00:00:00:07")
@@ -251,8 +301,9 @@ class TestCliWithVhost(unittest.TestCase):
         self.assertRegex(line or "", r"veth0: rx \d+ pkts .* \| tap0: rx \d+ pkts")
         rc, out, err = tool.stop()
         self.assertEqual(rc, 0, err)
-        self.assertIn("negotiated 0x8000", err)
+        self.assertIn("vhost-net got 0x8000", err)
         self.assertIn("header 12 bytes", err)
+        self.assertIn("tap offloads 0x0 (none)", err)
 
 
 if __name__ == "__main__":

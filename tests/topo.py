@@ -48,8 +48,12 @@ def interfaces():
     return set(os.listdir("/sys/class/net"))
 
 
-def make_outside(offloads=True):
-    """Create veth0 (the NIC, here) and veth1 (the outside host, 1.1.1.2/24)."""
+def make_outside(offloads=True, gro=False):
+    """Create veth0 (the NIC, here) and veth1 (the outside host, 1.1.1.2/24).
+
+    offloads=False: ``ethtool -K veth1 tx off`` (TSO goes with it); gro=True: GRO on
+    both veth ends, so the outside aggregates what it receives.
+    """
     remove_outside()
     sh("ip", "netns", "add", NS)
     sh("ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", NS)
@@ -59,6 +63,9 @@ def make_outside(offloads=True):
     sh("ip", "link", "set", "veth1", "up", ns=NS)
     if not offloads:        # a plain 1500-byte wire: full checksums, no TSO super-frames
         sh("ethtool", "-K", "veth1", "tx", "off", ns=NS)
+    if gro:
+        sh("ethtool", "-K", "veth1", "gro", "on", ns=NS)
+        sh("ethtool", "-K", "veth0", "gro", "on")
 
 
 def remove_outside():
@@ -156,9 +163,22 @@ def report_counters(report):
         if m:
             current = ports.setdefault(m.group(1), {})
         elif current is not None:
-            for key, value in re.findall(r"([RT]X-\w+):\s+(\d+)", line):
+            for key, value in re.findall(r"([RT]X-[\w-]+):\s+(\d+)", line):
                 current[key] = int(value)
     return ports
+
+
+def checksum_errors(ns=None):
+    """{'Tcp.InCsumErrors': n, ...} from /proc/net/snmp of the root or the outside namespace."""
+    text = sh("cat", "/proc/net/snmp", ns=ns)
+    counters = {}
+    lines = text.splitlines()
+    for head, values in zip(lines[::2], lines[1::2]):
+        proto = head.split(":")[0]
+        for key, value in zip(head.split()[1:], values.split()[1:]):
+            if "Csum" in key or key == "InErrs":
+                counters[f"{proto}.{key}"] = int(value)
+    return counters
 
 
 def ping(target, ns=None, count=3):
