@@ -1316,7 +1316,13 @@ def _check_environment(args):
         raise VhostPathError(f"--queue-size: {e}") from None
     if args.mac is not None:
         _parse_mac(args.mac)
-    if args.lro and args.rx_cksum is False:
+    # Both offloads default on: the NIC, or the kernel's software GSO and checksum
+    # where the NIC lacks them, completes what the kernel hands over.
+    if args.rx_cksum is None:
+        args.rx_cksum = True
+    if args.lro is None:
+        args.lro = args.rx_cksum
+    if args.lro and not args.rx_cksum:
         raise VhostPathError("--lro needs rx checksum offload: drop --no-rx-cksum")
     caps = _capabilities()
     if not caps & (1 << CAP_NET_ADMIN) or not caps & (1 << CAP_NET_RAW):
@@ -1361,13 +1367,14 @@ def _build_parser():
     p.add_argument("--tap", default="tap%d",
                    help="tap name, or a template the kernel completes (default %(default)s)")
     p.add_argument("--mac", help="MAC address for the tap (default: the kernel's random one)")
-    p.add_argument("--lro", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--lro", action=argparse.BooleanOptionalAction,
                    help="large receive: the kernel hands over 64 KB TCP segments "
-                        "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out (default: off)")
-    p.add_argument("--rx-cksum", action=argparse.BooleanOptionalAction, default=None,
+                        "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out "
+                        "(default: on, unless --no-rx-cksum)")
+    p.add_argument("--rx-cksum", action=argparse.BooleanOptionalAction,
                    help="rx checksum offload: packets from the kernel may carry partial "
                         "checksums (VIRTIO_NET_F_GUEST_CSUM), completed on the way out "
-                        "(default: off; on with --lro)")
+                        "(default: on)")
     p.add_argument("--stats", type=float, metavar="SECONDS",
                    help="print one statistics line every SECONDS")
     p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
@@ -1405,7 +1412,7 @@ def main(argv=None):
             nic = PacketSocket(args.iface)
             stack.callback(nic.close)
             port = VirtioUserPort(args.path, args.tap, args.queue_size, args.mac,
-                                  rx_cksum=bool(args.rx_cksum or args.lro), lro=args.lro)
+                                  rx_cksum=args.rx_cksum, lro=args.lro)
             stack.callback(port.stop)
             bridge = Bridge(nic, port)
             stack.callback(bridge.close)

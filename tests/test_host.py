@@ -340,6 +340,9 @@ class TestCliErrors(unittest.TestCase):
     def test_lro_without_rx_checksum(self):
         self.assertFails(_run_tool("--iface", "lo", "--lro", "--no-rx-cksum"),
                          "--lro needs rx checksum")
+        # --no-rx-cksum alone turns the default LRO off instead of failing.
+        self.assertFails(_run_tool("--iface", "lo", "--no-rx-cksum", "--path", "/nonexistent"),
+                         "/nonexistent does not exist")
 
     def test_bad_mac(self):
         self.assertFails(_run_tool("--iface", "lo", "--mac", "zz:00"), "invalid MAC")

@@ -184,8 +184,14 @@ class BridgeCase:
         self.assertNotIn("tap0", topo.interfaces())
 
 
-class TestBridgeOffloadsOn(BridgeCase, unittest.TestCase):
-    """No offload towards us; veth's defaults: TSO super-frames and partial checksums in."""
+class TestBridgeDefaults(BridgeCase, unittest.TestCase):
+    """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
+    LRO = True
+
+
+class TestBridgeNoOffloadOutsideTso(BridgeCase, unittest.TestCase):
+    """No offload towards us; the outside sends TSO super-frames with partial checksums."""
+    ARGS = ("--no-lro", "--no-rx-cksum")
 
 
 class TestBridgeOffloadsOff(BridgeCase, unittest.TestCase):
@@ -196,7 +202,7 @@ class TestBridgeOffloadsOff(BridgeCase, unittest.TestCase):
 
 class TestBridgeRxCksum(BridgeCase, unittest.TestCase):
     """--rx-cksum: the kernel hands over partial checksums, completed on the way out."""
-    ARGS = ("--rx-cksum",)
+    ARGS = ("--rx-cksum", "--no-lro")
     OFFLOADS = False
 
 
@@ -294,7 +300,7 @@ class TestCliWithVhost(unittest.TestCase):
 
     def test_verbose_and_periodic_stats(self):
         tool = topo.Tool("--iface", "veth0", "-v", "--stats", "0.2", "--mac",
-                         "02:00:00:00:00:07")
+                         "02:00:00:00:00:07", "--no-rx-cksum")
         with open("/sys/class/net/tap0/address") as f:
             self.assertEqual(f.read().strip(), "02:00:00:00:00:07")
         line = tool.readline(timeout=30)
