@@ -35,7 +35,7 @@ __all__ = [
     "VhostPathError", "RingBrokenError",
     "Arena", "SplitVirtqueue", "vring_layout", "vnet_hdr_len",
     "Tap", "VhostNet", "PacketSocket",
-    "PortStats", "VirtioUserPort", "Bridge", "main",
+    "PortStats", "Port", "VirtioUserPort", "TapPort", "Bridge", "main",
 ]
 
 import argparse
@@ -888,7 +888,70 @@ def _check_queue_size(num):
                          f"takes {MAX_CHAIN} descriptors), not {num}")
 
 
-class VirtioUserPort:
+class Port:
+    """What the Bridge needs of the kernel side: frames into and out of a tap.
+
+    Zero-copy primitives: ``tx_slot`` (views to fill) / ``tx_commit`` /
+    ``tx_flush``, and ``rx_packet`` (views holding a packet, the virtio-net
+    header first) / ``rx_release`` or ``rx_unget`` / ``rx_flush``.  On top of
+    them ``tx_burst`` and ``rx_burst`` copy whole frames for library users.
+    ``call_fds()`` are the fds to poll for input, ``ack_calls()`` resets them.
+    Subclasses set ``tap``, ``hdr_len``, ``features``, ``offloads`` and ``stats``.
+    """
+
+    BACKEND = "?"
+
+    @property
+    def name(self):
+        return self.tap.name
+
+    def close(self):
+        self.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def tx_burst(self, frames, hdr=b""):
+        """Copy Ethernet frames into the kernel; return how many were queued.
+
+        ``hdr`` is an optional virtio_net_hdr (10 bytes) applied to every
+        frame; the default is all zero (no offload).
+        """
+        head = bytes(hdr).ljust(10, b"\0")[:10]
+        sent = 0
+        for frame in frames:
+            views = self.tx_slot() if len(frame) <= MAX_FRAME else None
+            if views is None:
+                self.stats.tx_dropped += 1
+                continue
+            data, off = memoryview(head + bytes(frame)), 0
+            for v in views:
+                n = min(len(v), len(data) - off)
+                v[:n] = data[off:off + n]
+                off += n
+                if off == len(data):
+                    break
+            sent += self.tx_commit(self.hdr_len + len(frame))
+        self.tx_flush()
+        return sent
+
+    def rx_burst(self, max_packets=32):
+        """Copy up to ``max_packets`` frames the kernel sent; return them as bytes (no header)."""
+        frames = []
+        while len(frames) < max_packets:
+            views = self.rx_packet()
+            if views is None:
+                break
+            frames.append(b"".join([views[0][self.hdr_len:], *views[1:]]))
+            self.rx_release()
+        self.rx_flush()
+        return frames
+
+
+class VirtioUserPort(Port):
     """A virtio-net driver whose device is the kernel's vhost-net, backed by a tap.
 
     One queue pair: vring 0 receives what the kernel sends on the tap, vring 1
@@ -909,6 +972,7 @@ class VirtioUserPort:
         VhostPathError, OSError: set-up failed; everything created is released.
     """
 
+    BACKEND = "vhost-net"
     VHOST_FEATURES = 1 << VIRTIO_NET_F_MRG_RXBUF   # what we ask of vhost-net itself
 
     def __init__(self, path="/dev/vhost-net", tap="tap%d", queue_size=256, mac=None,
@@ -998,20 +1062,8 @@ class VirtioUserPort:
         """Unbind the backend, close vhost (its worker exits), eventfds, tap, then the arena."""
         self._stack.close()
 
-    close = stop
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
     def __repr__(self):
         return f"<VirtioUserPort {self.tap.name} via {self.path} queue_size={self.queue_size}>"
-
-    @property
-    def name(self):
-        return self.tap.name
 
     def call_fds(self):
         """The call eventfds (RX, TX): readable when the device has used buffers."""
@@ -1049,7 +1101,10 @@ class VirtioUserPort:
         return [*self._tx_split[free[-1]], *[bufs[d] for d in free[-2:-MAX_CHAIN - 1:-1]]]
 
     def tx_commit(self, length):
-        """Queue the buffers of the last tx_slot holding ``length`` bytes (hdr_len included)."""
+        """Queue the buffers of the last tx_slot holding ``length`` bytes (hdr_len included).
+
+        Returns True (queued); the tap backend may return False (dropped).
+        """
         free = self.txq.free
         k = -(-length // BUF_SIZE)
         ids = free[:-k - 1:-1]
@@ -1057,33 +1112,15 @@ class VirtioUserPort:
         self.txq.add_chain(ids, length)
         self.stats.tx_packets += 1
         self.stats.tx_bytes += length - self.hdr_len
+        return True
 
     def tx_flush(self):
         """Publish queued TX buffers; kick if vhost asks for it."""
         self.txq.kick()
 
-    def tx_burst(self, frames, hdr=b""):
-        """Copy Ethernet frames into the kernel; return how many were queued.
-
-        ``hdr`` is an optional virtio_net_hdr (10 bytes) applied to every
-        frame; the default is all zero (no offload).
-        """
-        head = bytes(hdr).ljust(10, b"\0")[:10]
-        sent = 0
-        for frame in frames:
-            views = self.tx_slot() if len(frame) <= MAX_FRAME else None
-            if views is None:
-                self.stats.tx_dropped += 1
-                continue
-            data, off = memoryview(head + bytes(frame)), 0
-            for v in views:
-                n = min(len(v), len(data) - off)
-                v[:n] = data[off:off + n]
-                off += n
-            self.tx_commit(self.hdr_len + len(frame))
-            sent += 1
-        self.tx_flush()
-        return sent
+    def tx_room(self):
+        """Whether tx_slot can succeed now, or a used TX chain will make it succeed."""
+        return len(self.txq.free) >= MAX_CHAIN or self.txq.used_pending() > 0
 
     # -- from the kernel (RX virtqueue) --------------------------------------------------
 
@@ -1137,17 +1174,94 @@ class VirtioUserPort:
         """Publish refilled RX buffers; kick if vhost asks for it."""
         self.rxq.kick()
 
-    def rx_burst(self, max_packets=32):
-        """Copy up to ``max_packets`` frames the kernel sent; return them as bytes (no header)."""
-        frames = []
-        while len(frames) < max_packets:
-            views = self.rx_packet()
-            if views is None:
-                break
-            frames.append(b"".join([views[0][self.hdr_len:], *views[1:]]))
-            self.rx_release()
-        self.rx_flush()
-        return frames
+
+class TapPort(Port):
+    """The fallback where /dev/vhost-net is missing: this process moves the packets.
+
+    Same tap, same virtio-net header semantics (so the same offloads), but
+    frames cross with ``read()`` / ``write()`` on the tap fd instead of through
+    a vhost worker's virtqueues: one system call per packet in Python, and no
+    kernel thread of its own.  Holds one packet from the kernel at a time.
+
+    Args: as VirtioUserPort, without ``path`` and ``queue_size``.
+    """
+
+    BACKEND = "tap"
+
+    def __init__(self, tap="tap%d", mac=None, rx_cksum=False, lro=False):
+        self.offloads = self.features = offload_features(rx_cksum, lro)
+        self.hdr_len = ctypes.sizeof(virtio_net_hdr)
+        self.mac = _parse_mac(mac) if isinstance(mac, str) else mac
+        self.tap = Tap(tap)
+        try:
+            self.stats = PortStats(self.tap.name)
+            self.tap.set_vnet_hdr_sz(self.hdr_len)
+            self.tap.set_offload(tap_offloads(self.features))
+            if self.mac is not None:
+                self.tap.set_mac(self.mac)
+        except BaseException:
+            self.tap.close()
+            raise
+        self._txbuf = memoryview(bytearray(self.hdr_len + MAX_FRAME))
+        self._tx_iov = [self._txbuf[:self.hdr_len], self._txbuf[self.hdr_len:]]
+        self._rxbuf = memoryview(bytearray(self.hdr_len + MAX_FRAME))
+        self._rx_len = 0                  # bytes of the packet held, 0 if none
+
+    def stop(self):
+        """Close the tap (it disappears unless persistent)."""
+        self.tap.close()
+
+    def __repr__(self):
+        return f"<TapPort {self.tap.name} (read/write backend)>"
+
+    def call_fds(self):
+        """The tap fd: readable when the kernel sent something."""
+        return (self.tap.fd,)
+
+    def ack_calls(self):
+        """Nothing to reset: the tap fd is level-triggered."""
+
+    def tx_slot(self):
+        """Views for one frame: the 10-byte virtio_net_hdr, then MAX_FRAME bytes."""
+        return self._tx_iov
+
+    def tx_commit(self, length):
+        """write() the frame to the tap; False if the kernel refused it (tap down: EIO)."""
+        try:
+            os.write(self.tap.fd, self._txbuf[:length])
+        except OSError:
+            self.stats.tx_dropped += 1
+            return False
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += length - self.hdr_len
+        return True
+
+    def tx_flush(self):
+        """Nothing to publish: every write() is already delivered."""
+
+    def tx_room(self):
+        return True
+
+    def rx_packet(self):
+        """The next packet the kernel sent, [header + frame], or None."""
+        if not self._rx_len:
+            try:
+                self._rx_len = os.readv(self.tap.fd, [self._rxbuf])
+            except BlockingIOError:
+                return None
+        return [self._rxbuf[:self._rx_len]]
+
+    def rx_release(self):
+        """Done with the held packet."""
+        self.stats.rx_packets += 1
+        self.stats.rx_bytes += self._rx_len - self.hdr_len
+        self._rx_len = 0
+
+    def rx_unget(self):
+        """Keep the held packet: rx_packet returns it again."""
+
+    def rx_flush(self):
+        """Nothing to publish."""
 
 
 class Bridge:
@@ -1250,7 +1364,6 @@ class Bridge:
         nic_mask = select.POLLIN
         poller.register(nic_fd, nic_mask)
         next_stats = time.monotonic() + stats_interval if stats_interval else None
-        txq = self.port.txq
         while not self._stopping:
             timeout = None
             if next_stats is not None:
@@ -1259,10 +1372,10 @@ class Bridge:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 64)
             self.poll_once()
-            # Read the NIC only while a whole chain's worth of TX buffers is free
-            # (else the TX call wakes us); wait for POLLOUT while a send is blocked.
-            room = len(txq.free) >= MAX_CHAIN or txq.used_pending()
-            mask = (select.POLLIN if room else 0) | (select.POLLOUT if self._nic_blocked else 0)
+            # Read the NIC only while the port has TX room (else its call wakes
+            # us); wait for POLLOUT while a send to the NIC is blocked.
+            mask = ((select.POLLIN if self.port.tx_room() else 0)
+                    | (select.POLLOUT if self._nic_blocked else 0))
             if mask != nic_mask:
                 poller.modify(nic_fd, mask)
                 nic_mask = mask
@@ -1305,8 +1418,10 @@ def _ipv4_address(iface):
     return socket.inet_ntoa(out[20:24])
 
 
-def _check_environment(args):
-    """Every failure a user can fix, each a one-line VhostPathError, before touching devices."""
+def _check_port_options(args, iface=None):
+    """Checks shared by the bridge and the demo (``iface``: the bridge's NIC); resolves
+    the defaults.  Returns a warning to print, or None.  Raises VhostPathError.
+    """
     if not sys.platform.startswith("linux"):
         raise VhostPathError("vhostpath runs on Linux only (it needs /dev/vhost-net, "
                              f"tun/tap and AF_PACKET); this is {sys.platform}")
@@ -1328,21 +1443,64 @@ def _check_environment(args):
     if not caps & (1 << CAP_NET_ADMIN) or not caps & (1 << CAP_NET_RAW):
         raise VhostPathError("permission denied: run as root (needs CAP_NET_ADMIN and "
                              "CAP_NET_RAW to create the tap and open a packet socket)")
-    if not os.path.exists(args.path):
-        raise VhostPathError(f"{args.path} does not exist: load the vhost-net driver "
-                             "with 'modprobe vhost_net'")
-    try:
-        socket.if_nametoindex(args.iface)
-    except OSError:
-        raise VhostPathError(f"--iface {args.iface}: no such network interface") from None
+    if iface is not None:
+        try:
+            socket.if_nametoindex(iface)
+        except OSError:
+            raise VhostPathError(f"--iface {iface}: no such network interface") from None
+        if args.tap == iface:
+            raise VhostPathError(f"--tap {args.tap} is the NIC itself")
     tap = args.tap
-    if "%" not in tap:
-        if tap == args.iface:
-            raise VhostPathError(f"--tap {tap} is the NIC itself")
-        if os.path.exists(f"/sys/class/net/{tap}") and \
-                not os.path.exists(f"/sys/class/net/{tap}/tun_flags"):
-            raise VhostPathError(f"--tap {tap}: a network interface of that name exists "
-                                 "and is not a tap device")
+    if "%" not in tap and os.path.exists(f"/sys/class/net/{tap}") \
+            and not os.path.exists(f"/sys/class/net/{tap}/tun_flags"):
+        raise VhostPathError(f"--tap {tap}: a network interface of that name exists "
+                             "and is not a tap device")
+    missing = f"{args.path} does not exist: load the vhost-net driver with 'modprobe vhost_net'"
+    if args.backend == "vhost-net" and not os.path.exists(args.path):
+        raise VhostPathError(missing)
+    if args.backend == "auto":
+        args.backend = "vhost-net" if os.path.exists(args.path) else "tap"
+        if args.backend == "tap":
+            return (f"warning: {missing}. Falling back to the tap backend: this process "
+                    "moves every packet with read()/write() on the tap, with no vhost "
+                    "kernel thread, so throughput is lower")
+    return None
+
+
+def _open_port(args):
+    """The kernel-side port for the chosen backend."""
+    if args.backend == "tap":
+        return TapPort(args.tap, args.mac, rx_cksum=args.rx_cksum, lro=args.lro)
+    return VirtioUserPort(args.path, args.tap, args.queue_size, args.mac,
+                          rx_cksum=args.rx_cksum, lro=args.lro)
+
+
+def _port_description(port, args):
+    how = "named by the kernel" if "%" in args.tap else "as asked"
+    if port.BACKEND == "tap":
+        return f"{port.name} created ({how}), through the tap backend (read/write)"
+    return f"{port.name} created ({how}), through {args.path}, queue size {args.queue_size}"
+
+
+def _port_details(port):
+    """The -v lines: features, header, tap flags and offloads, memory barrier."""
+    offloads = tap_offloads(port.features)
+    names = " ".join(n for f, n in ((TUN_F_CSUM, "CSUM"), (TUN_F_TSO4, "TSO4"),
+                                    (TUN_F_TSO6, "TSO6")) if offloads & f) or "none"
+    lines = []
+    if port.BACKEND == "vhost-net":
+        lines.append(f"vhost-net offered {port.vhost.offered:#x} "
+                     f"({feature_names(port.vhost.offered)})")
+        lines.append(f"negotiated {port.features:#x} ({feature_names(port.features)}); "
+                     f"vhost-net got {port.vhost_features:#x}, the rest is the tap's")
+        barrier = "mfence/dmb" if _full_barrier().available else "unavailable: kick always"
+        lines.append(f"full memory barrier for the kick decision: {barrier}")
+    else:
+        lines.append(f"backend tap (read/write); features {port.features:#x} "
+                     f"({feature_names(port.features)})")
+    lines.append(f"virtio-net header {port.hdr_len} bytes; tap flags {port.tap.flags():#x}; "
+                 f"tap offloads {offloads:#x} ({names})")
+    return lines
 
 
 def _describe_oserror(e, args):
@@ -1355,15 +1513,14 @@ def _describe_oserror(e, args):
     return str(e)
 
 
-def _build_parser():
-    p = argparse.ArgumentParser(
-        prog="vhostpath",
-        description="Bridge a NIC to the Linux network stack through a tap served by "
-                    "the kernel's vhost-net (virtio-user as exceptional path).")
-    p.add_argument("--iface", required=True, help="the NIC to bridge (AF_PACKET)")
+def _add_port_options(p):
+    p.add_argument("--backend", choices=("auto", "vhost-net", "tap"), default="auto",
+                   help="vhost-net, the tap read/write fallback, or auto: vhost-net when "
+                        "--path exists, else tap with a warning (default %(default)s)")
     p.add_argument("--path", default="/dev/vhost-net", help="vhost-net device (default %(default)s)")
     p.add_argument("--queue-size", type=int, default=256,
-                   help="virtqueue entries, a power of two (default %(default)s; 1024 recommended)")
+                   help="virtqueue entries, a power of two from 64 (default %(default)s; "
+                        "1024 recommended)")
     p.add_argument("--tap", default="tap%d",
                    help="tap name, or a template the kernel completes (default %(default)s)")
     p.add_argument("--mac", help="MAC address for the tap (default: the kernel's random one)")
@@ -1375,9 +1532,19 @@ def _build_parser():
                    help="rx checksum offload: packets from the kernel may carry partial "
                         "checksums (VIRTIO_NET_F_GUEST_CSUM), completed on the way out "
                         "(default: on)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
+
+
+def _build_parser():
+    p = argparse.ArgumentParser(
+        prog="vhostpath",
+        description="Bridge a NIC to the Linux network stack through a tap served by "
+                    "the kernel's vhost-net (virtio-user as exceptional path).",
+        epilog="'vhostpath demo' shows the whole path on this host with nothing to set up.")
+    p.add_argument("--iface", required=True, help="the NIC to bridge (AF_PACKET)")
+    _add_port_options(p)
     p.add_argument("--stats", type=float, metavar="SECONDS",
                    help="print one statistics line every SECONDS")
-    p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -1391,58 +1558,238 @@ def _stats_line(bridge):
             f"{t.tx_bytes} B drop {t.tx_dropped}")
 
 
-def main(argv=None):
-    """Command-line entry point; returns the exit status."""
+def _say(msg):
+    print(f"vhostpath: {msg}", file=sys.stderr, flush=True)
+
+
+def _bridge_main(args):
     import signal
-    args = _build_parser().parse_args(argv)
+    if args.stats is not None and args.stats <= 0:
+        raise VhostPathError("--stats: the period must be positive")
+    warning = _check_port_options(args, args.iface)
+    if warning:
+        _say(warning)
+    address = _ipv4_address(args.iface)
+    if address:
+        _say(f"warning: {args.iface} still has IPv4 address {address}: the kernel will "
+             f"see its traffic twice (remove it with 'ip addr flush dev {args.iface}')")
+    with contextlib.ExitStack() as stack:
+        nic = PacketSocket(args.iface)
+        stack.callback(nic.close)
+        port = _open_port(args)
+        stack.callback(port.stop)
+        bridge = Bridge(nic, port)
+        stack.callback(bridge.close)
+        print(f"{_port_description(port, args)}, bridging {args.iface} <-> {port.name}",
+              flush=True)
+        if args.verbose:
+            for line in _port_details(port):
+                _say(line)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: bridge.stop())
+        on_stats = (lambda b: print(_stats_line(b), flush=True)) if args.stats else None
+        bridge.run(args.stats, on_stats)
+        print(bridge.report(), flush=True)
 
-    def say(msg):
-        print(f"vhostpath: {msg}", file=sys.stderr, flush=True)
 
+########################################################################################
+# Demo: the whole path on this host, with an outside host in a network namespace
+########################################################################################
+
+DEMO_NS, DEMO_NIC, DEMO_PEER = "vhostpath-demo", "vpdemo0", "vpdemo1"
+DEMO_KERNEL_IP, DEMO_OUTSIDE_IP = "198.18.0.1", "198.18.0.2"   # RFC 2544 test range
+DEMO_PORT = 5201
+CLONE_NEWNET = 0x40000000                 # linux/sched.h
+PR_SET_PDEATHSIG = 1                      # linux/prctl.h
+
+
+def _ip(*args):
+    """Run iproute2's ip; a failure is a VhostPathError with its message."""
+    import subprocess
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode:
+        raise VhostPathError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+def _ping(address, count=3, timeout=5.0):
+    """ICMP echo from this network namespace (raw socket); returns replies received."""
+    ident, received = os.getpid() & 0xFFFF, 0
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        for seq in range(1, count + 1):
+            body = struct.pack("!HHHH", 8 << 8, 0, ident, seq) + b"vhostpath-demo"
+            csum = sum(struct.unpack(f"!{len(body) // 2}H", body))
+            csum = ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF
+            s.sendto(body[:2] + struct.pack("!H", csum) + body[4:], (address, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not select.select([s], [], [], left)[0]:
+                    break
+                reply = s.recv(2048)
+                icmp = reply[(reply[0] & 15) * 4:]
+                if icmp[0] == 0 and struct.unpack("!HH", icmp[4:8]) == (ident, seq):
+                    received += 1
+                    break
+    return received
+
+
+def _demo_peer(ready_w, nbytes):
+    """The outside host, in a child process inside the demo namespace.
+
+    Echoes one TCP connection of ``nbytes``, then pings the kernel side and
+    writes "pings N" to ``ready_w``.  Never returns.
+    """
+    status = 1
     try:
-        _check_environment(args)
-        if args.stats is not None and args.stats <= 0:
-            raise VhostPathError("--stats: the period must be positive")
-        address = _ipv4_address(args.iface)
-        if address:
-            say(f"warning: {args.iface} still has IPv4 address {address}: the kernel will "
-                "see its traffic twice (remove it with 'ip addr flush dev "
-                f"{args.iface}')")
-        with contextlib.ExitStack() as stack:
-            nic = PacketSocket(args.iface)
-            stack.callback(nic.close)
-            port = VirtioUserPort(args.path, args.tap, args.queue_size, args.mac,
-                                  rx_cksum=args.rx_cksum, lro=args.lro)
-            stack.callback(port.stop)
-            bridge = Bridge(nic, port)
-            stack.callback(bridge.close)
-            named = "named by the kernel" if "%" in args.tap else "as asked"
-            print(f"{port.name} created ({named}), bridging {args.iface} <-> {port.name} "
-                  f"through {args.path}, queue size {args.queue_size}", flush=True)
-            if args.verbose:
-                offloads = tap_offloads(port.features)
-                say(f"vhost-net offered {port.vhost.offered:#x} "
-                    f"({feature_names(port.vhost.offered)})")
-                say(f"negotiated {port.features:#x} ({feature_names(port.features)}); "
-                    f"vhost-net got {port.vhost_features:#x}, the rest is the tap's")
-                say(f"virtio-net header {port.hdr_len} bytes; tap flags {port.tap.flags():#x}; "
-                    f"tap offloads {offloads:#x} ("
-                    + (" ".join(n for f, n in ((TUN_F_CSUM, "CSUM"), (TUN_F_TSO4, "TSO4"),
-                                               (TUN_F_TSO6, "TSO6")) if offloads & f) or "none")
-                    + "); full barrier "
-                    + ("mfence/dmb" if _full_barrier().available else "unavailable: kick always"))
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: bridge.stop())
-            on_stats = (lambda b: print(_stats_line(b), flush=True)) if args.stats else None
-            bridge.run(args.stats, on_stats)
-            print(bridge.report(), flush=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)     # die with the demo, whatever happens
+        with open(f"/run/netns/{DEMO_NS}") as ns:
+            if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        with socket.create_server((DEMO_OUTSIDE_IP, DEMO_PORT)) as srv:
+            os.write(ready_w, b"ready\n")
+            srv.settimeout(60)
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(60)
+                buf = bytearray(1 << 16)
+                while n := conn.recv_into(buf):
+                    conn.sendall(memoryview(buf)[:n])
+        os.write(ready_w, b"pings %d\n" % _ping(DEMO_KERNEL_IP))
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _demo_echo(nbytes):
+    """Send ``nbytes`` through the path to the peer's echo; return (ok, seconds)."""
+    import hashlib
+    import threading
+    data = os.urandom(nbytes)
+    got = hashlib.sha256()
+    start = time.monotonic()
+    with socket.create_connection((DEMO_OUTSIDE_IP, DEMO_PORT), timeout=60) as conn:
+        def send():
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        total, buf = 0, bytearray(1 << 16)
+        while n := conn.recv_into(buf):
+            got.update(memoryview(buf)[:n])
+            total += n
+        sender.join(60)
+    return total == nbytes and got.digest() == hashlib.sha256(data).digest(), \
+        time.monotonic() - start
+
+
+def _demo_main(args):
+    """Build an outside host, bridge it, ping and transfer through the path, clean up."""
+    import shutil
+    import signal
+    import threading
+    warning = _check_port_options(args)
+    if shutil.which("ip") is None:
+        raise VhostPathError("demo needs the 'ip' command (package iproute2)")
+    if os.path.exists(f"/run/netns/{DEMO_NS}") or os.path.exists(f"/sys/class/net/{DEMO_NIC}"):
+        raise VhostPathError(f"namespace {DEMO_NS} or veth {DEMO_NIC} exists: another demo is "
+                             f"running, or a killed one left it ('ip netns del {DEMO_NS}; "
+                             f"ip link del {DEMO_NIC}')")
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
+
+    def step(msg):
+        print(f"demo: {msg}", flush=True)
+    if warning:
+        _say(warning)
+    ok = False
+    with contextlib.ExitStack() as stack:
+        _ip("netns", "add", DEMO_NS)
+        stack.callback(_ip, "netns", "del", DEMO_NS)
+        _ip("link", "add", DEMO_NIC, "type", "veth", "peer", "name", DEMO_PEER,
+            "netns", DEMO_NS)
+        # Deleted explicitly: a namespace's devices go asynchronously after 'netns del'.
+        stack.callback(_ip, "link", "del", DEMO_NIC)
+        for cmd in (("link", "set", DEMO_NIC, "up"), ("-n", DEMO_NS, "link", "set", "lo", "up"),
+                    ("-n", DEMO_NS, "addr", "add", f"{DEMO_OUTSIDE_IP}/24", "dev", DEMO_PEER),
+                    ("-n", DEMO_NS, "link", "set", DEMO_PEER, "up")):
+            _ip(*cmd)
+        step(f"outside host {DEMO_OUTSIDE_IP} in namespace {DEMO_NS}, behind veth "
+             f"{DEMO_PEER}; its near end {DEMO_NIC} plays the NIC")
+        # The peer is forked before any thread exists (fork and threads do not mix).
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            _demo_peer(ready_w, args.bytes)
+        os.close(ready_w)
+        stack.callback(os.waitpid, pid, 0)
+        stack.callback(os.kill, pid, signal.SIGKILL)     # done or not, it must go
+        peer = os.fdopen(ready_r)
+        stack.callback(peer.close)
+        if peer.readline() != "ready\n":
+            raise VhostPathError("the outside host did not start")
+        nic = PacketSocket(DEMO_NIC)
+        stack.callback(nic.close)
+        port = _open_port(args)
+        stack.callback(port.stop)
+        bridge = Bridge(nic, port)
+        stack.callback(bridge.close)
+        _ip("addr", "add", f"{DEMO_KERNEL_IP}/24", "dev", port.name)
+        _ip("link", "set", port.name, "up")
+        worker = threading.Thread(target=bridge.run, name="bridge", daemon=True)
+        worker.start()
+        stack.callback(worker.join, 10)
+        stack.callback(bridge.stop)
+        step(f"{_port_description(port, args)}, bridging {DEMO_NIC} <-> {port.name}; "
+             f"the kernel side is {DEMO_KERNEL_IP} on {port.name}")
+        for line in _port_details(port):
+            step(line)
+        replies = _ping(DEMO_OUTSIDE_IP)
+        step(f"ping {DEMO_OUTSIDE_IP} (outside) from the kernel side: {replies}/3 replies")
+        good, seconds = _demo_echo(args.bytes)
+        step(f"TCP: {args.bytes} bytes to the outside host and echoed back in {seconds:.1f} s "
+             f"({2 * 8 * args.bytes / seconds / 1e6:.0f} Mb/s both ways together), sha256 "
+             + ("matches" if good else "DIFFERS"))
+        answer = peer.readline().split()
+        back = int(answer[1]) if answer[:1] == ["pings"] else 0
+        step(f"ping {DEMO_KERNEL_IP} (kernel side) from the outside host: {back}/3 replies")
+        bridge.stop()
+        worker.join(10)
+        print(bridge.report(), flush=True)
+        ok = replies == 3 and back == 3 and good
+    step("removed the namespace, the veth pair and the tap" if ok else
+         "FAILED; removed the namespace, the veth pair and the tap")
+    return 0 if ok else 1
+
+
+def _build_demo_parser():
+    p = argparse.ArgumentParser(
+        prog="vhostpath demo",
+        description="Create an outside host (a network namespace behind a veth pair), "
+                    "bridge it to the kernel through a tap, ping both ways, run a TCP "
+                    "transfer, print what happened, and remove everything.")
+    _add_port_options(p)
+    p.add_argument("--bytes", type=int, default=4 << 20,
+                   help="TCP bytes to send and get echoed (default %(default)s)")
+    return p
+
+
+def main(argv=None):
+    """Command-line entry point: ``vhostpath --iface NIC ...`` or ``vhostpath demo``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    demo = argv[:1] == ["demo"]
+    args = (_build_demo_parser() if demo else _build_parser()).parse_args(argv[demo:])
+    try:
+        return (_demo_main if demo else _bridge_main)(args) or 0
     except VhostPathError as e:
-        say(str(e))
-        return 1
+        _say(str(e))
     except OSError as e:
-        say(_describe_oserror(e, args))
-        return 1
-    return 0
+        _say(_describe_oserror(e, args))
+    except KeyboardInterrupt:
+        _say("interrupted; everything created was removed")
+    return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
+from tests.cases import BridgeCase, DemoCase, ShutdownCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -322,7 +323,8 @@ class TestCliErrors(unittest.TestCase):
         self.assertFails(r, "permission denied", "root", "CAP_NET_ADMIN")
 
     def test_vhost_net_missing(self):
-        r = _run_tool("--iface", "lo", "--path", "/nonexistent/vhost-net")
+        r = _run_tool("--iface", "lo", "--backend", "vhost-net", "--path",
+                      "/nonexistent/vhost-net")
         self.assertFails(r, "/nonexistent/vhost-net does not exist", "modprobe vhost_net")
 
     def test_nic_missing(self):
@@ -341,8 +343,8 @@ class TestCliErrors(unittest.TestCase):
         self.assertFails(_run_tool("--iface", "lo", "--lro", "--no-rx-cksum"),
                          "--lro needs rx checksum")
         # --no-rx-cksum alone turns the default LRO off instead of failing.
-        self.assertFails(_run_tool("--iface", "lo", "--no-rx-cksum", "--path", "/nonexistent"),
-                         "/nonexistent does not exist")
+        self.assertFails(_run_tool("--iface", "lo", "--no-rx-cksum", "--backend", "vhost-net",
+                                   "--path", "/nonexistent"), "/nonexistent does not exist")
 
     def test_bad_mac(self):
         self.assertFails(_run_tool("--iface", "lo", "--mac", "zz:00"), "invalid MAC")
@@ -365,6 +367,48 @@ class TestCliErrors(unittest.TestCase):
         r = _run_tool("--help")
         self.assertEqual(r.returncode, 0)
         self.assertIn("--queue-size", r.stdout)
+
+
+class TestTapBackendBridge(BridgeCase, unittest.TestCase):
+    """The tap backend end to end on this host: defaults (LRO), veth's offloads on."""
+    BACKEND = "tap"
+    LRO = True
+
+
+class TestTapBackendBridgeNoOffload(BridgeCase, unittest.TestCase):
+    """The tap backend without offloads anywhere."""
+    BACKEND = "tap"
+    ARGS = ("--no-lro", "--no-rx-cksum")
+    OFFLOADS = False
+
+
+class TestTapBackendShutdown(ShutdownCase, unittest.TestCase):
+    BACKEND = "tap"
+
+
+class TestTapBackendDemo(DemoCase, unittest.TestCase):
+    BACKEND_LINE = "through the tap backend (read/write), bridging vpdemo0 <-> tap0"
+
+    @classmethod
+    def setUpClass(cls):
+        if os.path.exists("/dev/vhost-net"):
+            raise unittest.SkipTest("this host has vhost-net: auto would not fall back")
+
+
+class TestAutoBackendFallback(unittest.TestCase):
+    def setUp(self):
+        topo.make_outside()
+
+    def tearDown(self):
+        topo.remove_outside()
+
+    def test_missing_vhost_net_falls_back_to_tap_with_a_warning(self):
+        tool = topo.Tool("--iface", "veth0", "--path", "/nonexistent/vhost-net")
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("through the tap backend (read/write)", tool.first_line)
+        self.assertIn("warning: /nonexistent/vhost-net does not exist: load the vhost-net "
+                      "driver with 'modprobe vhost_net'. Falling back to the tap backend", err)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-
-MB = 1 << 20
+from tests.cases import BridgeCase, DemoCase, ShutdownCase
 OUR_MAC = bytes.fromhex("020000000002")
 
 
@@ -116,74 +115,6 @@ class TestVirtioUserPort(unittest.TestCase):
             self.assertEqual(max(len(c) for c in port.txq.chains if c), 4)
 
 
-class BridgeCase:
-    """The command-line tool bridging veth0 (the NIC) and tap0, end to end."""
-
-    ARGS = ()               # tool options
-    OFFLOADS = True         # the outside veth's checksum/TSO offloads
-    GRO = False             # GRO on both veth ends
-    LRO = False             # whether ARGS make the kernel hand over 64 KB segments
-
-    @classmethod
-    def setUpClass(cls):
-        topo.make_outside(offloads=cls.OFFLOADS, gro=cls.GRO)
-        cls.errors_before = (topo.checksum_errors(), topo.checksum_errors(ns=topo.NS))
-        cls.tool = topo.Tool("--iface", "veth0", *cls.ARGS)
-        topo.configure_tap("tap0")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tool.kill()
-        topo.remove_outside()
-
-    def test_1_tap_named_by_the_kernel(self):
-        self.assertRegex(self.tool.first_line, r"tap0 created \(named by the kernel\), bridging "
-                         r"veth0 <-> tap0 through /dev/vhost-net, queue size \d+")
-
-    def test_2_ping_both_ways(self):
-        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
-        self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS), 3)
-
-    def test_3_tcp_outside_to_kernel(self):
-        sent, received = topo.tcp_transfer("in", 20 * MB)
-        self.assertEqual(sent, received)
-        self.assertTrue(sent.startswith(f"{20 * MB} "))
-
-    def test_4_tcp_kernel_to_outside(self):
-        sent, received = topo.tcp_transfer("out", 20 * MB)
-        self.assertEqual(sent, received)
-        self.assertTrue(sent.startswith(f"{20 * MB} "))
-
-    def test_5_no_checksum_errors_on_either_side(self):
-        self.assertEqual(topo.checksum_errors(), self.errors_before[0])
-        self.assertEqual(topo.checksum_errors(ns=topo.NS), self.errors_before[1])
-
-    def test_6_statistics_show_the_traffic(self):
-        rc, out, err = self.tool.stop(signal.SIGINT)
-        self.assertEqual(rc, 0, err)
-        ports = topo.report_counters(out)
-        self.assertEqual(set(ports), {"veth0", "tap0"}, out)
-        nic, tap = ports["veth0"], ports["tap0"]
-        # Both transfers crossed the tool: 20 MB each way, plus headers.
-        for counters, key in ((nic, "RX-bytes"), (nic, "TX-bytes"), (tap, "RX-bytes"),
-                              (tap, "TX-bytes")):
-            self.assertGreater(counters[key], 20 * MB, key)
-        self.assertEqual(nic["TX-packets"], tap["RX-packets"])
-        self.assertEqual(nic["RX-packets"], tap["TX-packets"])
-        self.assertEqual(nic["TX-dropped"], 0)
-        # Frames above the MTU: from the kernel only with LRO, from the NIC only
-        # when the outside sends TSO super-frames.
-        if self.LRO:
-            self.assertGreater(nic["TX-over-MTU"], 0, out)
-        else:
-            self.assertEqual(nic["TX-over-MTU"], 0, out)
-        if self.OFFLOADS:
-            self.assertGreater(nic["RX-over-MTU"], 0, out)
-        else:
-            self.assertEqual(nic["RX-over-MTU"], 0, out)
-        self.assertNotIn("tap0", topo.interfaces())
-
-
 class TestBridgeDefaults(BridgeCase, unittest.TestCase):
     """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
     LRO = True
@@ -220,41 +151,18 @@ class TestBridgeLroOutsideTsoGro(BridgeCase, unittest.TestCase):
     LRO = True
 
 
-class TestShutdown(unittest.TestCase):
-    """SIGINT and SIGTERM: report printed, tap gone, vhost thread gone, NIC restored."""
+class TestBridgeTapBackend(BridgeCase, unittest.TestCase):
+    """The tap read/write fallback, chosen explicitly where vhost-net exists."""
+    BACKEND = "tap"
+    LRO = True
 
-    def setUp(self):
-        topo.make_outside()
 
-    def tearDown(self):
-        topo.remove_outside()
+class TestShutdown(ShutdownCase, unittest.TestCase):
+    pass
 
-    def check_signal(self, sig):
-        arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
-        with open(arp_ignore) as f:
-            original = f.read().strip()
-        tool = topo.Tool("--iface", "veth0")
-        try:
-            self.assertIn("tap0", topo.interfaces())
-            self.assertEqual(len(topo.vhost_threads(tool.pid)), 1)
-            with open(arp_ignore) as f:
-                self.assertEqual(f.read().strip(), "8")
-            rc, out, err = tool.stop(sig)
-        finally:
-            tool.kill()
-        self.assertEqual(rc, 0, err)
-        self.assertIn("Forward statistics for port 0 (veth0)", out)
-        self.assertIn("Forward statistics for port 1 (tap0)", out)
-        self.assertNotIn("tap0", topo.interfaces())
-        self.assertEqual(topo.vhost_threads(tool.pid), [])
-        with open(arp_ignore) as f:
-            self.assertEqual(f.read().strip(), original)
 
-    def test_sigint(self):
-        self.check_signal(signal.SIGINT)
-
-    def test_sigterm(self):
-        self.check_signal(signal.SIGTERM)
+class TestDemo(DemoCase, unittest.TestCase):
+    BACKEND_LINE = "through /dev/vhost-net, queue size 256, bridging vpdemo0 <-> tap0"
 
 
 class TestCliWithVhost(unittest.TestCase):
@@ -265,6 +173,13 @@ class TestCliWithVhost(unittest.TestCase):
 
     def tearDown(self):
         topo.remove_outside()
+
+    def test_auto_backend_picks_vhost_net(self):
+        tool = topo.Tool("--iface", "veth0")
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("through /dev/vhost-net", tool.first_line)
+        self.assertNotIn("warning", err)
 
     def test_non_root_fails_clearly(self):
         r = subprocess.run([topo.unprivileged_python(), topo.TOOL, "--iface", "veth0"],

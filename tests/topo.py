@@ -69,8 +69,9 @@ def make_outside(offloads=True, gro=False):
 
 
 def remove_outside():
-    sh("ip", "netns", "del", NS, check=False)
+    # The veth first: a namespace's devices go asynchronously after 'netns del'.
     sh("ip", "link", "del", "veth0", check=False)
+    sh("ip", "netns", "del", NS, check=False)
 
 
 def configure_tap(name="tap0", address=f"{KERNEL_IP}/24"):
