@@ -35,7 +35,8 @@ __all__ = [
     "VhostPathError", "RingBrokenError",
     "Arena", "SplitVirtqueue", "vring_layout", "vnet_hdr_len",
     "Tap", "VhostNet", "PacketSocket",
-    "PortStats", "Port", "VirtioUserPort", "TapPort", "Bridge", "main",
+    "PortStats", "Port", "VirtioUserPort", "TapPort", "QuietNic", "Bridge", "QueuePairs",
+    "main",
 ]
 
 import argparse
@@ -125,6 +126,7 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+MAX_TAP_QUEUES = 256                    # drivers/net/tun.c
 
 # linux/sockios.h, linux/if_arp.h, linux/if.h
 SIOCGIFADDR = 0x8915
@@ -142,10 +144,17 @@ PACKET_MR_PROMISC = 1
 PACKET_STATISTICS = 6
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_FANOUT = 18
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 
 # linux/capability.h: bits of CapEff in /proc/self/status
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
+
+# linux/prctl.h, linux/sched.h
+PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
 
 INT_MAX = 2**31 - 1
 
@@ -595,16 +604,18 @@ class Tap:
     """A tap device from /dev/net/tun (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).
 
     ``name`` may be a template such as ``tap%d``: the kernel picks the first
-    free name, available as ``.name``.  The tap disappears when the last fd
+    free name, available as ``.name``.  With ``multi_queue`` (IFF_MULTI_QUEUE)
+    each Tap opened on the same name is one more queue of that device.  The tap disappears when the last fd
     (ours, and the reference vhost holds) is closed, unless it is persistent.
     """
 
-    def __init__(self, name="tap%d"):
+    def __init__(self, name="tap%d", multi_queue=False):
         if not name or len(name.encode()) >= IFNAMSIZ or any(c in "/: " for c in name):
             raise VhostPathError(f"invalid tap name {name!r}")
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            req = _ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+            req = _ifreq(name, flags)
             _ioctl(self.fd, "TUNSETIFF", TUNSETIFF, req, name)
             self.name = req.ifr_name.decode()
         except BaseException:
@@ -733,9 +744,11 @@ class PacketSocket:
     PACKET_VNET_HDR puts a 10-byte virtio_net_hdr in front of each frame, so
     GSO super-frames and partial checksums (veth does both by default) cross
     intact.  Promiscuous, all protocols, own transmissions not looped back.
+    Sockets given the same ``fanout_group`` (a 16-bit id) share the NIC's
+    traffic by flow (PACKET_FANOUT_HASH), one socket per queue pair.
     """
 
-    def __init__(self, iface):
+    def __init__(self, iface, fanout_group=None):
         self.iface = iface
         try:
             self.ifindex = socket.if_nametoindex(iface)
@@ -751,6 +764,11 @@ class PacketSocket:
             self.sock.bind((iface, ETH_P_ALL))
             mreq = packet_mreq(mr_ifindex=self.ifindex, mr_type=PACKET_MR_PROMISC)
             self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, bytes(mreq))
+            if fanout_group is not None:
+                # One group spreads flows over its sockets by a symmetric flow hash; the
+                # group's own hook, not the socket's, must ignore outgoing frames.
+                flags = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+                self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, fanout_group | flags << 16)
             self.sock.setblocking(False)
         except BaseException:
             self.sock.close()
@@ -781,24 +799,31 @@ class PacketSocket:
 ########################################################################################
 
 
-class PortStats:
+class PortStats(ctypes.Structure):
     """Per-port counters, as in testpmd's forward statistics.
 
-    ``rx_oversize`` / ``tx_oversize`` count frames longer than the port's MTU
-    allows (GSO super-frames carried whole); they are reported only for a port
-    whose ``mtu`` is known.
+    A ctypes structure, so that worker processes can keep theirs in shared
+    memory (``from_buffer``) where the parent reads them.  ``rx_oversize`` /
+    ``tx_oversize`` count frames longer than the port's MTU allows (GSO
+    super-frames carried whole); they are reported for a port whose ``mtu``
+    is known.
     """
 
     FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
               "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize")
+    _fields_ = [(f, ctypes.c_uint64) for f in FIELDS]
 
-    def __init__(self, name, mtu=None):
+    def __init__(self, name="?", mtu=None):
+        super().__init__()
         self.name, self.mtu = name, mtu
-        for f in self.FIELDS:
-            setattr(self, f, 0)
 
     def as_dict(self):
         return {f: getattr(self, f) for f in self.FIELDS}
+
+    def add(self, other):
+        """Add ``other``'s counters to these (totals over queues)."""
+        for f in self.FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def report(self, port_id):
         bar = "-" * 22
@@ -812,6 +837,12 @@ class PortStats:
                 line += f"  {D}-over-MTU: {getattr(self, d + '_oversize')}"
             lines.append(line)
         return "\n".join(lines)
+
+    def summary(self):
+        """One compact line: rx and tx packets, bytes, drops."""
+        return (f"{self.name}: rx {self.rx_packets} pkts {self.rx_bytes} B drop "
+                f"{self.rx_dropped}, tx {self.tx_packets} pkts {self.tx_bytes} B drop "
+                f"{self.tx_dropped}")
 
 
 # Every ring buffer is BUF_SIZE bytes.  A larger packet from the kernel spans
@@ -961,7 +992,8 @@ class VirtioUserPort(Port):
 
     Args:
         path: the vhost-net device node.
-        tap: tap name or template (``tap%d``: the kernel names it).
+        tap: tap name or template (``tap%d``: the kernel names it), or an opened
+            Tap (a queue of a multi-queue tap), which the port then owns.
         queue_size: entries per virtqueue, a power of two from 64 to 32768.
         mac: the tap's MAC address (bytes or ``xx:xx:...``), or None for the kernel's.
         rx_cksum: VIRTIO_NET_F_GUEST_CSUM: the kernel may hand us partial checksums.
@@ -992,7 +1024,7 @@ class VirtioUserPort(Port):
     def _start(self, tap_name):
         """Bring-up, in the order vhost-net requires (see stop() for the mirror)."""
         push = self._stack.callback
-        self.tap = Tap(tap_name)
+        self.tap = tap_name if isinstance(tap_name, Tap) else Tap(tap_name)
         push(self.tap.close)
         self.stats.name = self.tap.name
         # The arena outlives the vhost fd: registered before it, so closed after it.
@@ -1192,7 +1224,7 @@ class TapPort(Port):
         self.offloads = self.features = offload_features(rx_cksum, lro)
         self.hdr_len = ctypes.sizeof(virtio_net_hdr)
         self.mac = _parse_mac(mac) if isinstance(mac, str) else mac
-        self.tap = Tap(tap)
+        self.tap = tap if isinstance(tap, Tap) else Tap(tap)
         try:
             self.stats = PortStats(self.tap.name)
             self.tap.set_vnet_hdr_sz(self.hdr_len)
@@ -1264,34 +1296,48 @@ class TapPort(Port):
         """Nothing to publish."""
 
 
-class Bridge:
-    """Forwards between a NIC (packet socket) and a VirtioUserPort, both ways.
+class QuietNic:
+    """arp_ignore 8 on the NIC while bridging; ``restore()`` puts the old value back.
 
-    ``run()`` is a poll loop on the NIC socket, the call eventfds and a wakeup
-    pipe; each wakeup drains everything ready.  Frames are received straight
-    into TX ring buffers and sent straight from RX ring buffers: Python never
-    copies payload.  ``stop()`` may be called from a signal handler.
+    The NIC stays a kernel netdev: its own stack would answer ARP for the
+    addresses that live on the tap, and the outside would learn the NIC's MAC,
+    bypassing the path.  arp_ignore 8 (ip-sysctl.rst: "do not reply for all
+    local addresses") silences it.
     """
 
-    def __init__(self, nic, port):
+    def __init__(self, iface):
+        self.path = f"/proc/sys/net/ipv4/conf/{iface}/arp_ignore"
+        self.old = _sysctl_swap(self.path, "8")
+
+    def restore(self):
+        if self.old is not None:
+            _sysctl_swap(self.path, self.old)
+
+
+class Bridge:
+    """Forwards between a NIC (packet socket) and a Port, both ways.
+
+    ``run()`` is a poll loop on the NIC socket, the port's call fds and a
+    wakeup pipe; each wakeup drains everything ready.  Frames are received
+    straight into TX ring buffers and sent straight from RX ring buffers:
+    Python never copies payload.  ``stop()`` may be called from a signal
+    handler.  ``nic_stats`` may be given (shared memory); ``quiet_nic``
+    makes the NIC's own stack silent on ARP while bridging (QuietNic).
+    """
+
+    def __init__(self, nic, port, nic_stats=None, quiet_nic=True):
         self.nic, self.port = nic, port
-        self.nic_stats = PortStats(nic.iface, nic.mtu())
-        self._max_frame = self.nic_stats.mtu + ETH_HLEN + 4    # one VLAN tag allowed
-        # The NIC stays a kernel netdev: its own stack would answer ARP for the
-        # addresses that live on the tap and the outside would learn the NIC's
-        # MAC, bypassing the path.  arp_ignore 8 (ip-sysctl.rst: "do not reply
-        # for all local addresses") silences it; close() restores the setting.
-        self._arp_ignore = f"/proc/sys/net/ipv4/conf/{nic.iface}/arp_ignore"
-        self._arp_ignore_old = _sysctl_swap(self._arp_ignore, "8")
+        self.nic_stats = nic_stats or PortStats(nic.iface, nic.mtu())
+        self._max_frame = nic.mtu() + ETH_HLEN + 4    # one VLAN tag allowed
+        self._quiet = QuietNic(nic.iface) if quiet_nic else None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
 
     def close(self):
         """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
-        if self._arp_ignore_old is not None:
-            _sysctl_swap(self._arp_ignore, self._arp_ignore_old)
-            self._arp_ignore_old = None
+        if self._quiet:
+            self._quiet.restore()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -1394,6 +1440,237 @@ class Bridge:
         return "\n".join([self.nic_stats.report(0), self.port.stats.report(1)])
 
 
+class QueuePairs:
+    """N queue pairs, each bridged by its own worker process (DPDK's ``queues=N``).
+
+    Queue pair i is tap queue i (IFF_MULTI_QUEUE), packet socket i of one
+    PACKET_FANOUT group on the NIC and, with the vhost-net backend, its own
+    /dev/vhost-net: its own kernel worker thread.  Threads would be serialised
+    by Python's GIL, and vhost accepts ioctls only from the process that owns
+    the device, so every worker process opens its own vhost fd after it
+    starts.  The parent opens the tap queues and the sockets (the workers
+    inherit them), keeps every counter in shared memory, and supervises.
+    Workers die with the parent (PR_SET_PDEATHSIG), and the tap goes with the
+    last of them.
+
+    Args:
+        iface: the NIC.
+        queues: number of queue pairs, 1 to MAX_TAP_QUEUES.
+        backend: "vhost-net" or "tap".
+        path, tap, queue_size, mac, rx_cksum, lro: as for VirtioUserPort.
+        refresh: seconds between updates of each worker's socket drop counter.
+
+    Raises:
+        VhostPathError, OSError: set-up failed (a worker's error included);
+        everything created is released.
+    """
+
+    def __init__(self, iface, queues, backend="vhost-net", path="/dev/vhost-net", tap="tap%d",
+                 queue_size=256, mac=None, rx_cksum=False, lro=False, refresh=1.0):
+        if not 1 <= queues <= MAX_TAP_QUEUES:
+            raise VhostPathError(f"queues must be from 1 to {MAX_TAP_QUEUES} (the tap's "
+                                 f"limit), not {queues}")
+        self.queues, self.backend, self.refresh = queues, backend, refresh
+        self._port_args = dict(tap=None, mac=mac, rx_cksum=rx_cksum, lro=lro)
+        if backend == "vhost-net":
+            self._port_args.update(path=path, queue_size=queue_size)
+        self.pids, self.status = [], {}
+        self._stopping = False
+        self._stack = contextlib.ExitStack()
+        try:
+            self._start(iface, tap)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _start(self, iface, tap_name):
+        push = self._stack.callback
+        multi = self.queues > 1
+        flags_file = f"/sys/class/net/{tap_name}/tun_flags"
+        if multi and os.path.exists(flags_file):
+            with open(flags_file) as f:
+                if not int(f.read(), 16) & IFF_MULTI_QUEUE:
+                    raise VhostPathError(
+                        f"{tap_name} is a single-queue tap: --queues {self.queues} needs a "
+                        f"multi-queue one ('ip tuntap add {tap_name} mode tap multi_queue "
+                        "vnet_hdr') or a new tap")
+        taps = [Tap(tap_name, multi_queue=multi)]
+        push(taps[0].close)
+        self.name = taps[0].name
+        for _ in range(1, self.queues):
+            taps.append(Tap(self.name, multi_queue=True))
+            push(taps[-1].close)
+        group = os.getpid() & 0xFFFF if multi else None
+        nics = []
+        for _ in range(self.queues):
+            nics.append(PacketSocket(iface, group))
+            push(nics[-1].close)
+        mtu = nics[0].mtu()
+        size = ctypes.sizeof(PortStats)
+        shared = mmap.mmap(-1, 2 * size * self.queues, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.nic_stats = [PortStats.from_buffer(shared, 2 * i * size)
+                          for i in range(self.queues)]
+        self.port_stats = [PortStats.from_buffer(shared, (2 * i + 1) * size)
+                           for i in range(self.queues)]
+        for nic_st, port_st in zip(self.nic_stats, self.port_stats):
+            nic_st.name, nic_st.mtu = iface, mtu
+            port_st.name, port_st.mtu = self.name, None
+        self.quiet = QuietNic(iface)
+        push(self.quiet.restore)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        push(self._reap)
+        parent = os.getpid()
+        for i in range(self.queues):
+            pid = os.fork()
+            if pid == 0:
+                os.close(ready_r)
+                self._worker(i, taps, nics, ready_w, parent)
+            self.pids.append(pid)
+            self.status[pid] = None
+        os.close(ready_w)
+        push(os.close, ready_r)
+        # The workers own the queues now: the tap lives exactly as long as they do.
+        for obj in taps + nics:
+            obj.close()
+        self._wait_ready(ready_r)
+
+    def _wait_ready(self, ready_r):
+        """Collect one "ok" (or "error <why>") per worker; notice a worker that died."""
+        got = b""
+        while got.count(b"\n") < self.queues:
+            if select.select([ready_r], [], [], 1.0)[0]:
+                got += os.read(ready_r, 4096)
+                continue
+            for pid in self.pids:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.status[pid] = status
+                    raise VhostPathError(f"queue worker {pid} died during set-up "
+                                         f"(wait status {status})")
+        for line in got.decode().splitlines():
+            if line != "ok":
+                raise VhostPathError(line.partition(" ")[2])
+
+    def _worker(self, index, taps, nics, ready_w, parent):
+        """Queue pair ``index`` in a forked child. Never returns."""
+        import signal
+        status, bridge, told = 1, None, False
+
+        def on_signal(*_):
+            if bridge is None:
+                raise KeyboardInterrupt
+            bridge.stop()
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, on_signal)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != parent:            # the parent died before prctl
+                return
+            for k, (tap, nic) in enumerate(zip(taps, nics)):
+                if k != index:
+                    tap.close()
+                    nic.close()
+            if self.backend == "vhost-net":
+                port = VirtioUserPort(**dict(self._port_args, tap=taps[index]))
+            else:
+                port = TapPort(**dict(self._port_args, tap=taps[index]))
+            port.stats = self.port_stats[index]
+            bridge = Bridge(nics[index], port, self.nic_stats[index], quiet_nic=False)
+            os.write(ready_w, b"ok\n")
+            told = True
+            bridge.run(self.refresh, Bridge.refresh_stats)
+            bridge.refresh_stats()
+            port.stop()
+            status = 0
+        except KeyboardInterrupt:
+            pass
+        except BaseException as e:
+            msg = _describe_oserror(e, taps[index].name) if isinstance(e, OSError) else str(e)
+            if not told:
+                os.write(ready_w, f"error queue {index}: {msg}\n".encode())
+            else:
+                print(f"vhostpath: queue {index}: {msg}", file=sys.stderr, flush=True)
+        finally:
+            if index == 0:
+                self.quiet.restore()              # also when the parent was killed
+            os._exit(status)
+
+    def run(self, stats_interval=None, on_stats=None):
+        """Supervise until every worker has exited; stop all when one fails.
+
+        Returns True if every worker exited cleanly after stop().
+        """
+        poller = select.poll()
+        pidfds = {}
+        for pid in self.pids:
+            fd = os.pidfd_open(pid)
+            pidfds[fd] = pid
+            poller.register(fd, select.POLLIN)
+        try:
+            next_stats = time.monotonic() + stats_interval if stats_interval else None
+            while any(s is None for s in self.status.values()):
+                timeout = None
+                if next_stats is not None:
+                    timeout = max(0, int((next_stats - time.monotonic()) * 1000))
+                for fd, _ in poller.poll(timeout):
+                    pid = pidfds[fd]
+                    poller.unregister(fd)
+                    self.status[pid] = os.waitpid(pid, 0)[1]
+                    if self.status[pid] != 0:
+                        self.stop()
+                if next_stats is not None and time.monotonic() >= next_stats:
+                    next_stats += stats_interval
+                    if on_stats:
+                        on_stats(self)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+        return all(s == 0 for s in self.status.values())
+
+    def stop(self):
+        """Ask every worker to stop (SIGTERM); safe from a signal handler."""
+        import signal
+        self._stopping = True
+        for pid, status in self.status.items():
+            if status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
+    def _reap(self):
+        """Stop and wait for workers still running (set-up failure or close())."""
+        import signal
+        for pid, status in self.status.items():
+            if status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                self.status[pid] = os.waitpid(pid, 0)[1]
+
+    def close(self):
+        """Stop the workers, wait for them, restore the NIC."""
+        self._stack.close()
+
+    def totals(self):
+        """(NIC, tap) PortStats summed over the queue pairs."""
+        nic, tap = PortStats(*self._names(0)), PortStats(*self._names(1))
+        for n, t in zip(self.nic_stats, self.port_stats):
+            nic.add(n)
+            tap.add(t)
+        return nic, tap
+
+    def _names(self, which):
+        st = (self.nic_stats, self.port_stats)[which][0]
+        return st.name, st.mtu
+
+    def report(self):
+        """Totals per port, testpmd style, then one line per queue pair."""
+        nic, tap = self.totals()
+        lines = [nic.report(0), tap.report(1)]
+        if self.queues > 1:
+            lines += [f"  queue {i}: {n.summary()} | {t.summary()}"
+                      for i, (n, t) in enumerate(zip(self.nic_stats, self.port_stats))]
+        return "\n".join(lines)
+
+
 ########################################################################################
 # Command line
 ########################################################################################
@@ -1475,11 +1752,16 @@ def _open_port(args):
                           rx_cksum=args.rx_cksum, lro=args.lro)
 
 
-def _port_description(port, args):
+def _port_description(name, args):
     how = "named by the kernel" if "%" in args.tap else "as asked"
-    if port.BACKEND == "tap":
-        return f"{port.name} created ({how}), through the tap backend (read/write)"
-    return f"{port.name} created ({how}), through {args.path}, queue size {args.queue_size}"
+    if args.backend == "tap":
+        text = f"{name} created ({how}), through the tap backend (read/write)"
+    else:
+        text = f"{name} created ({how}), through {args.path}, queue size {args.queue_size}"
+    if getattr(args, "queues", 1) > 1:
+        each = "a vhost-net kernel thread" if args.backend == "vhost-net" else "a process"
+        text += f", {args.queues} queue pairs ({each} each)"
+    return text
 
 
 def _port_details(port):
@@ -1503,13 +1785,14 @@ def _port_details(port):
     return lines
 
 
-def _describe_oserror(e, args):
+def _describe_oserror(e, tap):
+    """A one-line message for an OSError from set-up (``tap``: the tap name asked for)."""
     if e.errno in (errno.EPERM, errno.EACCES):
         return f"permission denied: {e.strerror or e} (run as root)"
     if e.errno == errno.EBUSY and "TUNSETIFF" in str(e):
-        return f"tap {args.tap} is already in use by another process"
+        return f"tap {tap} is already in use by another process"
     if e.errno == errno.EINVAL and "TUNSETIFF" in str(e):
-        return f"cannot attach to tap {args.tap}: it is a tun device or its flags differ"
+        return f"cannot attach to tap {tap}: it is a tun device or its flags differ"
     return str(e)
 
 
@@ -1543,6 +1826,10 @@ def _build_parser():
         epilog="'vhostpath demo' shows the whole path on this host with nothing to set up.")
     p.add_argument("--iface", required=True, help="the NIC to bridge (AF_PACKET)")
     _add_port_options(p)
+    p.add_argument("--queues", type=int, default=1,
+                   help="queue pairs: one worker process, vhost-net device (kernel thread), "
+                        f"tap queue and NIC socket each, 1 to {MAX_TAP_QUEUES} "
+                        "(default %(default)s)")
     p.add_argument("--stats", type=float, metavar="SECONDS",
                    help="print one statistics line every SECONDS")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -1551,11 +1838,8 @@ def _build_parser():
 
 def _stats_line(bridge):
     bridge.refresh_stats()
-    n, t = bridge.nic_stats, bridge.port.stats
-    return (f"{time.strftime('%H:%M:%S')} {n.name}: rx {n.rx_packets} pkts {n.rx_bytes} B "
-            f"drop {n.rx_dropped}, tx {n.tx_packets} pkts {n.tx_bytes} B drop {n.tx_dropped} | "
-            f"{t.name}: rx {t.rx_packets} pkts {t.rx_bytes} B, tx {t.tx_packets} pkts "
-            f"{t.tx_bytes} B drop {t.tx_dropped}")
+    return (f"{time.strftime('%H:%M:%S')} {bridge.nic_stats.summary()} | "
+            f"{bridge.port.stats.summary()}")
 
 
 def _say(msg):
@@ -1569,10 +1853,15 @@ def _bridge_main(args):
     warning = _check_port_options(args, args.iface)
     if warning:
         _say(warning)
+    if not 1 <= args.queues <= MAX_TAP_QUEUES:
+        raise VhostPathError(f"--queues must be from 1 to {MAX_TAP_QUEUES} (the tap's "
+                             f"limit), not {args.queues}")
     address = _ipv4_address(args.iface)
     if address:
         _say(f"warning: {args.iface} still has IPv4 address {address}: the kernel will "
              f"see its traffic twice (remove it with 'ip addr flush dev {args.iface}')")
+    if args.queues > 1:
+        return _queues_main(args)
     with contextlib.ExitStack() as stack:
         nic = PacketSocket(args.iface)
         stack.callback(nic.close)
@@ -1580,16 +1869,46 @@ def _bridge_main(args):
         stack.callback(port.stop)
         bridge = Bridge(nic, port)
         stack.callback(bridge.close)
-        print(f"{_port_description(port, args)}, bridging {args.iface} <-> {port.name}",
+        for sig in (signal.SIGINT, signal.SIGTERM):     # before anyone is told we run
+            signal.signal(sig, lambda *_: bridge.stop())
+        print(f"{_port_description(port.name, args)}, bridging {args.iface} <-> {port.name}",
               flush=True)
         if args.verbose:
             for line in _port_details(port):
                 _say(line)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: bridge.stop())
         on_stats = (lambda b: print(_stats_line(b), flush=True)) if args.stats else None
         bridge.run(args.stats, on_stats)
         print(bridge.report(), flush=True)
+
+
+def _queues_main(args):
+    """--queues N > 1: a QueuePairs supervisor in this process."""
+    import signal
+    with contextlib.ExitStack() as stack:
+        # Workers must not inherit a half-set-up parent's signal handlers: the
+        # defaults until they are forked; ours right after.
+        pairs = QueuePairs(args.iface, args.queues, args.backend, args.path, args.tap,
+                           args.queue_size, args.mac, args.rx_cksum, args.lro,
+                           refresh=min(args.stats or 1.0, 1.0))
+        stack.callback(pairs.close)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: pairs.stop())
+        print(f"{_port_description(pairs.name, args)}, bridging {args.iface} <-> {pairs.name}",
+              flush=True)
+        if args.verbose:
+            for i, pid in enumerate(pairs.pids):
+                _say(f"queue pair {i}: worker process {pid}")
+
+        def on_stats(p):
+            nic, tap = p.totals()
+            print(f"{time.strftime('%H:%M:%S')} {nic.summary()} | {tap.summary()}", flush=True)
+            for i, (n, t) in enumerate(zip(p.nic_stats, p.port_stats)):
+                print(f"  queue {i}: {n.summary()} | {t.summary()}", flush=True)
+        ok = pairs.run(args.stats, on_stats if args.stats else None)
+        print(pairs.report(), flush=True)
+    if not ok:
+        raise VhostPathError("a queue worker failed; all stopped")
+    return 0
 
 
 ########################################################################################
@@ -1599,8 +1918,6 @@ def _bridge_main(args):
 DEMO_NS, DEMO_NIC, DEMO_PEER = "vhostpath-demo", "vpdemo0", "vpdemo1"
 DEMO_KERNEL_IP, DEMO_OUTSIDE_IP = "198.18.0.1", "198.18.0.2"   # RFC 2544 test range
 DEMO_PORT = 5201
-CLONE_NEWNET = 0x40000000                 # linux/sched.h
-PR_SET_PDEATHSIG = 1                      # linux/prctl.h
 
 
 def _ip(*args):
@@ -1742,7 +2059,7 @@ def _demo_main(args):
         worker.start()
         stack.callback(worker.join, 10)
         stack.callback(bridge.stop)
-        step(f"{_port_description(port, args)}, bridging {DEMO_NIC} <-> {port.name}; "
+        step(f"{_port_description(port.name, args)}, bridging {DEMO_NIC} <-> {port.name}; "
              f"the kernel side is {DEMO_KERNEL_IP} on {port.name}")
         for line in _port_details(port):
             step(line)
@@ -1786,7 +2103,7 @@ def main(argv=None):
     except VhostPathError as e:
         _say(str(e))
     except OSError as e:
-        _say(_describe_oserror(e, args))
+        _say(_describe_oserror(e, args.tap))
     except KeyboardInterrupt:
         _say("interrupted; everything created was removed")
     return 1

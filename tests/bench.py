@@ -1,6 +1,6 @@
 """Benchmark (not run by CI): vhostpath against the kernel-direct limit, in ONE guest boot.
 
-    sudo python3 tests/bench.py [--seconds 10]
+    sudo python3 tests/bench.py [--suite offloads|queues] [--seconds 10]
 
 Each setup carries iperf3 TCP traffic both ways between the kernel side
 (1.1.1.1) and the outside host (1.1.1.2, namespace "outside"):
@@ -15,9 +15,7 @@ row; TCG speed varies between boots, so only ratios from one run compare.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -28,26 +26,6 @@ sys.path[:0] = [ROOT]
 from tests import topo  # noqa: E402
 
 RESULT = "/mnt/results/bench.md"
-
-
-def iperf3(seconds, reverse):
-    """Mb/s of one iperf3 TCP run from the kernel side to the outside (reverse: back)."""
-    server = subprocess.Popen(["ip", "netns", "exec", topo.NS, "iperf3", "-s", "-1",
-                               "--forceflush"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while "listening" not in (line := topo.readline(server.stdout, deadline) or "x"):
-            if line == "x":
-                raise RuntimeError("iperf3 server did not start")
-        r = subprocess.run(["iperf3", "-c", topo.OUTSIDE_IP, "-t", str(seconds), "-J",
-                            *(["-R"] if reverse else [])],
-                           capture_output=True, text=True, timeout=seconds + 60)
-        if r.returncode:
-            raise RuntimeError(f"iperf3 failed: {r.stdout[-500:]} {r.stderr[-500:]}")
-        return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
-    finally:
-        server.kill()
-        server.wait()
 
 
 def kernel_direct(nic_offloads):
@@ -76,26 +54,51 @@ SETUPS = [
 ]
 
 
-def in_guest(seconds):
+def measure(name, start, offloads, seconds, parallel=1):
+    """(outside->kernel, kernel->outside) Mb/s for one setup, on a fresh topology."""
+    topo.make_outside(offloads=offloads)
+    tool = start()
+    try:
+        if topo.ping(topo.OUTSIDE_IP) == 0:
+            raise RuntimeError(f"{name}: no connectivity")
+        return (topo.iperf3(parallel, seconds, reverse=True),
+                topo.iperf3(parallel, seconds, reverse=False))
+    finally:
+        if tool:
+            tool.stop()
+        topo.remove_outside()
+
+
+def offloads_suite(seconds):
     rows = []
     for offloads in (False, True):
         measured = []
         for name, start, ref in SETUPS:
-            topo.make_outside(offloads=offloads)
-            tool = start()
-            try:
-                if topo.ping(topo.OUTSIDE_IP) == 0:
-                    raise RuntimeError(f"{name}: no connectivity")
-                inbound = iperf3(seconds, reverse=True)      # outside -> kernel
-                outbound = iperf3(seconds, reverse=False)    # kernel -> outside
-            finally:
-                if tool:
-                    tool.stop()
-                topo.remove_outside()
-            measured.append((inbound, outbound))
-            base = measured[ref] if ref is not None else (inbound, outbound)
+            measured.append(measure(name, start, offloads, seconds))
+            inbound, outbound = measured[-1]
+            base = measured[ref] if ref is not None else measured[-1]
             rows.append((name, "on" if offloads else "off", inbound, outbound,
                          inbound / base[0], outbound / base[1]))
+    return rows
+
+
+def queues_suite(seconds):
+    """--queues 1, 2 and 4 with 8 parallel flows (iperf3 -P 8), outside offloads off."""
+    rows, base = [], None
+    for n in (1, 2, 4):
+        inbound, outbound = measure(f"queues {n}", vhostpath("--queues", str(n)), False,
+                                    seconds, parallel=8)
+        base = base or (inbound, outbound)
+        rows.append((f"vhostpath --queues {n}, iperf3 -P 8", "off", inbound, outbound,
+                     inbound / base[0], outbound / base[1]))
+    return rows
+
+
+SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4)}   # (run, vCPUs)
+
+
+def in_guest(suite, seconds):
+    rows = SUITES[suite][0](seconds)
     lines = ["| setup | outside offloads | outside->kernel Mb/s | kernel->outside Mb/s "
              "| ratio in | ratio out |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {o} | {i:.0f} | {u:.0f} | {ri:.2f}x | {ru:.2f}x |"
@@ -109,17 +112,21 @@ def in_guest(seconds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="offloads",
+                   help="offloads: against kernel direct (2 vCPUs); queues: --queues 1/2/4 "
+                        "with 8 flows, ratios to 1 queue (4 vCPUs)")
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.chdir(ROOT)
     if args.in_guest:
-        return in_guest(args.seconds)
+        return in_guest(args.suite, args.seconds)
     from tests import guest
-    rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest "
-                             f"--seconds {args.seconds}", cwd=ROOT, echo=False)
+    cpus = SUITES[args.suite][1]
+    rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest --suite {args.suite} "
+                             f"--seconds {args.seconds}", cwd=ROOT, echo=False, cpus=cpus)
     table = files.get("bench.md", b"").decode()
-    print(f"{time.strftime('%Y-%m-%d')}, QEMU TCG, 2 vCPUs, Debian kernel "
+    print(f"{time.strftime('%Y-%m-%d')}, QEMU TCG, {cpus} vCPUs, Debian kernel "
           f"{os.path.basename(guest.find_kernel()[1])}\n\n{table}")
     return rc if table else 1
 

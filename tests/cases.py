@@ -39,7 +39,7 @@ class BridgeCase:
         through = (r"through /dev/vhost-net, queue size \d+" if self.BACKEND == "vhost-net"
                    else r"through the tap backend \(read/write\)")
         self.assertRegex(self.tool.first_line, r"^tap0 created \(named by the kernel\), "
-                         + through + r", bridging veth0 <-> tap0$")
+                         + through + r"(, \d+ queue pairs \([\w -]+\))?, bridging veth0 <-> tap0$")
 
     def test_2_ping_both_ways(self):
         self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
@@ -173,3 +173,96 @@ class DemoCase:
 
     def test_demo_interrupted_by_sigterm(self):
         self.check_interrupted(signal.SIGTERM)
+
+
+class QueuesCase:
+    """--queues N: N workers (and vhost threads), flows spread, integrity, clean stop."""
+
+    BACKEND = "vhost-net"
+    QUEUES = 2
+
+    @classmethod
+    def setUpClass(cls):
+        topo.make_outside(offloads=False)
+        cls.tool = topo.Tool("--iface", "veth0", "--backend", cls.BACKEND,
+                             "--queues", str(cls.QUEUES))
+        topo.configure_tap("tap0")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tool.kill()
+        topo.remove_outside()
+
+    def test_1_one_worker_tap_queue_and_vhost_thread_per_pair(self):
+        self.assertIn(f"{self.QUEUES} queue pairs", self.tool.first_line)
+        workers = topo.children(self.tool.pid)
+        self.assertEqual(len(workers), self.QUEUES)
+        self.assertEqual(topo.tap_queues("tap0"), self.QUEUES)
+        threads = [len(topo.vhost_threads(pid)) for pid in workers]
+        self.assertEqual(threads, [1 if self.BACKEND == "vhost-net" else 0] * self.QUEUES)
+        self.assertEqual(topo.vhost_threads(self.tool.pid), [])
+
+    def test_2_parallel_flows_both_ways(self):
+        self.assertGreater(topo.iperf3(8, 3), 0)
+        self.assertGreater(topo.iperf3(8, 3, reverse=True), 0)
+
+    def test_3_tcp_integrity_both_ways(self):
+        for direction in ("in", "out"):
+            sent, received = topo.tcp_transfer(direction, 20 * MB)
+            self.assertEqual(sent, received, direction)
+            self.assertTrue(sent.startswith(f"{20 * MB} "))
+
+    def test_4_stop_reports_per_queue_and_leaves_nothing(self):
+        workers = topo.children(self.tool.pid)
+        rc, out, err = self.tool.stop(signal.SIGINT)
+        self.assertEqual(rc, 0, err)
+        per_queue = topo.queue_counters(out)
+        self.assertEqual(len(per_queue), self.QUEUES, out)
+        # 8 parallel flows hash onto at least 2 queues, in each direction.
+        self.assertGreaterEqual(sum(rx > 100 for rx, _ in per_queue), 2, out)
+        self.assertGreaterEqual(sum(tx > 100 for _, tx in per_queue), 2, out)
+        totals = topo.report_counters(out)
+        self.assertEqual(totals["veth0"]["RX-packets"], sum(rx for rx, _ in per_queue))
+        self.assertEqual(totals["veth0"]["TX-packets"], sum(tx for _, tx in per_queue))
+        self.assertNotIn("tap0", topo.interfaces())
+        self.assertEqual([pid for pid in workers if os.path.exists(f"/proc/{pid}")], [])
+        for pid in workers:
+            self.assertEqual(topo.vhost_threads(pid), [])
+
+
+class QueuesShutdownCase:
+    """Stopping the parent of --queues 2 by SIGTERM or SIGKILL leaves no worker and no tap."""
+
+    BACKEND = "vhost-net"
+
+    def setUp(self):
+        topo.make_outside()
+        with open("/proc/sys/net/ipv4/conf/veth0/arp_ignore") as f:
+            self.arp_ignore = f.read().strip()
+
+    def tearDown(self):
+        topo.remove_outside()
+
+    def check(self, sig):
+        tool = topo.Tool("--iface", "veth0", "--backend", self.BACKEND, "--queues", "2")
+        try:
+            workers = topo.children(tool.pid)
+            self.assertEqual(len(workers), 2)
+            tool.proc.send_signal(sig)
+            tool.proc.wait(timeout=60)
+        finally:
+            tool.kill()
+        topo.wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), 60,
+                        "the workers to exit")
+        topo.wait_until(lambda: "tap0" not in topo.interfaces(), 60, "tap0 to disappear")
+        for pid in workers:
+            self.assertEqual(topo.vhost_threads(pid), [])
+        with open("/proc/sys/net/ipv4/conf/veth0/arp_ignore") as f:
+            self.assertEqual(f.read().strip(), self.arp_ignore)
+        return tool.proc.returncode
+
+    def test_sigterm(self):
+        self.assertEqual(self.check(signal.SIGTERM), 0)
+
+    def test_sigkill_of_the_parent(self):
+        self.assertEqual(self.check(signal.SIGKILL), -signal.SIGKILL)

@@ -3,10 +3,10 @@
     sudo python3 tests/run.py             # both tiers; installs the guest's Debian packages
     sudo python3 tests/run.py --host      # host tier only (no vhost-net needed)
 
-The guest tier boots Debian's kernel under QEMU (tests/guest.py) and runs the
-test_vhost*.py modules there.  A guest that cannot boot, a missing
-/dev/vhost-net, or a skipped guest test counts as a failure.  The last line is
-"N passed, N failed".
+The guest tier boots Debian's kernel under QEMU (tests/guest.py) twice: once
+with 2 vCPUs for test_vhost.py, once with 4 for test_vhost_mq.py (--queues up to
+4).  A guest that cannot boot, a missing /dev/vhost-net, or a skipped guest test
+counts as a failure.  The last line is "N passed, N failed".
 """
 
 import argparse
@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT]
 SUMMARY = "/mnt/results/summary.json"
+BOOTS = [("test_vhost", 2), ("test_vhost_mq", 4)]     # (module, vCPUs): one guest boot each
 
 
 def run_tier(pattern, names=None):
@@ -35,32 +36,43 @@ def run_tier(pattern, names=None):
 
 
 def in_guest(names):
-    """Inside the guest: the vhost tier, with skips counted as failures."""
+    """Inside the guest: the named vhost tests, with skips counted as failures."""
     if not os.path.exists("/dev/vhost-net"):
         passed, failed, skipped = 0, 1, 0
         print("guest: /dev/vhost-net is missing", flush=True)
     else:
-        passed, failed, skipped = run_tier("test_vhost*.py", names)
+        passed, failed, skipped = run_tier(None, names)
     with open(SUMMARY, "w") as f:
         json.dump({"passed": passed, "failed": failed + skipped, "skipped": skipped}, f)
     return 0 if failed + skipped == 0 else 1
 
 
 def guest_tier(names):
+    """One guest boot per module of BOOTS that ``names`` select; (passed, failed)."""
     from tests import guest
-    command = " ".join([sys.executable, "tests/run.py", "--in-guest", *names])
-    try:
-        _, _, files = guest.run(command, cwd=ROOT)
-    except guest.GuestError as e:
-        print(f"guest tier: FAILED, the guest could not run: {e}", flush=True)
-        return 0, 1
-    if "summary.json" not in files:
-        print("guest tier: FAILED, the guest wrote no summary", flush=True)
-        return 0, 1
-    summary = json.loads(files["summary.json"])
-    if summary["skipped"]:
-        print(f"guest tier: {summary['skipped']} skipped test(s) counted as failed", flush=True)
-    return summary["passed"], summary["failed"]
+    passed = failed = 0
+    for module, cpus in BOOTS:
+        selected = [n for n in names if n.split(".")[1] == module] if names \
+            else [f"tests.{module}"]
+        if not selected:
+            continue
+        command = " ".join([sys.executable, "tests/run.py", "--in-guest", *selected])
+        try:
+            _, _, files = guest.run(command, cwd=ROOT, cpus=cpus)
+        except guest.GuestError as e:
+            print(f"guest tier: FAILED, the guest could not run: {e}", flush=True)
+            failed += 1
+            continue
+        if "summary.json" not in files:
+            print("guest tier: FAILED, the guest wrote no summary", flush=True)
+            failed += 1
+            continue
+        summary = json.loads(files["summary.json"])
+        if summary["skipped"]:
+            print(f"guest tier: {summary['skipped']} skipped test(s) counted as failed",
+                  flush=True)
+        passed, failed = passed + summary["passed"], failed + summary["failed"]
+    return passed, failed
 
 
 def main():

@@ -16,7 +16,8 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import BridgeCase, DemoCase, ShutdownCase
+from tests.cases import (BridgeCase, DemoCase, QueuesCase, QueuesShutdownCase,
+                         ShutdownCase)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -393,6 +394,38 @@ class TestTapBackendDemo(DemoCase, unittest.TestCase):
     def setUpClass(cls):
         if os.path.exists("/dev/vhost-net"):
             raise unittest.SkipTest("this host has vhost-net: auto would not fall back")
+
+
+class TestTapBackendQueues(QueuesCase, unittest.TestCase):
+    BACKEND = "tap"
+    QUEUES = 2
+
+
+class TestTapBackendQueuesShutdown(QueuesShutdownCase, unittest.TestCase):
+    BACKEND = "tap"
+
+
+class TestQueuesErrors(unittest.TestCase):
+    def test_queue_count_out_of_range(self):
+        for bad in ("0", "257"):
+            with self.subTest(queues=bad):
+                r = _run_tool("--iface", "lo", "--queues", bad)
+                self.assertEqual(r.returncode, 1)
+                self.assertIn("--queues must be from 1 to 256", r.stderr)
+
+    def test_existing_single_queue_tap(self):
+        topo.make_outside()
+        topo.sh("ip", "tuntap", "add", "vpsq0", "mode", "tap", "vnet_hdr")
+        try:
+            r = _run_tool("--iface", "veth0", "--backend", "tap", "--tap", "vpsq0",
+                          "--queues", "2")
+        finally:
+            topo.sh("ip", "tuntap", "del", "vpsq0", "mode", "tap")
+            topo.remove_outside()
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.strip().splitlines(), [
+            "vhostpath: vpsq0 is a single-queue tap: --queues 2 needs a multi-queue one "
+            "('ip tuntap add vpsq0 mode tap multi_queue vnet_hdr') or a new tap"])
 
 
 class TestAutoBackendFallback(unittest.TestCase):

@@ -93,6 +93,50 @@ def vhost_threads(pid):
     return found
 
 
+def children(pid):
+    """Pids of the processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def tap_queues(name="tap0"):
+    """Number of queues the kernel shows for a (multi-queue) tap."""
+    return len([q for q in os.listdir(f"/sys/class/net/{name}/queues") if q.startswith("rx-")])
+
+
+def queue_counters(report):
+    """[(nic rx packets, nic tx packets)] per queue pair from the final report."""
+    return [(int(rx), int(tx)) for rx, tx in
+            re.findall(r"queue \d+: \S+: rx (\d+) pkts .*?, tx (\d+) pkts", report)]
+
+
+def iperf3(parallel, seconds, reverse=False):
+    """iperf3 TCP from the kernel side to the outside (reverse: back); Mb/s received."""
+    import json
+    server = subprocess.Popen(["ip", "netns", "exec", NS, "iperf3", "-s", "-1", "--forceflush"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while "listening" not in (line := readline(server.stdout, deadline) or "EOF"):
+            if line == "EOF":
+                raise AssertionError("iperf3 server did not start")
+        out = sh("iperf3", "-c", OUTSIDE_IP, "-P", str(parallel), "-t", str(seconds), "-J",
+                 *(["-R"] if reverse else []), timeout=seconds + 120)
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+    finally:
+        server.kill()
+        server.wait()
+
+
 def wait_until(predicate, timeout, what):
     """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

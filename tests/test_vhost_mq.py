@@ -1,0 +1,21 @@
+"""Guest tier, second boot (4 vCPUs): --queues N over the real /dev/vhost-net."""
+
+import unittest
+
+from tests.cases import QueuesCase, QueuesShutdownCase
+
+
+class TestQueues2(QueuesCase, unittest.TestCase):
+    QUEUES = 2
+
+
+class TestQueues4(QueuesCase, unittest.TestCase):
+    QUEUES = 4
+
+
+class TestQueuesShutdown(QueuesShutdownCase, unittest.TestCase):
+    pass
+
+
+if __name__ == "__main__":
+    unittest.main()
