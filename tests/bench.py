@@ -16,6 +16,7 @@ row; TCG speed varies between boots, so only ratios from one run compare.
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -94,11 +95,228 @@ def queues_suite(seconds):
     return rows
 
 
-SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4)}   # (run, vCPUs)
+# -- peers: issue "benchmark against the peers" ---------------------------------------
+
+class Running:
+    """A forwarding setup in place: the kernel-side interface and the forwarding pid."""
+
+    def __init__(self, dev, pid=None, stop=None):
+        self.dev, self.pid, self._stop = dev, pid, stop
+
+    def stop(self):
+        if self._stop:
+            self._stop()
+
+
+def _quiet_veth0():
+    with open("/proc/sys/net/ipv4/conf/veth0/arp_ignore", "w") as f:
+        f.write("8")           # the NIC must not answer ARP for the tap's address
+
+
+def _wait_ping(timeout):
+    deadline = time.monotonic() + timeout
+    while topo.ping(topo.OUTSIDE_IP, count=1) == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no connectivity through the forwarder")
+
+
+def peer_kernel_direct():
+    topo.configure_tap("veth0")
+    return Running("veth0")
+
+
+def peer_testpmd():
+    with open("/proc/sys/vm/nr_hugepages", "w") as f:
+        f.write("512")
+    os.makedirs("/dev/hugepages", exist_ok=True)
+    topo.sh("mount", "-t", "hugetlbfs", "nodev", "/dev/hugepages", check=False)
+    proc = subprocess.Popen(
+        ["dpdk-testpmd", "-l", "0-1", "-n", "4",
+         "--vdev=virtio_user0,path=/dev/vhost-net,queue_size=1024",
+         "--vdev=net_af_packet0,iface=veth0", "--", "-a", "--forward-mode=io",
+         "--rxd=1024", "--txd=1024"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop():
+        proc.kill()
+        proc.wait()
+    try:
+        topo.wait_until(lambda: "tap0" in topo.interfaces() or proc.poll() is not None, 600,
+                        "testpmd to create tap0")
+        if proc.poll() is not None:
+            raise RuntimeError(f"testpmd exited with {proc.returncode}")
+        _quiet_veth0()
+        topo.configure_tap("tap0")
+        _wait_ping(600)
+    except BaseException:
+        stop()
+        raise
+    return Running("tap0", proc.pid, stop)
+
+
+def peer_naive():
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "naive_bridge.py"), "veth0"],
+                            stdout=subprocess.PIPE)
+
+    def stop():
+        proc.kill()
+        proc.wait()
+    line = topo.readline(proc.stdout, time.monotonic() + 60) or ""
+    if not line.startswith("ready"):
+        stop()
+        raise RuntimeError("naive bridge did not start")
+    _quiet_veth0()
+    topo.configure_tap(line.split()[1])
+    _wait_ping(60)
+    return Running(line.split()[1], proc.pid, stop)
+
+
+def peer_vhostpath(*args):
+    def start():
+        tool = topo.Tool("--iface", "veth0", "--queue-size", "1024", *args)
+        topo.configure_tap("tap0")
+        return Running("tap0", tool.pid, tool.stop)
+    return start
+
+
+PEERS = [
+    ("kernel direct", peer_kernel_direct, True),
+    ("DPDK testpmd io (virtio_user + af_packet)", peer_testpmd, False),
+    ("naive Python bridge (tap read/write)", peer_naive, False),
+    ("vhostpath --no-lro --no-rx-cksum", peer_vhostpath("--no-lro", "--no-rx-cksum"), True),
+    ("vhostpath --rx-cksum --no-lro", peer_vhostpath("--rx-cksum", "--no-lro"), True),
+    ("vhostpath (defaults: --lro)", peer_vhostpath(), True),
+    ("vhostpath --backend tap", peer_vhostpath("--backend", "tap"), True),
+]   # (name, start, survives the outside's offloads)
+
+
+def cpu_seconds(pid):
+    """User + system CPU of ``pid``, its children and its vhost worker threads."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for p in [pid, *topo.children(pid)]:
+        for t in [p, *topo.vhost_threads(p)]:
+            try:
+                with open(f"/proc/{t}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                total += int(fields[11]) + int(fields[12])
+            except OSError:
+                pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _rx_packets(dev, ns=None):
+    return int(topo.sh("cat", f"/sys/class/net/{dev}/statistics/rx_packets", ns=ns))
+
+
+def _pgset(path, cmd, ns=None):
+    topo.sh("sh", "-c", f"echo '{cmd}' > {path}", ns=ns, timeout=600)
+
+
+def pktgen_kpps(inbound, dev, count=200000):
+    """64-byte UDP from pktgen; kpps that arrive at the other end."""
+    if inbound:        # outside veth1 -> kernel side ``dev``
+        send_ns, send_dev, recv_ns, recv_dev, dst = topo.NS, "veth1", None, dev, topo.KERNEL_IP
+    else:              # kernel side ``dev`` -> outside veth1
+        send_ns, send_dev, recv_ns, recv_dev, dst = None, dev, topo.NS, "veth1", topo.OUTSIDE_IP
+    mac = topo.sh("cat", f"/sys/class/net/{recv_dev}/address", ns=recv_ns).strip()
+    pg = "/proc/net/pktgen"
+    _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
+    _pgset(f"{pg}/kpktgend_0", f"add_device {send_dev}", send_ns)
+    for cmd in (f"count {count}", "clone_skb 0", "pkt_size 60", "delay 0", f"dst {dst}",
+                f"dst_mac {mac}", "udp_dst_min 9", "udp_dst_max 9"):
+        _pgset(f"{pg}/{send_dev}", cmd, send_ns)
+    before = _rx_packets(recv_dev, recv_ns)
+    start = time.monotonic()
+    _pgset(f"{pg}/pgctrl", "start", send_ns)
+    elapsed = time.monotonic() - start
+    last = -1
+    while (now := _rx_packets(recv_dev, recv_ns)) != last:     # until the tail has drained
+        last = now
+        time.sleep(0.5)
+    _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
+    return (last - before) / elapsed / 1000
+
+
+def rtt_ms():
+    out = topo.sh("ping", "-c", "10", "-i", "0.2", topo.OUTSIDE_IP, check=False)
+    m = __import__("re").search(r"= [\d.]+/([\d.]+)/", out)
+    return float(m.group(1)) if m else float("nan")
+
+
+def peers_suite(seconds):
+    rows = []
+    for offloads in (False, True):
+        for name, start, survives in PEERS:
+            if offloads and not survives:
+                continue
+            topo.make_outside(offloads=offloads)
+            run = None
+            try:
+                run = start()
+                cpu0 = cpu_seconds(run.pid)
+                tcp_in = topo.iperf3(1, seconds, reverse=True)
+                tcp_out = topo.iperf3(1, seconds)
+                cpu_tcp = cpu_seconds(run.pid) - cpu0
+                row = {"name": name, "offloads": offloads, "in": tcp_in, "out": tcp_out,
+                       "cpu_gb": cpu_tcp / ((tcp_in + tcp_out) * seconds / 8e3)}
+                if not offloads:
+                    row["pps_in"] = pktgen_kpps(True, run.dev)
+                    row["pps_out"] = pktgen_kpps(False, run.dev)
+                    row["rtt"] = rtt_ms()
+                    cpu0 = cpu_seconds(run.pid)
+                    time.sleep(10)                  # idle: no traffic for 10 s
+                    row["idle"] = (cpu_seconds(run.pid) - cpu0) / 10 * 100
+                rows.append(row)
+            except Exception as e:                 # a peer that fails is reported, not fatal
+                rows.append({"name": name, "offloads": offloads, "error": str(e)[:80]})
+            finally:
+                if run:
+                    run.stop()
+                topo.remove_outside()
+    return rows
+
+
+def peers_table(rows):
+    def ratio(row, key, ref):
+        if key not in row or not ref or key not in ref:
+            return "-"
+        return f"{row[key]:.0f} ({row[key] / ref[key]:.2f}x)" if ref[key] else f"{row[key]:.0f}"
+    out = []
+    for offloads in (False, True):
+        ref = next((r for r in rows if r["offloads"] == offloads and "error" not in r
+                    and r["name"] == "kernel direct"), None)
+        out.append(f"\nOutside veth offloads {'on (veth defaults)' if offloads else 'off'}:\n")
+        out.append("| setup | TCP in Mb/s | TCP out Mb/s | 64 B in kpps | 64 B out kpps "
+                   "| ping RTT ms | CPU s/GB | idle CPU % |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in (r for r in rows if r["offloads"] == offloads):
+            if "error" in r:
+                out.append(f"| {r['name']} | failed: {r['error']} | | | | | | |")
+                continue
+            direct = r["name"] == "kernel direct"
+            out.append(" | ".join([
+                f"| {r['name']}", ratio(r, "in", ref), ratio(r, "out", ref),
+                ratio(r, "pps_in", ref), ratio(r, "pps_out", ref),
+                f"{r['rtt']:.2f}" if "rtt" in r else "-",
+                "-" if direct else f"{r['cpu_gb']:.1f}",
+                "-" if direct or "idle" not in r else f"{r['idle']:.1f}"]) + " |")
+    return "\n".join(out) + "\n"
+
+
+SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4),
+          "peers": (peers_suite, 2)}     # (run, vCPUs)
 
 
 def in_guest(suite, seconds):
     rows = SUITES[suite][0](seconds)
+    if suite == "peers":
+        table = peers_table(rows)
+        print(table)
+        with open(RESULT, "w") as f:
+            f.write(table)
+        return 0
     lines = ["| setup | outside offloads | outside->kernel Mb/s | kernel->outside Mb/s "
              "| ratio in | ratio out |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {o} | {i:.0f} | {u:.0f} | {ri:.2f}x | {ru:.2f}x |"
@@ -108,6 +326,22 @@ def in_guest(suite, seconds):
     with open(RESULT, "w") as f:
         f.write(table)
     return 0
+
+
+DPDK_PACKAGES = ["dpdk", "dpdk-dev", "librte-net-virtio23", "librte-net-af-packet23",
+                 "librte-mempool-ring23"]
+
+
+def ensure_dpdk():
+    """Install testpmd and its PMDs (Debian 12); on failure say why: its row then fails."""
+    if os.path.exists("/usr/bin/dpdk-testpmd"):
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(["apt-get", "install", "-y", "-qq", *DPDK_PACKAGES], env=env,
+                       capture_output=True, text=True)
+    if r.returncode:
+        print(f"bench: DPDK packages could not be installed, testpmd is skipped: "
+              f"{r.stderr.strip()[-300:]}")
 
 
 def main():
@@ -122,6 +356,8 @@ def main():
     if args.in_guest:
         return in_guest(args.suite, args.seconds)
     from tests import guest
+    if args.suite == "peers":
+        ensure_dpdk()
     cpus = SUITES[args.suite][1]
     rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest --suite {args.suite} "
                              f"--seconds {args.seconds}", cwd=ROOT, echo=False, cpus=cpus)
