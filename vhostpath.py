@@ -380,7 +380,9 @@ class _MsgBatch:
         self.msgs_addr, iovs_addr = map(ctypes.addressof, self._anchors)
         self._msg_size, self._iov_size = ctypes.sizeof(mmsghdr), ctypes.sizeof(iovec)
         self._iov_off, self._len_off = msghdr.msg_iov.offset, msghdr.msg_iovlen.offset
-        self._flags_off, self._mlen_off = msghdr.msg_flags.offset, mmsghdr.msg_len.offset
+        self._flags_off = msghdr.msg_flags.offset
+        # msg_flags and msg_len in one unpack (x86-64: at 48 and 56).
+        self._result = struct.Struct(f"I{mmsghdr.msg_len.offset - self._flags_off - 4}xI")
         for j in range(count):
             struct.pack_into("Q", self.msgs, j * self._msg_size + self._iov_off,
                              iovs_addr + j * segs * self._iov_size)
@@ -406,10 +408,8 @@ class _MsgBatch:
                          len(raw) // self._iov_size)
 
     def result(self, j):
-        """(bytes, msg_flags) the kernel reported for message ``j``."""
-        base = j * self._msg_size
-        return (struct.unpack_from("I", self.msgs, base + self._mlen_off)[0],
-                struct.unpack_from("I", self.msgs, base + self._flags_off)[0])
+        """(msg_flags, bytes) the kernel reported for message ``j``."""
+        return self._result.unpack_from(self.msgs, j * self._msg_size + self._flags_off)
 
     def sendmmsg(self, fd, n):
         """Send messages 0..n-1 without blocking; return how many went (OSError if none)."""
@@ -580,6 +580,7 @@ class SplitVirtqueue:
             desc[i].len = buf_size
             desc[i].flags = self._flags
         del desc
+        self._desc_u64 = view[ring_offset + d:ring_offset + a].cast("Q")   # addr: 2i
         self._desc_u16 = view[ring_offset + d:ring_offset + a].cast("H")   # flags: 8i+6, next: 8i+7
         self._desc_u32 = view[ring_offset + d:ring_offset + a].cast("I")   # len: 4i+2
         self._avail = view[ring_offset + a:ring_offset + a + 4 + 2 * num].cast("H")
@@ -593,6 +594,15 @@ class SplitVirtqueue:
         self.owned = [0] * num           # per head the device owns: bytes offered, else 0
         self.chains = [None] * num       # per chain head: the chain's descriptor ids
         self.free = list(range(num - 1, -1, -1))
+        self._buf_base = arena.addr + buf_offset
+
+    def buf_addr(self, desc_id):
+        """The address of descriptor ``desc_id``'s own buffer."""
+        return self._buf_base + desc_id * self.buf_size
+
+    def set_addr(self, desc_id, addr):
+        """Point a free descriptor at other arena memory (restore with buf_addr)."""
+        self._desc_u64[desc_id * 2] = addr
 
     def _add_head(self, head, capacity):
         # Virtio spec 2.7.13: descriptors first, then the avail ring entry; the
@@ -677,7 +687,7 @@ class SplitVirtqueue:
 
     def close(self):
         """Release every view into the arena, so that the arena can be unmapped."""
-        for view in (self._desc_u16, self._desc_u32, self._avail, self._used_hdr,
+        for view in (self._desc_u64, self._desc_u16, self._desc_u32, self._avail, self._used_hdr,
                      self._used_ring, *self.bufs):
             view.release()
 
@@ -937,13 +947,17 @@ class PortStats(ctypes.Structure):
 
 
 # Every ring buffer is BUF_SIZE bytes.  A larger packet from the kernel spans
-# several RX buffers (MRG_RXBUF, num_buffers); a larger frame from the NIC is
-# received across a TX descriptor chain.  The largest frame is a 64 KB GSO
-# super-frame (the kernel's gso_max_size) with an Ethernet and a VLAN header.
+# several RX buffers (MRG_RXBUF, num_buffers).  A larger frame from the NIC is
+# received into a TX buffer and, past its end, into a spill area: a small pool
+# of areas big enough for the rest of a 64 KB GSO super-frame (the kernel's
+# gso_max_size, with an Ethernet and a VLAN header), chained as a second
+# descriptor.  So no ring buffer is 64 KB, and a big frame costs 2 descriptors.
 BUF_SIZE = 2048
 MAX_FRAME = 65536 + ETH_HLEN + 4
-MAX_CHAIN = -(-(12 + MAX_FRAME) // BUF_SIZE)
-MIN_QUEUE_SIZE = 64                       # room for one full chain, and then some
+MAX_RX_BUFS = -(-(12 + MAX_FRAME) // BUF_SIZE)     # merged RX buffers of a 64 KB packet
+SPILL_SIZE = 65536                                 # >= 12 + MAX_FRAME - BUF_SIZE
+SPILLS = 32                                        # big frames in flight towards the kernel
+MIN_QUEUE_SIZE = 64                                # room for MAX_RX_BUFS, and then some
 SEND_BATCH = 64                           # packets per sendmmsg(2) towards the NIC
 RECV_BATCH = 16                           # packets per recvmmsg(2) from the NIC
 
@@ -1008,8 +1022,8 @@ def _parse_mac(text):
 def _check_queue_size(num):
     vring_layout(num)
     if num < MIN_QUEUE_SIZE:
-        raise ValueError(f"queue size must be at least {MIN_QUEUE_SIZE} (a 64 KB frame "
-                         f"takes {MAX_CHAIN} descriptors), not {num}")
+        raise ValueError(f"queue size must be at least {MIN_QUEUE_SIZE} (a 64 KB packet "
+                         f"takes {MAX_RX_BUFS} merged RX buffers), not {num}")
 
 
 class Port:
@@ -1127,7 +1141,8 @@ class VirtioUserPort(Port):
         ring_size = (vring_layout(num)[3] + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         rx_rings, tx_rings = 0, ring_size
         rx_bufs, tx_bufs = 2 * ring_size, 2 * ring_size + num * BUF_SIZE
-        self.arena = Arena(tx_bufs + num * BUF_SIZE)
+        spills = tx_bufs + num * BUF_SIZE
+        self.arena = Arena(spills + SPILLS * SPILL_SIZE)
         push(self.arena.close)
         self.vhost = VhostNet(self.path)
         push(self._unbind_and_close_vhost)
@@ -1157,7 +1172,13 @@ class VirtioUserPort(Port):
         self._iov_head = [struct.pack("QQQQ", base + d * BUF_SIZE, 10,
                                       base + d * BUF_SIZE + self.hdr_len, BUF_SIZE - self.hdr_len)
                           for d in range(num)]
-        self._iov_full = [struct.pack("QQ", base + d * BUF_SIZE, BUF_SIZE) for d in range(num)]
+        self._spill_addr = [self.arena.addr + spills + i * SPILL_SIZE for i in range(SPILLS)]
+        self._iov_spill = [struct.pack("QQ", a, SPILL_SIZE) for a in self._spill_addr]
+        self._spill_views = [self.arena.view[spills + i * SPILL_SIZE:spills + (i + 1) * SPILL_SIZE]
+                             for i in range(SPILLS)]
+        push(lambda: [v.release() for v in self._spill_views])
+        self._spill_free = list(range(SPILLS))
+        self._spill_of = [0] * num          # per chain head: the spill area it uses
         for index, vq in ((VHOST_NET_VQ_RX, self.rxq), (VHOST_NET_VQ_TX, self.txq)):
             self.vhost.set_vring_num(index, num)
             self.vhost.set_vring_base(index, 0)
@@ -1213,49 +1234,63 @@ class VirtioUserPort(Port):
     # -- into the kernel (TX virtqueue) --------------------------------------------------
 
     def tx_reclaim(self):
-        """Take back the TX chains the device has consumed."""
+        """Take back the TX chains (and spill areas) the device has consumed."""
         txq = self.txq
         for _ in range(txq.used_pending()):
             head, _ = txq.get_buf()
-            txq.free.extend(txq.chains[head])
+            ids = txq.chains[head]
+            if len(ids) == 2:                   # head buffer + spill area
+                txq.set_addr(ids[1], txq.buf_addr(ids[1]))
+                self._spill_free.append(self._spill_of[head])
+            txq.free.extend(ids)
 
     def tx_reserve(self, count):
-        """Up to ``count`` slots for frames to come: lists of MAX_CHAIN free descriptors.
+        """Up to ``count`` slots for frames to come: (descriptor, spill area) pairs.
 
         Fill them (``tx_iov`` for recvmmsg, ``tx_views`` to copy), then give
-        each to ``tx_commit`` or ``tx_cancel``.
+        each to ``tx_commit`` or ``tx_cancel``.  A spare descriptor per slot
+        stays free for the spill area's place in the chain.
         """
-        free = self.txq.free
-        if len(free) < MAX_CHAIN * count:
+        txq, spills = self.txq, self._spill_free
+        if len(txq.free) < 2 * count or len(spills) < count:
             self.tx_reclaim()
-        count = min(count, len(free) // MAX_CHAIN)
-        slots = [free[-MAX_CHAIN * (j + 1):len(free) - MAX_CHAIN * j] for j in range(count)]
-        del free[len(free) - MAX_CHAIN * count:]
+        free = txq.free
+        count = min(count, len(free) // 2, len(spills))
+        slots = list(zip(free[len(free) - count:], spills[len(spills) - count:]))
+        del free[len(free) - count:], spills[len(spills) - count:]
         return slots
 
-    def tx_iov(self, ids):
+    def tx_iov(self, slot):
         """Packed iovecs of a slot: the packet socket's 10-byte header, the rest of the
-        first buffer after the hdr_len-byte header, then whole buffers."""
-        return self._iov_head[ids[0]] + b"".join(map(self._iov_full.__getitem__, ids[1:]))
+        buffer after the hdr_len-byte header, then the spill area."""
+        return self._iov_head[slot[0]] + self._iov_spill[slot[1]]
 
-    def tx_views(self, ids):
+    def tx_views(self, slot):
         """A slot as memoryviews, in the order of tx_iov."""
-        return [*self._tx_split[ids[0]], *[self.txq.bufs[d] for d in ids[1:]]]
+        return [*self._tx_split[slot[0]], self._spill_views[slot[1]]]
 
-    def tx_commit(self, ids, length):
-        """Queue the slot ``ids`` holding ``length`` bytes (hdr_len included); the
-        buffers it does not need go back.  Returns True (queued)."""
-        k = -(-length // BUF_SIZE)
-        self.txq.free += ids[k:]
-        self.txq.add_chain(ids[:k], length)
+    def tx_commit(self, slot, length):
+        """Queue ``slot`` holding ``length`` bytes (hdr_len included): one descriptor,
+        or two when the frame ran into the spill area.  Returns True (queued)."""
+        head, spill = slot
+        txq = self.txq
+        if length <= BUF_SIZE:
+            self._spill_free.append(spill)
+            txq.add_chain((head,), length)
+        else:
+            extra = txq.free.pop()
+            txq.set_addr(extra, self._spill_addr[spill])
+            self._spill_of[head] = spill
+            txq.add_chain((head, extra), length)
         self.stats.tx_packets += 1
         self.stats.tx_bytes += length - self.hdr_len
         return True
 
     def tx_cancel(self, slots):
         """Return reserved slots unused."""
-        for ids in slots:
-            self.txq.free += ids
+        for head, spill in slots:
+            self.txq.free.append(head)
+            self._spill_free.append(spill)
 
     def tx_flush(self):
         """Publish queued TX buffers; kick if vhost asks for it."""
@@ -1263,7 +1298,7 @@ class VirtioUserPort(Port):
 
     def tx_room(self):
         """Whether tx_reserve can succeed now, or a used TX chain will make it succeed."""
-        return len(self.txq.free) >= MAX_CHAIN or self.txq.used_pending() > 0
+        return (len(self.txq.free) >= 2 and bool(self._spill_free)) or self.txq.used_pending() > 0
 
     # -- from the kernel (RX virtqueue) --------------------------------------------------
 
@@ -1311,17 +1346,19 @@ class VirtioUserPort(Port):
 
     def rx_release(self, count=None):
         """Give the buffers of the first ``count`` packets taken (default all) back."""
-        rxq, h, st = self.rxq, self.hdr_len, self.stats
+        rxq = self.rxq
         done = self._rx_taken[:count]
         del self._rx_taken[:count]
+        nbytes = entries_done = 0
         for entries in done:
             for desc_id, length in entries:
                 rxq.consume_used(desc_id)
                 rxq.add_buf(desc_id, BUF_SIZE)
-                self._rx_pending -= 1
-                st.rx_bytes += length
-            st.rx_bytes -= h
-        st.rx_packets += len(done)
+                nbytes += length
+            entries_done += len(entries)
+        self._rx_pending -= entries_done
+        self.stats.rx_packets += len(done)
+        self.stats.rx_bytes += nbytes - self.hdr_len * len(done)
 
     def rx_unget(self):
         """Put back the packets taken and not released: rx_packet returns them again."""
@@ -1495,8 +1532,8 @@ class Bridge:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
-        self._send = _MsgBatch(SEND_BATCH, 2 + MAX_CHAIN)
-        self._recv = _MsgBatch(RECV_BATCH, 2 + MAX_CHAIN)
+        self._send = _MsgBatch(SEND_BATCH, 1 + MAX_RX_BUFS)
+        self._recv = _MsgBatch(RECV_BATCH, 3)
 
     def close(self):
         """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
@@ -1517,9 +1554,10 @@ class Bridge:
 
         Up to RECV_BATCH frames per recvmmsg(2), scattered straight into the
         slots the port reserved (header, first buffer, then whole buffers).
+        Counters are summed in locals and stored once per call.
         """
-        port, st, h, batch = self.port, self.nic_stats, self.port.hdr_len, self._recv
-        fd, done = self.nic.fileno(), 0
+        port, h, batch, max_frame = self.port, self.port.hdr_len, self._recv, self._max_frame
+        fd, done, nbytes, oversize, dropped = self.nic.fileno(), 0, 0, 0, 0
         while slots := port.tx_reserve(batch.count):
             for j, ids in enumerate(slots):
                 batch.set_iov_bytes(j, port.tx_iov(ids))
@@ -1529,22 +1567,26 @@ class Bridge:
                 port.tx_cancel(slots)
                 break
             for j in range(got):
-                n, flags = batch.result(j)
+                flags, n = batch.result(j)
                 size = n - 10
                 if flags & MSG_TRUNC or size < ETH_HLEN:
-                    st.rx_dropped += 1
+                    dropped += 1
                     port.tx_cancel(slots[j:j + 1])
                     continue
-                st.rx_packets += 1
-                st.rx_bytes += size
-                if size > self._max_frame:
-                    st.rx_oversize += 1
+                done += 1
+                nbytes += size
+                if size > max_frame:
+                    oversize += 1
                 port.tx_commit(slots[j], size + h)
             port.tx_cancel(slots[got:])
-            done += got
             if got < len(slots):
                 break
         port.tx_flush()
+        st = self.nic_stats
+        st.rx_packets += done
+        st.rx_bytes += nbytes
+        st.rx_oversize += oversize
+        st.rx_dropped += dropped
         return done
 
     def kernel_to_nic(self):
@@ -1552,10 +1594,10 @@ class Bridge:
 
         Up to SEND_BATCH packets per sendmmsg(2), gathered straight from the
         ring buffers; the 12-byte header layout is split to the packet
-        socket's 10 bytes by the iovecs.
+        socket's 10 bytes by the iovecs.  Counters as in nic_to_kernel.
         """
-        port, st, h, batch = self.port, self.nic_stats, self.port.hdr_len, self._send
-        fd, done = self.nic.fileno(), 0
+        port, h, batch, max_frame = self.port, self.port.hdr_len, self._send, self._max_frame
+        fd, done, nbytes, oversize, dropped = self.nic.fileno(), 0, 0, 0, 0
         self._nic_blocked = False
         while True:
             n = 0
@@ -1573,19 +1615,23 @@ class Bridge:
                 self._nic_blocked = True
                 break
             except OSError:                  # EMSGSIZE, ENETDOWN, ...: the first is dropped
-                st.tx_dropped += 1
+                dropped += 1
                 sent = 1
             else:
                 for k in range(sent):
-                    size = batch.result(k)[0] - 10
-                    st.tx_packets += 1
-                    st.tx_bytes += size
-                    if size > self._max_frame:
-                        st.tx_oversize += 1
+                    size = batch.result(k)[1] - 10
+                    nbytes += size
+                    if size > max_frame:
+                        oversize += 1
+                done += sent
             port.rx_release(sent)
             port.rx_unget()                  # the rest go in the next round
-            done += sent
         port.rx_flush()
+        st = self.nic_stats
+        st.tx_packets += done
+        st.tx_bytes += nbytes
+        st.tx_oversize += oversize
+        st.tx_dropped += dropped
         return done
 
     def poll_once(self, ready=None):

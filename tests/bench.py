@@ -70,7 +70,7 @@ def measure(name, start, offloads, seconds, parallel=1):
         topo.remove_outside()
 
 
-def offloads_suite(seconds):
+def offloads_suite(seconds, only=None):
     rows = []
     for offloads in (False, True):
         measured = []
@@ -83,7 +83,7 @@ def offloads_suite(seconds):
     return rows
 
 
-def queues_suite(seconds):
+def queues_suite(seconds, only=None):
     """--queues 1, 2 and 4 with 8 parallel flows (iperf3 -P 8), outside offloads off."""
     rows, base = [], None
     for n in (1, 2, 4):
@@ -245,11 +245,11 @@ def rtt_ms():
     return float(m.group(1)) if m else float("nan")
 
 
-def peers_suite(seconds):
+def peers_suite(seconds, only=None):
     rows = []
     for offloads in (False, True):
         for name, start, survives in PEERS:
-            if offloads and not survives:
+            if offloads and not survives or only and not any(o in name for o in only):
                 continue
             topo.make_outside(offloads=offloads)
             run = None
@@ -305,14 +305,44 @@ def peers_table(rows):
     return "\n".join(out) + "\n"
 
 
+def profile_suite(seconds, only=None):
+    """vhostpath (defaults) under cProfile during iperf3 each way, outside offloads off;
+    the top functions by own time, as the report."""
+    import pstats
+    import io
+    out = io.StringIO()
+    for label, args in (("defaults", ()), ("--no-lro --no-rx-cksum", ("--no-lro", "--no-rx-cksum"))):
+        prof = "/tmp/vhostpath.prof"
+        topo.make_outside(offloads=False)
+        proc = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", prof, topo.TOOL,
+                                 "--iface", "veth0", "--queue-size", "1024", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            line = topo.readline(proc.stdout, time.monotonic() + 120) or ""
+            if "created" not in line:
+                raise RuntimeError(f"profiled vhostpath did not start: {line!r}")
+            topo.configure_tap("tap0")
+            mbps = (topo.iperf3(1, seconds, reverse=True), topo.iperf3(1, seconds))
+        finally:
+            proc.send_signal(2)
+            proc.communicate(timeout=120)
+            topo.remove_outside()
+        stats = pstats.Stats(prof, stream=out)
+        out.write(f"\n### vhostpath {label}: {mbps[0]:.0f} Mb/s in, {mbps[1]:.0f} Mb/s out "
+                  "under cProfile\n\n```\n")
+        stats.sort_stats("tottime").print_stats(18)
+        out.write("```\n")
+    return out.getvalue()
+
+
 SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4),
-          "peers": (peers_suite, 2)}     # (run, vCPUs)
+          "peers": (peers_suite, 2), "profile": (profile_suite, 2)}     # (run, vCPUs)
 
 
-def in_guest(suite, seconds):
-    rows = SUITES[suite][0](seconds)
-    if suite == "peers":
-        table = peers_table(rows)
+def in_guest(suite, seconds, only=None):
+    rows = SUITES[suite][0](seconds, only)
+    if suite in ("peers", "profile"):
+        table = peers_table(rows) if suite == "peers" else rows
         print(table)
         with open(RESULT, "w") as f:
             f.write(table)
@@ -350,17 +380,22 @@ def main():
                    help="offloads: against kernel direct (2 vCPUs); queues: --queues 1/2/4 "
                         "with 8 flows, ratios to 1 queue (4 vCPUs)")
     p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--only", help="peers: comma-separated parts of setup names to run "
+                                   "(for iterating; a report compares one full run)")
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.chdir(ROOT)
+    only = args.only.split(",") if args.only else None
     if args.in_guest:
-        return in_guest(args.suite, args.seconds)
+        return in_guest(args.suite, args.seconds, only)
     from tests import guest
     if args.suite == "peers":
         ensure_dpdk()
     cpus = SUITES[args.suite][1]
     rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest --suite {args.suite} "
-                             f"--seconds {args.seconds}", cwd=ROOT, echo=False, cpus=cpus)
+                             f"--seconds {args.seconds}"
+                             + (f" --only '{args.only}'" if args.only else ""),
+                             cwd=ROOT, echo=False, cpus=cpus)
     table = files.get("bench.md", b"").decode()
     print(f"{time.strftime('%Y-%m-%d')}, QEMU TCG, {cpus} vCPUs, Debian kernel "
           f"{os.path.basename(guest.find_kernel()[1])}\n\n{table}")
