@@ -946,16 +946,18 @@ class PortStats(ctypes.Structure):
                 f"{self.tx_dropped}")
 
 
-# Every ring buffer is BUF_SIZE bytes.  A larger packet from the kernel spans
-# several RX buffers (MRG_RXBUF, num_buffers).  A larger frame from the NIC is
-# received into a TX buffer and, past its end, into a spill area: a small pool
-# of areas big enough for the rest of a 64 KB GSO super-frame (the kernel's
-# gso_max_size, with an Ethernet and a VLAN header), chained as a second
-# descriptor.  So no ring buffer is 64 KB, and a big frame costs 2 descriptors.
-BUF_SIZE = 2048
+# Ring buffers: RX_BUF_SIZE bytes for what the kernel sends, TX_BUF_SIZE for
+# what the NIC sends.  A larger packet from the kernel spans several RX buffers
+# (MRG_RXBUF, num_buffers).  A larger frame from the NIC is received into a TX
+# buffer and, past its end, into a spill area: a small pool of areas big enough
+# for the rest of a 64 KB GSO super-frame (the kernel's gso_max_size, with an
+# Ethernet and a VLAN header), chained as a second descriptor.  So no ring
+# buffer is 64 KB, and a big frame costs 2 TX descriptors or 9 RX buffers.
+RX_BUF_SIZE = 8192
+TX_BUF_SIZE = 2048
 MAX_FRAME = 65536 + ETH_HLEN + 4
-MAX_RX_BUFS = -(-(12 + MAX_FRAME) // BUF_SIZE)     # merged RX buffers of a 64 KB packet
-SPILL_SIZE = 65536                                 # >= 12 + MAX_FRAME - BUF_SIZE
+MAX_RX_BUFS = -(-(12 + MAX_FRAME) // RX_BUF_SIZE)  # merged RX buffers of a 64 KB packet
+SPILL_SIZE = 65536                                 # >= 12 + MAX_FRAME - TX_BUF_SIZE
 SPILLS = 32                                        # big frames in flight towards the kernel
 MIN_QUEUE_SIZE = 64                                # room for MAX_RX_BUFS, and then some
 SEND_BATCH = 64                           # packets per sendmmsg(2) towards the NIC
@@ -1140,8 +1142,8 @@ class VirtioUserPort(Port):
         num = self.queue_size
         ring_size = (vring_layout(num)[3] + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         rx_rings, tx_rings = 0, ring_size
-        rx_bufs, tx_bufs = 2 * ring_size, 2 * ring_size + num * BUF_SIZE
-        spills = tx_bufs + num * BUF_SIZE
+        rx_bufs, tx_bufs = 2 * ring_size, 2 * ring_size + num * RX_BUF_SIZE
+        spills = tx_bufs + num * TX_BUF_SIZE
         self.arena = Arena(spills + SPILLS * SPILL_SIZE)
         push(self.arena.close)
         self.vhost = VhostNet(self.path)
@@ -1158,10 +1160,10 @@ class VirtioUserPort(Port):
             for fds in (self.kickfds, self.callfds):
                 fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
                 push(os.close, fds[-1])
-        self.rxq = SplitVirtqueue(self.arena, rx_rings, rx_bufs, num, BUF_SIZE, True,
+        self.rxq = SplitVirtqueue(self.arena, rx_rings, rx_bufs, num, RX_BUF_SIZE, True,
                                   self.kickfds[VHOST_NET_VQ_RX])
         push(self.rxq.close)
-        self.txq = SplitVirtqueue(self.arena, tx_rings, tx_bufs, num, BUF_SIZE, False,
+        self.txq = SplitVirtqueue(self.arena, tx_rings, tx_bufs, num, TX_BUF_SIZE, False,
                                   self.kickfds[VHOST_NET_VQ_TX])
         push(self.txq.close)
         # Per TX buffer: its first 10 bytes, and what follows the hdr_len-byte
@@ -1169,8 +1171,9 @@ class VirtioUserPort(Port):
         self._tx_split = [(b[:10], b[self.hdr_len:]) for b in self.txq.bufs]
         push(lambda: [v.release() for pair in self._tx_split for v in pair])
         base = self.arena.addr + tx_bufs
-        self._iov_head = [struct.pack("QQQQ", base + d * BUF_SIZE, 10,
-                                      base + d * BUF_SIZE + self.hdr_len, BUF_SIZE - self.hdr_len)
+        self._iov_head = [struct.pack("QQQQ", base + d * TX_BUF_SIZE, 10,
+                                      base + d * TX_BUF_SIZE + self.hdr_len,
+                                      TX_BUF_SIZE - self.hdr_len)
                           for d in range(num)]
         self._spill_addr = [self.arena.addr + spills + i * SPILL_SIZE for i in range(SPILLS)]
         self._iov_spill = [struct.pack("QQ", a, SPILL_SIZE) for a in self._spill_addr]
@@ -1193,7 +1196,7 @@ class VirtioUserPort(Port):
         if self.mac is not None:
             self.tap.set_mac(self.mac)
         while self.rxq.free:                       # every RX buffer to the device
-            self.rxq.add_buf(self.rxq.free.pop(), BUF_SIZE)
+            self.rxq.add_buf(self.rxq.free.pop(), RX_BUF_SIZE)
         self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fd)
         self.vhost.set_backend(VHOST_NET_VQ_TX, self.tap.fd)
         # Publish the RX buffers and kick both queues once: vhost may already
@@ -1274,7 +1277,7 @@ class VirtioUserPort(Port):
         or two when the frame ran into the spill area.  Returns True (queued)."""
         head, spill = slot
         txq = self.txq
-        if length <= BUF_SIZE:
+        if length <= TX_BUF_SIZE:
             self._spill_free.append(spill)
             txq.add_chain((head,), length)
         else:
@@ -1342,7 +1345,7 @@ class VirtioUserPort(Port):
         """Like rx_packet, as (address, length) pairs: for sendmmsg."""
         entries = self._rx_take()
         base = self._rx_base
-        return None if entries is None else [(base + d * BUF_SIZE, n) for d, n in entries]
+        return None if entries is None else [(base + d * RX_BUF_SIZE, n) for d, n in entries]
 
     def rx_release(self, count=None):
         """Give the buffers of the first ``count`` packets taken (default all) back."""
@@ -1353,7 +1356,7 @@ class VirtioUserPort(Port):
         for entries in done:
             for desc_id, length in entries:
                 rxq.consume_used(desc_id)
-                rxq.add_buf(desc_id, BUF_SIZE)
+                rxq.add_buf(desc_id, RX_BUF_SIZE)
                 nbytes += length
             entries_done += len(entries)
         self._rx_pending -= entries_done

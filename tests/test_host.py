@@ -156,8 +156,8 @@ class TestRingArithmetic(unittest.TestCase):
 
     def test_largest_frame_fits(self):
         # From the NIC: one buffer plus a spill area; from the kernel: merged RX buffers.
-        self.assertGreaterEqual(vp.BUF_SIZE + vp.SPILL_SIZE, 12 + vp.MAX_FRAME)
-        self.assertGreaterEqual(vp.MAX_RX_BUFS * vp.BUF_SIZE, 12 + vp.MAX_FRAME)
+        self.assertGreaterEqual(vp.TX_BUF_SIZE + vp.SPILL_SIZE, 12 + vp.MAX_FRAME)
+        self.assertGreaterEqual(vp.MAX_RX_BUFS * vp.RX_BUF_SIZE, 12 + vp.MAX_FRAME)
         self.assertLessEqual(vp.MAX_RX_BUFS, vp.MIN_QUEUE_SIZE)
 
     def test_full_barrier_runs(self):

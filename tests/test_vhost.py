@@ -89,14 +89,14 @@ class TestVirtioUserPort(unittest.TestCase):
             self.assertGreaterEqual(port.stats.rx_packets, 1)
 
     def test_jumbo_echo_spans_several_buffers_both_ways(self):
-        """An 8000-byte ICMP echo goes in as a 2-descriptor TX chain (a buffer and a
+        """A 30000-byte ICMP echo goes in as a 2-descriptor TX chain (a buffer and a
         spill area); the reply comes back in >= 4 merged RX buffers (MRG_RXBUF)."""
         with vp.VirtioUserPort(mac="02:00:00:00:00:01", queue_size=64) as port:
-            topo.sh("ip", "link", "set", port.name, "mtu", "9000")
+            topo.sh("ip", "link", "set", port.name, "mtu", "32000")
             topo.configure_tap(port.name, "10.9.0.1/24")
             topo.sh("ip", "neigh", "add", "10.9.0.2", "lladdr", "02:00:00:00:00:02",
                     "dev", port.name)
-            payload = os.urandom(8000)
+            payload = os.urandom(30000)
             frame = _icmp_echo(bytes.fromhex("020000000001"), "10.9.0.2", "10.9.0.1", payload)
             self.assertEqual(port.tx_burst([frame]), 1)
             seen = []
