@@ -1009,6 +1009,9 @@ def tap_offloads(features):
 
 
 def _parse_mac(text):
+    """bytes of a unicast MAC written xx:xx:xx:xx:xx:xx; bytes and None pass through."""
+    if not isinstance(text, str):
+        return text
     parts = text.split(":")
     if len(parts) != 6 or not all(len(p) == 2 for p in parts):
         raise VhostPathError(f"invalid MAC address {text!r} (want xx:xx:xx:xx:xx:xx)")
@@ -1122,7 +1125,7 @@ class VirtioUserPort(Port):
                  rx_cksum=False, lro=False):
         _check_queue_size(queue_size)
         self.path, self.queue_size = path, queue_size
-        self.mac = _parse_mac(mac) if isinstance(mac, str) else mac
+        self.mac = _parse_mac(mac)
         self.offloads = offload_features(rx_cksum, lro)
         self.stats = PortStats("?")
         self._stack = contextlib.ExitStack()
@@ -1389,7 +1392,7 @@ class TapPort(Port):
     def __init__(self, tap="tap%d", mac=None, rx_cksum=False, lro=False):
         self.offloads = self.features = offload_features(rx_cksum, lro)
         self.hdr_len = ctypes.sizeof(virtio_net_hdr)
-        self.mac = _parse_mac(mac) if isinstance(mac, str) else mac
+        self.mac = _parse_mac(mac)
         self.tap = tap if isinstance(tap, Tap) else Tap(tap)
         try:
             self.stats = PortStats(self.tap.name)

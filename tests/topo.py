@@ -79,33 +79,28 @@ def configure_tap(name="tap0", address=f"{KERNEL_IP}/24"):
     sh("ip", "link", "set", name, "up")
 
 
-def vhost_threads(pid):
-    """Kernel vhost worker threads serving process ``pid`` (named vhost-<pid>)."""
+def _scan_proc(name, match):
+    """Pids whose /proc/<pid>/<name> text satisfies ``match``."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == f"vhost-{pid}":
+                with open(f"/proc/{entry}/{name}") as f:
+                    if match(f.read()):
                         found.append(int(entry))
             except OSError:
                 pass
     return found
 
 
+def vhost_threads(pid):
+    """Kernel vhost worker threads serving process ``pid`` (named vhost-<pid>)."""
+    return _scan_proc("comm", lambda text: text.strip() == f"vhost-{pid}")
+
+
 def children(pid):
     """Pids of the processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry))
-    return found
+    return _scan_proc("stat", lambda text: int(text.rpartition(")")[2].split()[1]) == pid)
 
 
 def tap_queues(name="tap0"):
