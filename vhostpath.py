@@ -17,8 +17,11 @@ standard library.
 
 Command line::
 
-    sudo python3 vhostpath.py --iface eth1
+    sudo python3 vhostpath.py demo            # the whole path on this host, then removed
+    sudo python3 vhostpath.py --iface eth1    # bridge a NIC: --queues N, --no-lro, ...
     sudo ip addr add 1.1.1.1/24 dev tap0 && sudo ip link set tap0 up
+
+Without /dev/vhost-net it falls back to a tap read()/write() backend, and says so.
 
 Library::
 
@@ -27,6 +30,9 @@ Library::
         port.tx_burst([frame])                               # frames into the kernel
         frames = port.rx_burst()                             # frames from the kernel
 
+    # A NIC bridged to the kernel: Bridge(PacketSocket("eth1"), port).run(),
+    # or QueuePairs("eth1", queues=4).run() for one worker process per queue pair.
+
 Licence: BSD-3-Clause.
 """
 
@@ -34,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "VhostPathError", "RingBrokenError",
     "Arena", "SplitVirtqueue", "vring_layout", "vnet_hdr_len",
+    "offload_features", "tap_offloads", "feature_names",
     "Tap", "VhostNet", "PacketSocket",
     "PortStats", "Port", "VirtioUserPort", "TapPort", "QuietNic", "Bridge", "QueuePairs",
     "main",
@@ -328,6 +335,17 @@ class VhostPathError(Exception):
 
 class RingBrokenError(VhostPathError):
     """The device published something impossible on a used ring; the ring is unusable."""
+
+
+def _describe_oserror(e, tap):
+    """A one-line message for an OSError from set-up (``tap``: the tap name asked for)."""
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return f"permission denied: {e.strerror or e} (run as root)"
+    if e.errno == errno.EBUSY and "TUNSETIFF" in str(e):
+        return f"tap {tap} is already in use by another process"
+    if e.errno == errno.EINVAL and "TUNSETIFF" in str(e):
+        return f"cannot attach to tap {tap}: it is a tun device or its flags differ"
+    return str(e)
 
 
 ########################################################################################
@@ -2044,17 +2062,6 @@ def _port_details(port):
     lines.append(f"virtio-net header {port.hdr_len} bytes; tap flags {port.tap.flags():#x}; "
                  f"tap offloads {offloads:#x} ({names})")
     return lines
-
-
-def _describe_oserror(e, tap):
-    """A one-line message for an OSError from set-up (``tap``: the tap name asked for)."""
-    if e.errno in (errno.EPERM, errno.EACCES):
-        return f"permission denied: {e.strerror or e} (run as root)"
-    if e.errno == errno.EBUSY and "TUNSETIFF" in str(e):
-        return f"tap {tap} is already in use by another process"
-    if e.errno == errno.EINVAL and "TUNSETIFF" in str(e):
-        return f"cannot attach to tap {tap}: it is a tun device or its flags differ"
-    return str(e)
 
 
 def _add_port_options(p):
