@@ -6,10 +6,15 @@ worker thread moves packets between the driver's virtqueues and a tap device
 (``tap0``), i.e. into the Linux network stack.  vhostpath bridges a NIC (an
 ``AF_PACKET`` raw socket) to those virtqueues, so that what arrives on the NIC
 reaches the kernel through ``tap0`` and what the kernel sends on ``tap0`` leaves
-through the NIC::
+through the NIC.  By default a second vhost-net device serves the NIC's packet
+socket, so kernel threads move every frame and Python only hands descriptors
+from one device's rings to the other's (``VhostBridge``)::
 
-    NIC eth1 --AF_PACKET--> [vhostpath: TX virtqueue] --vhost-net--> tap0 --> kernel stack
-    NIC eth1 <-AF_PACKET--- [vhostpath: RX virtqueue] <-vhost-net--- tap0 <-- kernel stack
+    NIC eth1 --AF_PACKET--vhost-net--> [RX ring -> TX ring] --vhost-net--> tap0 --> stack
+    NIC eth1 <-AF_PACKET--vhost-net--- [TX ring <- RX ring] <-vhost-net--- tap0 <-- stack
+
+With ``--nic-backend socket`` this process reads and writes the NIC socket
+itself (recvmmsg/sendmmsg, ``Bridge``), as DPDK's af_packet port does.
 
 Requirements: Linux, Python >= 3.10, root (CAP_NET_ADMIN and CAP_NET_RAW), and
 the ``vhost_net`` module (``modprobe vhost_net``).  Nothing outside the
@@ -30,8 +35,9 @@ Library::
         port.tx_burst([frame])                               # frames into the kernel
         frames = port.rx_burst()                             # frames from the kernel
 
-    # A NIC bridged to the kernel: Bridge(PacketSocket("eth1"), port).run(),
-    # or QueuePairs("eth1", queues=4).run() for one worker process per queue pair.
+    # A NIC bridged to the kernel: VhostBridge(PacketSocket("eth1")).run() (two
+    # vhost-net devices), Bridge(PacketSocket("eth1"), port).run() (this process
+    # moves NIC frames), or QueuePairs("eth1", queues=4).run() (a worker per pair).
 
 Licence: BSD-3-Clause.
 """
@@ -42,11 +48,13 @@ __all__ = [
     "Arena", "SplitVirtqueue", "vring_layout", "vnet_hdr_len",
     "offload_features", "tap_offloads", "feature_names",
     "Tap", "VhostNet", "PacketSocket",
-    "PortStats", "Port", "VirtioUserPort", "TapPort", "QuietNic", "Bridge", "QueuePairs",
+    "PortStats", "Port", "VirtioUserPort", "TapPort", "QuietNic", "Bridge", "VhostBridge",
+    "QueuePairs",
     "main",
 ]
 
 import argparse
+import array
 import contextlib
 import ctypes
 import errno
@@ -457,7 +465,9 @@ class _Barrier:
     would sleep on a non-empty ring.  CPython has no fence, so a 4-byte
     function (``mfence; ret``, or ``dmb ish; ret`` on arm64) is placed in an
     executable page.  Where that is impossible (another CPU, or W^X policy),
-    ``available`` is False and callers must kick unconditionally.
+    ``available`` is False and callers must kick unconditionally.  arm64 is
+    not TSO: there the same barrier also orders the stores before avail->idx
+    and the loads after used->idx (``_TSO`` False).
     """
 
     _CODE = {
@@ -490,6 +500,7 @@ class _Barrier:
 
 
 _barrier = None
+_TSO = platform.machine() in ("x86_64", "AMD64", "i386", "i686")   # program-order stores/loads
 
 
 def _full_barrier():
@@ -576,12 +587,17 @@ class SplitVirtqueue:
     of the queue, so a descriptor id is also a buffer index.  A packet larger
     than one buffer travels as a descriptor chain (``add_chain``).  Vocabulary
     as in Linux's virtio_ring.c: ``add_buf`` / ``add_chain`` / ``kick_prepare``
-    / ``notify`` / ``get_buf``.  Each used entry is bounds-checked; a device
-    that breaks the rules makes the ring broken (sticky) and raises
-    RingBrokenError.
+    / ``notify`` / ``get_buf``, which track which descriptors the device owns.
+    A ring that only ever carries single whole buffers may use the batch
+    forms ``add_bufs`` / ``get_bufs`` instead, which check bounds and counts
+    per batch.  Each used entry is bounds-checked; a device that breaks the
+    rules makes the ring broken (sticky) and raises RingBrokenError.
     """
 
     def __init__(self, arena, ring_offset, buf_offset, num, buf_size, device_writes, kickfd):
+        if not _TSO and not _full_barrier().available:
+            raise VhostPathError(f"no memory barrier for {platform.machine()}: the rings "
+                                 "shared with the kernel cannot be ordered")
         self.num = num
         self.buf_size = buf_size
         self.kickfd = kickfd
@@ -636,6 +652,27 @@ class SplitVirtqueue:
         self._desc_u32[desc_id * 4 + 2] = length
         self._add_head(desc_id, length)
 
+    def add_bufs(self, ids, lengths=None):
+        """Offer single descriptors ``ids`` at once, ``lengths[k]`` bytes each, or whole
+        buffers (the length they were offered with before) when ``lengths`` is None.
+
+        For rings used only through add_bufs / get_bufs: no per-descriptor
+        ownership is kept; get_bufs checks bounds and counts instead.
+        """
+        if lengths is not None:
+            d32 = self._desc_u32
+            for desc_id, length in zip(ids, lengths):
+                d32[desc_id * 4 + 2] = length
+        # Descriptors first, then the avail ring entries (see _add_head).
+        n, num, avail = len(ids), self.num, self._avail
+        start = self.avail_idx_shadow & (num - 1)
+        first = min(n, num - start)
+        avail[2 + start:2 + start + first] = array.array("H", ids[:first])
+        if first < n:
+            avail[2:2 + n - first] = array.array("H", ids[first:])
+        self.avail_idx_shadow = (self.avail_idx_shadow + n) & 0xFFFF
+        self.num_added += n
+
     def add_chain(self, ids, length):
         """Offer descriptors ``ids`` chained (VRING_DESC_F_NEXT), holding ``length`` bytes."""
         d16, d32, size = self._desc_u16, self._desc_u32, self.buf_size
@@ -654,8 +691,10 @@ class SplitVirtqueue:
         if not self.num_added:
             return False
         self.num_added = 0
-        self._avail[1] = self.avail_idx_shadow    # after the entries: TSO keeps the order
         barrier = _full_barrier()
+        if not _TSO:
+            barrier()                             # entries before avail->idx (virtio_wmb)
+        self._avail[1] = self.avail_idx_shadow    # after the entries: TSO keeps the order
         if not barrier.available:
             return True
         barrier()                                 # avail->idx store before used->flags load
@@ -670,6 +709,30 @@ class SplitVirtqueue:
         if self.kick_prepare():
             self.notify()
 
+    def disable_cb(self):
+        """Tell the device no interrupt is needed (VRING_AVAIL_F_NO_INTERRUPT; a hint).
+
+        As in Linux's virtqueue_disable_cb.  Without a full barrier enable_cb
+        could miss an entry, so then interrupts stay on.
+        """
+        if _full_barrier().available:
+            self._avail[0] = VRING_AVAIL_F_NO_INTERRUPT
+
+    def enable_cb(self):
+        """Ask for interrupts again; False if used entries are pending already.
+
+        Those may have come before the device saw the flag, without an
+        interrupt: the caller takes them first (virtqueue_enable_cb).
+        """
+        if self._avail[0]:
+            self._avail[0] = 0
+            _full_barrier()()                     # flags store before the used->idx load
+        return not self.used_pending()
+
+    def in_flight(self):
+        """Entries offered to the device and not yet taken back."""
+        return (self.avail_idx_shadow - self.last_used_idx) & 0xFFFF
+
     def used_pending(self):
         """How many used entries the device has published that we have not consumed."""
         if self.broken:
@@ -677,6 +740,8 @@ class SplitVirtqueue:
         n = (self._used_hdr[1] - self.last_used_idx) & 0xFFFF
         if n > self.num:
             self._break(f"used->idx moved by {n} entries, more than the ring's {self.num}")
+        if n and not _TSO:
+            _full_barrier()()                     # used->idx before the entries (virtio_rmb)
         return n
 
     def peek_used(self, k=0):
@@ -702,6 +767,33 @@ class SplitVirtqueue:
         desc_id, length = self.peek_used()
         self.consume_used(desc_id)
         return desc_id, length
+
+    def get_bufs(self):
+        """Take every used entry published so far: (ids, lengths), checked as a batch.
+
+        For add_bufs rings: no more entries than offered, every id a
+        descriptor of this ring, every length within a buffer.  The entries
+        are read after used->idx (x86-64 keeps loads in order; elsewhere
+        used_pending fences), so they are the ones the device published.
+        """
+        n = self.used_pending()
+        if not n:
+            return [], []
+        if n > self.in_flight():
+            self._break(f"{n} used entries, but only {self.in_flight()} offered")
+        num, ring = self.num, self._used_ring
+        start = self.last_used_idx & (num - 1)
+        if start + n <= num:
+            flat = ring[2 * start:2 * (start + n)].tolist()
+        else:
+            flat = ring[2 * start:].tolist() + ring[:2 * (start + n - num)].tolist()
+        ids, lengths = flat[0::2], flat[1::2]
+        if max(ids) >= num:
+            self._break(f"used id {max(ids)} is not a descriptor of this ring")
+        if max(lengths) > self.buf_size:
+            self._break(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
+        self.last_used_idx = (self.last_used_idx + n) & 0xFFFF
+        return ids, lengths
 
     def close(self):
         """Release every view into the arena, so that the arena can be unmapped."""
@@ -798,6 +890,7 @@ class VhostNet:
 
     def __init__(self, path="/dev/vhost-net"):
         self.path = path
+        self.bound = [False, False]                # per vring: a backend is set
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             _ioctl(self.fd, "VHOST_SET_OWNER", VHOST_SET_OWNER, 0, path)
@@ -839,17 +932,30 @@ class VhostNet:
         _ioctl(self.fd, "VHOST_SET_VRING_CALL", VHOST_SET_VRING_CALL,
                vhost_vring_file(index, fd), self.path)
 
+    def set_vring(self, index, vq, callfd):
+        """A vring's set-up in vhost's order: size, base, addresses, call, kick."""
+        self.set_vring_num(index, vq.num)
+        self.set_vring_base(index, 0)
+        self.set_vring_addr(index, vq)
+        self.set_vring_call(index, callfd)
+        self.set_vring_kick(index, vq.kickfd)
+
     def set_backend(self, index, fd):
-        """VHOST_NET_SET_BACKEND: a tap (or AF_PACKET) fd, or -1 to unbind."""
+        """VHOST_NET_SET_BACKEND: a tap or AF_PACKET SOCK_RAW fd, or -1 to unbind."""
         _ioctl(self.fd, "VHOST_NET_SET_BACKEND", VHOST_NET_SET_BACKEND,
                vhost_vring_file(index, fd), self.path)
+        self.bound[index] = fd >= 0
 
     def fileno(self):
         return self.fd
 
     def close(self):
-        """Closing stops the worker thread and drops its references to the backend."""
+        """Unbind the backends, then close: the worker thread exits."""
         if self.fd >= 0:
+            for index in (VHOST_NET_VQ_RX, VHOST_NET_VQ_TX):
+                if self.bound[index]:
+                    with contextlib.suppress(OSError):
+                        self.set_backend(index, VHOST_FILE_UNBIND)
             os.close(self.fd)
             self.fd = -1
 
@@ -1168,7 +1274,7 @@ class VirtioUserPort(Port):
         self.arena = Arena(spills + SPILLS * SPILL_SIZE)
         push(self.arena.close)
         self.vhost = VhostNet(self.path)
-        push(self._unbind_and_close_vhost)
+        push(self.vhost.close)
         # Offload bits are negotiated with the tap, never sent to vhost-net (it
         # refuses bits it does not know with EOPNOTSUPP).
         self.vhost_features = self.vhost.offered & self.VHOST_FEATURES
@@ -1204,11 +1310,7 @@ class VirtioUserPort(Port):
         self._spill_free = list(range(SPILLS))
         self._spill_of = [0] * num          # per chain head: the spill area it uses
         for index, vq in ((VHOST_NET_VQ_RX, self.rxq), (VHOST_NET_VQ_TX, self.txq)):
-            self.vhost.set_vring_num(index, num)
-            self.vhost.set_vring_base(index, 0)
-            self.vhost.set_vring_addr(index, vq)
-            self.vhost.set_vring_call(index, self.callfds[index])
-            self.vhost.set_vring_kick(index, self.kickfds[index])
+            self.vhost.set_vring(index, vq, self.callfds[index])
         # The tap produces and consumes the virtio-net header (VHOST_NET_F_VIRTIO_NET_HDR
         # not negotiated), so its header size must match ours.
         self.tap.set_vnet_hdr_sz(self.hdr_len)
@@ -1229,13 +1331,6 @@ class VirtioUserPort(Port):
         self._rx_pending = 0               # used entries those packets cover
         self._mrg_rxbuf = self.hdr_len == ctypes.sizeof(virtio_net_hdr_mrg_rxbuf)
         self._rx_base = self.arena.addr + rx_bufs
-
-    def _unbind_and_close_vhost(self):
-        if self.vhost.fd >= 0:
-            for index in (VHOST_NET_VQ_RX, VHOST_NET_VQ_TX):
-                with contextlib.suppress(OSError):
-                    self.vhost.set_backend(index, VHOST_FILE_UNBIND)
-        self.vhost.close()
 
     def stop(self):
         """Unbind the backend, close vhost (its worker exits), eventfds, tap, then the arena."""
@@ -1537,7 +1632,54 @@ class QuietNic:
             _sysctl_swap(self.path, self.old)
 
 
-class Bridge:
+class _Forwarder:
+    """What Bridge and VhostBridge share: stop(), statistics and the poll loop.
+
+    Subclasses set ``nic``, ``nic_stats`` and ``tap_stats``, call
+    ``_open_wakeup`` / ``_close_wakeup``, and define ``_step(ready)``.
+    """
+
+    def _open_wakeup(self):
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _close_wakeup(self):
+        """Close the wakeup pipe; a late stop() (a signal) then writes nowhere."""
+        fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def stop(self):
+        """Ask run() to return (safe from signal handlers and other threads)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):      # full pipe, or closed already
+            os.write(self._wake_w, b"x")
+
+    def _loop(self, poller, stats_interval, on_stats):
+        """poll() and ``_step`` what is ready until stop(); ``on_stats(self)`` on time."""
+        next_stats = time.monotonic() + stats_interval if stats_interval else None
+        while not self._stopping:
+            timeout = None
+            if next_stats is not None:
+                timeout = max(0, int((next_stats - time.monotonic()) * 1000))
+            self._step(dict(poller.poll(timeout)))
+            if next_stats is not None and time.monotonic() >= next_stats:
+                next_stats += stats_interval
+                if on_stats:
+                    on_stats(self)
+
+    def refresh_stats(self):
+        """Add the packet socket's drop count (read and cleared from the kernel)."""
+        self.nic_stats.rx_dropped += self.nic.drops()
+
+    def report(self):
+        """Forward statistics of both ports, testpmd style."""
+        self.refresh_stats()
+        return "\n".join([self.nic_stats.report(0), self.tap_stats.report(1)])
+
+
+class Bridge(_Forwarder):
     """Forwards between a NIC (packet socket) and a Port, both ways.
 
     ``run()`` is a poll loop on the NIC socket, the port's call fds and a
@@ -1553,8 +1695,7 @@ class Bridge:
         self.nic_stats = nic_stats or PortStats(nic.iface, nic.mtu())
         self._max_frame = nic.mtu() + ETH_HLEN + 4    # one VLAN tag allowed
         self._quiet = QuietNic(nic.iface) if quiet_nic else None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
+        self._open_wakeup()
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
         self._send = _MsgBatch(SEND_BATCH, 1 + MAX_RX_BUFS)
         self._recv = _MsgBatch(RECV_BATCH, 3)
@@ -1563,15 +1704,7 @@ class Bridge:
         """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
         if self._quiet:
             self._quiet.restore()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def stop(self):
-        """Ask run() to return (safe from signal handlers and other threads)."""
-        self._stopping = True
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"x")
+        self._close_wakeup()
 
     def nic_to_kernel(self):
         """Receive frames from the NIC into free TX buffers; return how many.
@@ -1680,43 +1813,219 @@ class Bridge:
 
     def run(self, stats_interval=None, on_stats=None):
         """Forward until stop(); call ``on_stats(bridge)`` every ``stats_interval`` s."""
-        poller = select.poll()
-        nic_fd = self.nic.fileno()
+        self._poller = select.poll()
         for fd in (*self.port.call_fds(), self._wake_r):
             if fd is not None:
-                poller.register(fd, select.POLLIN)
-        nic_mask = select.POLLIN
-        poller.register(nic_fd, nic_mask)
-        next_stats = time.monotonic() + stats_interval if stats_interval else None
-        while not self._stopping:
-            timeout = None
-            if next_stats is not None:
-                timeout = max(0, int((next_stats - time.monotonic()) * 1000))
-            ready = dict(poller.poll(timeout))
-            if self._wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 64)
-            self.poll_once(ready)
-            # Read the NIC only while the port has TX room (else its call wakes
-            # us); wait for POLLOUT while a send to the NIC is blocked.
-            mask = ((select.POLLIN if self.port.tx_room() else 0)
-                    | (select.POLLOUT if self._nic_blocked else 0))
-            if mask != nic_mask:
-                poller.modify(nic_fd, mask)
-                nic_mask = mask
-            if next_stats is not None and time.monotonic() >= next_stats:
-                next_stats += stats_interval
-                if on_stats:
-                    on_stats(self)
+                self._poller.register(fd, select.POLLIN)
+        self._nic_mask = select.POLLIN
+        self._poller.register(self.nic.fileno(), self._nic_mask)
+        self._loop(self._poller, stats_interval, on_stats)
 
-    def refresh_stats(self):
-        """Add the packet socket's drop count (read and cleared from the kernel)."""
-        self.nic_stats.rx_dropped += self.nic.drops()
+    def _step(self, ready):
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 64)
+        self.poll_once(ready)
+        # Read the NIC only while the port has TX room (else its call wakes
+        # us); wait for POLLOUT while a send to the NIC is blocked.
+        mask = ((select.POLLIN if self.port.tx_room() else 0)
+                | (select.POLLOUT if self._nic_blocked else 0))
+        if mask != self._nic_mask:
+            self._poller.modify(self.nic.fileno(), mask)
+            self._nic_mask = mask
 
-    def report(self):
-        """Forward statistics of both ports, testpmd style."""
-        self.refresh_stats()
-        return "\n".join([self.nic_stats.report(0), self.port.stats.report(1)])
+    @property
+    def tap_stats(self):
+        """The port's counters."""
+        return self.port.stats
+
+
+# The two-device path (VhostBridge).  A packet socket's virtio-net header is
+# 10 bytes before Linux 6.4 (PACKET_VNET_HDR_SZ), so neither device negotiates
+# MRG_RXBUF and every buffer holds a whole 64 KB frame.  Buffers are
+# page-rounded: an MTU-sized frame touches one page of its buffer, so memory
+# is committed only where large frames have been.
+VHOST_BUF_SIZE = -(-(10 + MAX_FRAME) // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+class VhostBridge(_Forwarder):
+    """Forwards between a NIC and a tap with two vhost-net devices: Python moves descriptors.
+
+    The *tap device* is vhost-net with the tap as its backend, as in
+    VirtioUserPort.  The *NIC device* is a second /dev/vhost-net whose backend
+    is the NIC's packet socket: VHOST_NET_SET_BACKEND accepts an AF_PACKET
+    SOCK_RAW fd, and its PACKET_VNET_HDR header is the same 10-byte
+    virtio_net_hdr the tap uses, so GSO frames and partial checksums cross
+    unchanged.  Both devices map one arena holding two buffer pools::
+
+        NIC --vhost--> NIC RX ring --> tap TX ring --vhost--> tap   (pool "in")
+        NIC <--vhost-- NIC TX ring <-- tap RX ring <--vhost-- tap   (pool "out")
+
+    Buffer i of a pool is descriptor i in both rings of the pool.  Forwarding
+    takes the used entries (i, len) of an RX ring and offers descriptor i,
+    len bytes, on the other device's TX ring; a used TX entry offers buffer i
+    to the RX ring again.  Python touches no payload and makes no socket call:
+    per wakeup one poll(), one read of the call eventfd all four rings share,
+    and the kicks vhost asks for.  A pool never holds more buffers than a ring
+    has entries, so a TX ring is never full: when the kernel falls behind, the
+    NIC device runs out of RX buffers and the packet socket drops (counted).
+
+    ``nic`` is an open PacketSocket (not owned); ``tap`` a name or template, or
+    an open Tap, which the bridge then owns.  ``nic_stats`` / ``tap_stats`` may
+    be given (shared memory); ``quiet_nic`` as for Bridge.  Other arguments as
+    for VirtioUserPort.  ``close()`` releases everything but the NIC socket.
+    """
+
+    BACKEND = "vhost-net"
+
+    def __init__(self, nic, tap="tap%d", path="/dev/vhost-net", queue_size=256, mac=None,
+                 rx_cksum=False, lro=False, nic_stats=None, tap_stats=None, quiet_nic=True):
+        _check_queue_size(queue_size)
+        self.nic, self.path, self.queue_size = nic, path, queue_size
+        self.mac = _parse_mac(mac)
+        self.features = offload_features(rx_cksum, lro)   # all the tap's: see _start
+        self.vhost_features = 0
+        self.hdr_len = vnet_hdr_len(self.features)
+        self.nic_stats = nic_stats or PortStats(nic.iface, nic.mtu())
+        self.tap_stats = tap_stats or PortStats("?")
+        self._max_frame = nic.mtu() + ETH_HLEN + 4       # one VLAN tag allowed
+        self._stack = contextlib.ExitStack()
+        try:
+            self._start(tap, quiet_nic)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _start(self, tap, quiet_nic):
+        push = self._stack.callback
+        self.tap = tap if isinstance(tap, Tap) else Tap(tap)
+        push(self.tap.close)
+        self.tap_stats.name = self.tap.name
+        num = self.queue_size
+        ring = (vring_layout(num)[3] + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        pool_out, pool_in = 4 * ring, 4 * ring + num * VHOST_BUF_SIZE
+        # The arena outlives both vhost fds: made before them, so closed after them.
+        self.arena = Arena(pool_in + num * VHOST_BUF_SIZE)
+        push(self.arena.close)
+        fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(5)]
+        for fd in fds:
+            push(os.close, fd)
+        self.callfd, kicks = fds[0], fds[1:]
+        self._open_wakeup()
+        push(self._close_wakeup)
+        rings = []
+        for k, (pool, writes) in enumerate(((pool_out, True), (pool_in, False),
+                                            (pool_in, True), (pool_out, False))):
+            rings.append(SplitVirtqueue(self.arena, k * ring, pool, num, VHOST_BUF_SIZE,
+                                        writes, kicks[k]))
+            push(rings[-1].close)
+        self.tap_rxq, self.tap_txq, self.nic_rxq, self.nic_txq = rings
+        # Neither device is asked for a feature: the offload bits are the tap's
+        # (TUNSETOFFLOAD), and the packet socket honours the same header.
+        self.vhost = VhostNet(self.path)
+        push(self.vhost.close)
+        self.nic_vhost = VhostNet(self.path)
+        push(self.nic_vhost.close)
+        for dev, rxq, txq in ((self.vhost, self.tap_rxq, self.tap_txq),
+                              (self.nic_vhost, self.nic_rxq, self.nic_txq)):
+            dev.set_features(self.vhost_features)
+            dev.set_mem_table([self.arena.region()])
+            dev.set_vring(VHOST_NET_VQ_RX, rxq, self.callfd)
+            dev.set_vring(VHOST_NET_VQ_TX, txq, self.callfd)
+        self.tap.set_vnet_hdr_sz(self.hdr_len)
+        self.tap.set_sndbuf(INT_MAX)
+        self.tap.set_offload(tap_offloads(self.features))
+        if self.mac is not None:
+            self.tap.set_mac(self.mac)
+        for rxq in (self.tap_rxq, self.nic_rxq):
+            rxq.add_bufs(list(range(num)))
+        for dev, fd in ((self.vhost, self.tap.fileno()), (self.nic_vhost, self.nic.fileno())):
+            dev.set_backend(VHOST_NET_VQ_RX, fd)
+            dev.set_backend(VHOST_NET_VQ_TX, fd)
+        for vq in rings:        # publish the RX buffers; vhost may already wait for a kick
+            vq.kick_prepare()
+            vq.notify()
+        self._quiet = QuietNic(self.nic.iface) if quiet_nic else None
+        if self._quiet:
+            push(self._quiet.restore)
+
+    @property
+    def name(self):
+        return self.tap.name
+
+    def __repr__(self):
+        return (f"<VhostBridge {self.nic.iface} <-> {self.tap.name} via {self.path} "
+                f"queue_size={self.queue_size}>")
+
+    def close(self):
+        """Restore the NIC, unbind and close both devices, then the tap and the arena."""
+        self._stack.close()
+
+    def _forward(self, rxq, txq, rx_stats, tx_stats):
+        """Offer what one device received on the other device's TX ring; return how many."""
+        ids, lengths = rxq.get_bufs()
+        if not ids:
+            return 0
+        h = self.hdr_len
+        if min(lengths) < h:
+            rxq._break(f"used len {min(lengths)} is shorter than the {h}-byte header")
+        txq.add_bufs(ids, lengths)
+        txq.kick()
+        n, nbytes = len(ids), sum(lengths) - h * len(ids)
+        rx_stats.rx_packets += n
+        rx_stats.rx_bytes += nbytes
+        tx_stats.tx_packets += n
+        tx_stats.tx_bytes += nbytes
+        limit = self._max_frame + h
+        if max(lengths) > limit:
+            over = sum(1 for length in lengths if length > limit)
+            rx_stats.rx_oversize += over
+            tx_stats.tx_oversize += over
+        return n
+
+    @staticmethod
+    def _recycle(txq, rxq):
+        """Offer the buffers a TX ring has sent to the RX ring of the same pool."""
+        ids, _ = txq.get_bufs()
+        if ids:
+            rxq.add_bufs(ids)
+            rxq.kick()
+
+    def poll_once(self):
+        """Pass over the four used rings until they are drained; return the packets forwarded.
+
+        A TX ring's buffers are recycled on any pass, so its interrupts are
+        wanted only while more than half of its pool waits on it: else the
+        RX side of the pool could run dry with nothing left to wake us.
+        """
+        moved, calm = 0, False
+        while not calm:
+            moved += self._forward(self.nic_rxq, self.tap_txq, self.nic_stats, self.tap_stats)
+            moved += self._forward(self.tap_rxq, self.nic_txq, self.tap_stats, self.nic_stats)
+            self._recycle(self.tap_txq, self.nic_rxq)
+            self._recycle(self.nic_txq, self.tap_rxq)
+            calm = True
+            for txq in (self.tap_txq, self.nic_txq):
+                if 2 * txq.in_flight() > txq.num:
+                    calm = txq.enable_cb() and calm
+                else:
+                    txq.disable_cb()
+        return moved
+
+    def run(self, stats_interval=None, on_stats=None):
+        """Forward until stop(); call ``on_stats(bridge)`` every ``stats_interval`` s."""
+        poller = select.poll()
+        poller.register(self.callfd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        self._loop(poller, stats_interval, on_stats)
+
+    def _step(self, ready):
+        # The call eventfd is read before the rings: a buffer used after the
+        # read signals again, so no wakeup is lost.
+        for fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 64)
+        self.poll_once()
 
 
 class QueuePairs:
@@ -1736,6 +2045,8 @@ class QueuePairs:
         iface: the NIC.
         queues: number of queue pairs, 1 to MAX_TAP_QUEUES.
         backend: "vhost-net" or "tap".
+        nic_backend: "vhost-net" (a VhostBridge per pair; the default with the
+            vhost-net backend) or "socket" (a Bridge per pair).
         path, tap, queue_size, mac, rx_cksum, lro: as for VirtioUserPort.
         refresh: seconds between updates of each worker's socket drop counter.
 
@@ -1745,11 +2056,17 @@ class QueuePairs:
     """
 
     def __init__(self, iface, queues, backend="vhost-net", path="/dev/vhost-net", tap="tap%d",
-                 queue_size=256, mac=None, rx_cksum=False, lro=False, refresh=1.0):
+                 queue_size=256, mac=None, rx_cksum=False, lro=False, refresh=1.0,
+                 nic_backend=None):
         if not 1 <= queues <= MAX_TAP_QUEUES:
             raise VhostPathError(f"queues must be from 1 to {MAX_TAP_QUEUES} (the tap's "
                                  f"limit), not {queues}")
+        if nic_backend is None:
+            nic_backend = "vhost-net" if backend == "vhost-net" else "socket"
+        if nic_backend == "vhost-net" and backend != "vhost-net":
+            raise VhostPathError("the vhost-net NIC backend needs the vhost-net backend")
         self.queues, self.backend, self.refresh = queues, backend, refresh
+        self.nic_backend = nic_backend
         self._port_args = dict(tap=None, mac=mac, rx_cksum=rx_cksum, lro=lro)
         if backend == "vhost-net":
             self._port_args.update(path=path, queue_size=queue_size)
@@ -1849,17 +2166,24 @@ class QueuePairs:
                 if k != index:
                     tap.close()
                     nic.close()
-            if self.backend == "vhost-net":
-                port = VirtioUserPort(**dict(self._port_args, tap=taps[index]))
-            else:
-                port = TapPort(**dict(self._port_args, tap=taps[index]))
-            port.stats = self.port_stats[index]
-            bridge = Bridge(nics[index], port, self.nic_stats[index], quiet_nic=False)
-            os.write(ready_w, b"ok\n")
-            told = True
-            bridge.run(self.refresh, Bridge.refresh_stats)
-            bridge.refresh_stats()
-            port.stop()
+            with contextlib.ExitStack() as stack:
+                if self.nic_backend == "vhost-net":
+                    bridge = VhostBridge(nics[index], **dict(self._port_args, tap=taps[index]),
+                                         nic_stats=self.nic_stats[index],
+                                         tap_stats=self.port_stats[index], quiet_nic=False)
+                else:
+                    if self.backend == "vhost-net":
+                        port = VirtioUserPort(**dict(self._port_args, tap=taps[index]))
+                    else:
+                        port = TapPort(**dict(self._port_args, tap=taps[index]))
+                    stack.callback(port.stop)
+                    port.stats = self.port_stats[index]
+                    bridge = Bridge(nics[index], port, self.nic_stats[index], quiet_nic=False)
+                stack.callback(bridge.close)
+                os.write(ready_w, b"ok\n")
+                told = True
+                bridge.run(self.refresh, type(bridge).refresh_stats)
+                bridge.refresh_stats()
             status = 0
         except KeyboardInterrupt:
             pass
@@ -2014,21 +2338,39 @@ def _check_port_options(args, iface=None):
     missing = f"{args.path} does not exist: load the vhost-net driver with 'modprobe vhost_net'"
     if args.backend == "vhost-net" and not os.path.exists(args.path):
         raise VhostPathError(missing)
+    if args.nic_backend == "vhost-net" and args.backend == "tap":
+        raise VhostPathError("--nic-backend vhost-net needs the vhost-net backend, not "
+                             "--backend tap")
+    warning = None
     if args.backend == "auto":
         args.backend = "vhost-net" if os.path.exists(args.path) else "tap"
         if args.backend == "tap":
-            return (f"warning: {missing}. Falling back to the tap backend: this process "
-                    "moves every packet with read()/write() on the tap, with no vhost "
-                    "kernel thread, so throughput is lower")
-    return None
+            if args.nic_backend == "vhost-net":
+                raise VhostPathError(f"--nic-backend vhost-net: {missing}")
+            warning = (f"warning: {missing}. Falling back to the tap backend: this process "
+                       "moves every packet with read()/write() on the tap, with no vhost "
+                       "kernel thread, so throughput is lower")
+    if args.nic_backend is None:
+        args.nic_backend = "vhost-net" if args.backend == "vhost-net" else "socket"
+    return warning
 
 
-def _open_port(args):
-    """The kernel-side port for the chosen backend."""
+def _open_bridge(args, nic, stack):
+    """The bridge for the chosen backends; its clean-up goes on ``stack``."""
+    if args.nic_backend == "vhost-net":
+        bridge = VhostBridge(nic, args.tap, args.path, args.queue_size, args.mac,
+                             rx_cksum=args.rx_cksum, lro=args.lro)
+        stack.callback(bridge.close)
+        return bridge
     if args.backend == "tap":
-        return TapPort(args.tap, args.mac, rx_cksum=args.rx_cksum, lro=args.lro)
-    return VirtioUserPort(args.path, args.tap, args.queue_size, args.mac,
-                          rx_cksum=args.rx_cksum, lro=args.lro)
+        port = TapPort(args.tap, args.mac, rx_cksum=args.rx_cksum, lro=args.lro)
+    else:
+        port = VirtioUserPort(args.path, args.tap, args.queue_size, args.mac,
+                              rx_cksum=args.rx_cksum, lro=args.lro)
+    stack.callback(port.stop)
+    bridge = Bridge(nic, port)
+    stack.callback(bridge.close)
+    return bridge
 
 
 def _port_description(name, args):
@@ -2038,17 +2380,29 @@ def _port_description(name, args):
     else:
         text = f"{name} created ({how}), through {args.path}, queue size {args.queue_size}"
     if getattr(args, "queues", 1) > 1:
-        each = "a vhost-net kernel thread" if args.backend == "vhost-net" else "a process"
+        if args.backend == "tap":
+            each = "a process"
+        elif args.nic_backend == "socket":
+            each = "a vhost-net kernel thread"
+        else:
+            each = "two vhost-net kernel threads"
         text += f", {args.queues} queue pairs ({each} each)"
     return text
 
 
-def _port_details(port):
-    """The -v lines: features, header, tap flags and offloads, memory barrier."""
+def _bridge_details(bridge):
+    """The -v lines: how the NIC is served, features, header, tap flags and offloads,
+    memory barrier."""
+    if isinstance(bridge, VhostBridge):
+        port = bridge
+        lines = [f"NIC side: a second vhost-net device, backend the packet socket on "
+                 f"{bridge.nic.iface}; Python moves descriptors only"]
+    else:
+        port = bridge.port
+        lines = [f"NIC side: recvmmsg/sendmmsg on the packet socket on {bridge.nic.iface}"]
     offloads = tap_offloads(port.features)
     names = " ".join(n for f, n in ((TUN_F_CSUM, "CSUM"), (TUN_F_TSO4, "TSO4"),
                                     (TUN_F_TSO6, "TSO6")) if offloads & f) or "none"
-    lines = []
     if port.BACKEND == "vhost-net":
         lines.append(f"vhost-net offered {port.vhost.offered:#x} "
                      f"({feature_names(port.vhost.offered)})")
@@ -2083,6 +2437,12 @@ def _add_port_options(p):
                    help="rx checksum offload: packets from the kernel may carry partial "
                         "checksums (VIRTIO_NET_F_GUEST_CSUM), completed on the way out "
                         "(default: on)")
+    p.add_argument("--nic-backend", choices=("vhost-net", "socket"),
+                   help="how frames cross between the NIC and the rings: vhost-net, a second "
+                        "vhost-net device whose backend is the NIC's packet socket (the "
+                        "kernel moves the frames, this process only descriptors); socket, "
+                        "recvmmsg/sendmmsg in this process (default: vhost-net with the "
+                        "vhost-net backend, else socket)")
     p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
 
 
@@ -2107,7 +2467,7 @@ def _build_parser():
 def _stats_line(bridge):
     bridge.refresh_stats()
     return (f"{time.strftime('%H:%M:%S')} {bridge.nic_stats.summary()} | "
-            f"{bridge.port.stats.summary()}")
+            f"{bridge.tap_stats.summary()}")
 
 
 def _say(msg):
@@ -2133,16 +2493,13 @@ def _bridge_main(args):
     with contextlib.ExitStack() as stack:
         nic = PacketSocket(args.iface)
         stack.callback(nic.close)
-        port = _open_port(args)
-        stack.callback(port.stop)
-        bridge = Bridge(nic, port)
-        stack.callback(bridge.close)
+        bridge = _open_bridge(args, nic, stack)
         for sig in (signal.SIGINT, signal.SIGTERM):     # before anyone is told we run
             signal.signal(sig, lambda *_: bridge.stop())
-        print(f"{_port_description(port.name, args)}, bridging {args.iface} <-> {port.name}",
-              flush=True)
+        name = bridge.tap_stats.name
+        print(f"{_port_description(name, args)}, bridging {args.iface} <-> {name}", flush=True)
         if args.verbose:
-            for line in _port_details(port):
+            for line in _bridge_details(bridge):
                 _say(line)
         on_stats = (lambda b: print(_stats_line(b), flush=True)) if args.stats else None
         bridge.run(args.stats, on_stats)
@@ -2157,7 +2514,7 @@ def _queues_main(args):
         # defaults until they are forked; ours right after.
         pairs = QueuePairs(args.iface, args.queues, args.backend, args.path, args.tap,
                            args.queue_size, args.mac, args.rx_cksum, args.lro,
-                           refresh=min(args.stats or 1.0, 1.0))
+                           refresh=min(args.stats or 1.0, 1.0), nic_backend=args.nic_backend)
         stack.callback(pairs.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pairs.stop())
@@ -2317,19 +2674,17 @@ def _demo_main(args):
             raise VhostPathError("the outside host did not start")
         nic = PacketSocket(DEMO_NIC)
         stack.callback(nic.close)
-        port = _open_port(args)
-        stack.callback(port.stop)
-        bridge = Bridge(nic, port)
-        stack.callback(bridge.close)
-        _ip("addr", "add", f"{DEMO_KERNEL_IP}/24", "dev", port.name)
-        _ip("link", "set", port.name, "up")
+        bridge = _open_bridge(args, nic, stack)
+        tap = bridge.tap_stats.name
+        _ip("addr", "add", f"{DEMO_KERNEL_IP}/24", "dev", tap)
+        _ip("link", "set", tap, "up")
         worker = threading.Thread(target=bridge.run, name="bridge", daemon=True)
         worker.start()
         stack.callback(worker.join, 10)
         stack.callback(bridge.stop)
-        step(f"{_port_description(port.name, args)}, bridging {DEMO_NIC} <-> {port.name}; "
-             f"the kernel side is {DEMO_KERNEL_IP} on {port.name}")
-        for line in _port_details(port):
+        step(f"{_port_description(tap, args)}, bridging {DEMO_NIC} <-> {tap}; "
+             f"the kernel side is {DEMO_KERNEL_IP} on {tap}")
+        for line in _bridge_details(bridge):
             step(line)
         replies = _ping(DEMO_OUTSIDE_IP)
         step(f"ping {DEMO_OUTSIDE_IP} (outside) from the kernel side: {replies}/3 replies")

@@ -186,6 +186,7 @@ PEERS = [
     ("vhostpath --no-lro --no-rx-cksum", peer_vhostpath("--no-lro", "--no-rx-cksum"), True),
     ("vhostpath --rx-cksum --no-lro", peer_vhostpath("--rx-cksum", "--no-lro"), True),
     ("vhostpath (defaults: --lro)", peer_vhostpath(), True),
+    ("vhostpath --nic-backend socket", peer_vhostpath("--nic-backend", "socket"), True),
     ("vhostpath --backend tap", peer_vhostpath("--backend", "tap"), True),
 ]   # (name, start, survives the outside's offloads)
 

@@ -14,6 +14,15 @@ from tests import topo
 MB = 1 << 20
 
 
+def vhost_threads_per_pair(backend, args):
+    """vhost worker threads of one queue pair: one per vhost-net device, i.e. the tap's,
+    and the NIC's unless --nic-backend socket."""
+    if backend != "vhost-net":
+        return 0
+    nic = args[args.index("--nic-backend") + 1] if "--nic-backend" in args else "vhost-net"
+    return 2 if nic == "vhost-net" else 1
+
+
 class BridgeCase:
     """The command-line tool bridging veth0 (the NIC) and tap0, end to end."""
 
@@ -88,9 +97,10 @@ class BridgeCase:
 
 
 class ShutdownCase:
-    """SIGINT and SIGTERM: report printed, tap gone, vhost thread gone, NIC restored."""
+    """SIGINT and SIGTERM: report printed, tap gone, vhost threads gone, NIC restored."""
 
     BACKEND = "vhost-net"
+    ARGS = ()
 
     def setUp(self):
         topo.make_outside()
@@ -102,11 +112,11 @@ class ShutdownCase:
         arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
         with open(arp_ignore) as f:
             original = f.read().strip()
-        tool = topo.Tool("--iface", "veth0", "--backend", self.BACKEND)
+        tool = topo.Tool("--iface", "veth0", "--backend", self.BACKEND, *self.ARGS)
         try:
             self.assertIn("tap0", topo.interfaces())
             self.assertEqual(len(topo.vhost_threads(tool.pid)),
-                             1 if self.BACKEND == "vhost-net" else 0)
+                             vhost_threads_per_pair(self.BACKEND, self.ARGS))
             with open(arp_ignore) as f:
                 self.assertEqual(f.read().strip(), "8")
             rc, out, err = tool.stop(sig)
@@ -176,16 +186,17 @@ class DemoCase:
 
 
 class QueuesCase:
-    """--queues N: N workers (and vhost threads), flows spread, integrity, clean stop."""
+    """--queues N: N workers (and their vhost threads), flows spread, integrity, clean stop."""
 
     BACKEND = "vhost-net"
+    ARGS = ()
     QUEUES = 2
 
     @classmethod
     def setUpClass(cls):
         topo.make_outside(offloads=False)
         cls.tool = topo.Tool("--iface", "veth0", "--backend", cls.BACKEND,
-                             "--queues", str(cls.QUEUES))
+                             "--queues", str(cls.QUEUES), *cls.ARGS)
         topo.configure_tap("tap0")
 
     @classmethod
@@ -193,13 +204,13 @@ class QueuesCase:
         cls.tool.kill()
         topo.remove_outside()
 
-    def test_1_one_worker_tap_queue_and_vhost_thread_per_pair(self):
+    def test_1_one_worker_tap_queue_and_vhost_threads_per_pair(self):
         self.assertIn(f"{self.QUEUES} queue pairs", self.tool.first_line)
         workers = topo.children(self.tool.pid)
         self.assertEqual(len(workers), self.QUEUES)
         self.assertEqual(topo.tap_queues("tap0"), self.QUEUES)
         threads = [len(topo.vhost_threads(pid)) for pid in workers]
-        self.assertEqual(threads, [1 if self.BACKEND == "vhost-net" else 0] * self.QUEUES)
+        self.assertEqual(threads, [vhost_threads_per_pair(self.BACKEND, self.ARGS)] * self.QUEUES)
         self.assertEqual(topo.vhost_threads(self.tool.pid), [])
 
     def test_2_parallel_flows_both_ways(self):

@@ -168,29 +168,51 @@ class TestRingArithmetic(unittest.TestCase):
 
 class TestUsedRingChecks(unittest.TestCase):
     """The driver validates what a device publishes.  The test plays a misbehaving
-    device by writing the used ring in memory (no kernel involved)."""
+    device by writing the used ring in memory (no kernel involved).  Both ways of
+    taking used entries are checked: one at a time (get_buf) and all (get_bufs)."""
 
     def setUp(self):
         self.num = 8
+        self.rings = []
+        self.vq = self.make()
+
+    def make(self):
+        """A fresh device-writable ring with descriptors 0-3 offered, 256 bytes each."""
         _, _, used, size = vp.vring_layout(self.num)
-        self.arena = vp.Arena(size + self.num * 256)
-        self.vq = vp.SplitVirtqueue(self.arena, 0, size, self.num, 256, True, kickfd=-1)
-        self.used = used
-        for i in range(4):
-            self.vq.add_buf(self.vq.free.pop(), 256)
+        arena = vp.Arena(size + self.num * 256)
+        vq = vp.SplitVirtqueue(arena, 0, size, self.num, 256, True, kickfd=-1)
+        for desc_id in range(4):
+            vq.add_buf(desc_id, 256)
+        self.rings.append((arena, vq))
+        self.arena, self.used = arena, used
+        return vq
 
     def tearDown(self):
-        del self.vq
-        self.arena.close()
+        for arena, vq in self.rings:
+            vq.close()
+            arena.close()
 
-    def publish(self, *elems, idx=None):
+    def publish(self, *elems, idx=None, start=0):
         ring = self.arena.view[self.used:self.used + 4 + 8 * self.num].cast("I")
         hdr = self.arena.view[self.used:self.used + 4].cast("H")
         for k, (desc_id, length) in enumerate(elems):
-            ring[1 + 2 * k], ring[2 + 2 * k] = desc_id, length
-        hdr[1] = len(elems) if idx is None else idx
+            slot = (start + k) % self.num
+            ring[1 + 2 * slot], ring[2 + 2 * slot] = desc_id, length
+        hdr[1] = (start + len(elems) if idx is None else idx) & 0xFFFF
         ring.release()
         hdr.release()
+
+    def check_broken(self, elems, message, batch_message=None):
+        """Taking the entries ``elems`` breaks the ring with ``message``, one at a time
+        (get_buf), and with ``batch_message`` as a batch (get_bufs) unless None."""
+        for take, expected in (("get_buf", message), ("get_bufs", batch_message)):
+            if expected is None:
+                continue
+            vq = self.make()
+            self.publish(*elems)
+            with self.subTest(take), self.assertRaisesRegex(vp.RingBrokenError, expected):
+                for _ in elems:
+                    getattr(vq, take)()
 
     def test_good_entries_are_returned(self):
         self.publish((1, 100), (0, 256))       # out of order is allowed
@@ -198,6 +220,35 @@ class TestUsedRingChecks(unittest.TestCase):
         self.assertEqual(self.vq.get_buf(), (1, 100))
         self.assertEqual(self.vq.get_buf(), (0, 256))
         self.assertEqual(self.vq.used_pending(), 0)
+
+    def test_batch_is_returned_across_the_ring_end(self):
+        self.vq.last_used_idx = self.vq.avail_idx_shadow = 0xFFFE   # free-running: wraps too
+        self.vq.add_bufs([2, 3, 0])
+        self.assertEqual(self.vq.in_flight(), 3)
+        self.publish((2, 60), (3, 70), (0, 80), start=0xFFFE)
+        self.assertEqual(self.vq.get_bufs(), ([2, 3, 0], [60, 70, 80]))
+        self.assertEqual(self.vq.last_used_idx, 1)
+        self.assertEqual(self.vq.get_bufs(), ([], []))
+
+    def test_add_bufs_fills_the_avail_ring_across_its_end(self):
+        vq = self.make()
+        vq.avail_idx_shadow = 6
+        vq.add_bufs([5, 6, 7], [10, 20, 30])
+        avail = self.arena.view[vq.avail_addr - self.arena.addr:][:4 + 2 * self.num].cast("H")
+        self.assertEqual([avail[2 + 6], avail[2 + 7], avail[2 + 0]], [5, 6, 7])
+        desc = (vp.vring_desc * self.num).from_buffer(self.arena.mm)
+        self.assertEqual([desc[i].len for i in (5, 6, 7)], [10, 20, 30])
+        self.assertEqual(vq.avail_idx_shadow, 9)
+        vq.kick_prepare()                       # publishes avail->idx
+        self.assertEqual(avail[1], 9)
+        del desc
+        avail.release()
+
+    def test_batch_more_used_than_offered(self):
+        self.vq.avail_idx_shadow = self.vq.last_used_idx   # nothing in flight
+        self.publish((1, 10))
+        with self.assertRaisesRegex(vp.RingBrokenError, "1 used entries, but only 0 offered"):
+            self.vq.get_bufs()
 
     def test_index_beyond_ring(self):
         self.publish(idx=self.num + 1)
@@ -207,25 +258,16 @@ class TestUsedRingChecks(unittest.TestCase):
             self.vq.used_pending()
 
     def test_id_out_of_range(self):
-        self.publish((self.num, 10))
-        with self.assertRaisesRegex(vp.RingBrokenError, f"used id {self.num}"):
-            self.vq.get_buf()
+        self.check_broken([(self.num, 10)], f"used id {self.num}", f"used id {self.num}")
 
     def test_id_not_owned_by_device(self):
-        self.publish((5, 10))                 # descriptor 5 was never made available
-        with self.assertRaisesRegex(vp.RingBrokenError, "used id 5"):
-            self.vq.get_buf()
+        self.check_broken([(5, 10)], "used id 5")   # descriptor 5 was never offered
 
     def test_id_published_twice(self):
-        self.publish((2, 10), (2, 10))
-        self.vq.get_buf()
-        with self.assertRaisesRegex(vp.RingBrokenError, "used id 2"):
-            self.vq.get_buf()
+        self.check_broken([(2, 10), (2, 10)], "used id 2")
 
     def test_length_beyond_buffer(self):
-        self.publish((3, 257))
-        with self.assertRaisesRegex(vp.RingBrokenError, "used len 257"):
-            self.vq.get_buf()
+        self.check_broken([(3, 257)], "used len 257", "used len 257")
 
     def test_add_chain_links_descriptors(self):
         vq = vp.SplitVirtqueue(self.arena, 0, vp.vring_layout(self.num)[3], self.num, 256,
@@ -329,6 +371,14 @@ class TestCliErrors(unittest.TestCase):
         r = _run_tool("--iface", "lo", "--backend", "vhost-net", "--path",
                       "/nonexistent/vhost-net")
         self.assertFails(r, "/nonexistent/vhost-net does not exist", "modprobe vhost_net")
+
+    def test_nic_backend_vhost_net_needs_vhost_net(self):
+        self.assertFails(_run_tool("--iface", "lo", "--backend", "tap", "--nic-backend",
+                                   "vhost-net"), "--nic-backend vhost-net needs the vhost-net "
+                                                 "backend")
+        self.assertFails(_run_tool("--iface", "lo", "--nic-backend", "vhost-net", "--path",
+                                   "/nonexistent"), "--nic-backend vhost-net",
+                         "/nonexistent does not exist")
 
     def test_nic_missing(self):
         r = _run_tool("--iface", "nosuchnic0", "--path", "/dev/null")

@@ -115,6 +115,60 @@ class TestVirtioUserPort(unittest.TestCase):
             self.assertEqual(max(len(c) for c in port.txq.chains if c), 2)
 
 
+class TestVhostBridgeLibrary(unittest.TestCase):
+    """VhostBridge used as a library: two devices, traffic, stop from another thread,
+    close leaves nothing (no fd, no vhost thread, no tap, arp_ignore restored)."""
+
+    def setUp(self):
+        topo.make_outside(offloads=False)
+
+    def tearDown(self):
+        topo.remove_outside()
+
+    def test_bridge_in_a_thread_and_close(self):
+        import threading
+        arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
+        with open(arp_ignore) as f:
+            original = f.read().strip()
+        fds_before = sorted(os.listdir("/proc/self/fd"))
+        nic = vp.PacketSocket("veth0")
+        bridge = vp.VhostBridge(nic, queue_size=64, rx_cksum=True, lro=True)
+        worker = threading.Thread(target=bridge.run)
+        try:
+            self.assertEqual(bridge.name, "tap0")
+            self.assertEqual(bridge.hdr_len, 10)
+            self.assertEqual(bridge.tap.vnet_hdr_sz(), 10)
+            self.assertEqual(len(topo.vhost_threads(os.getpid())), 2)
+            with open(arp_ignore) as f:
+                self.assertEqual(f.read().strip(), "8")
+            topo.configure_tap("tap0")
+            worker.start()
+            self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+            # 64-entry rings, 2 MB each way: every buffer is recycled many times.
+            for direction in ("in", "out"):
+                sent, received = topo.tcp_transfer(direction, 2 << 20)
+                self.assertEqual(sent, received, direction)
+        finally:
+            bridge.stop()
+            if worker.ident is not None:
+                worker.join(30)
+            stuck = worker.is_alive()
+            if not stuck:                     # never unmap rings under a running loop
+                bridge.close()
+            nic.close()
+        self.assertFalse(stuck, "run() did not return after stop()")
+        self.assertGreater(bridge.nic_stats.rx_packets, 2 << 20 >> 11)
+        self.assertEqual(bridge.nic_stats.rx_packets, bridge.tap_stats.tx_packets)
+        self.assertEqual(bridge.nic_stats.tx_packets, bridge.tap_stats.rx_packets)
+        self.assertFalse(any(vq.broken for vq in (bridge.tap_rxq, bridge.tap_txq,
+                                                 bridge.nic_rxq, bridge.nic_txq)))
+        self.assertNotIn("tap0", topo.interfaces())
+        topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost threads exit")
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
+        with open(arp_ignore) as f:
+            self.assertEqual(f.read().strip(), original)
+
+
 class TestBridgeDefaults(BridgeCase, unittest.TestCase):
     """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
     LRO = True
@@ -151,6 +205,18 @@ class TestBridgeLroOutsideTsoGro(BridgeCase, unittest.TestCase):
     LRO = True
 
 
+class TestBridgeSocketNic(BridgeCase, unittest.TestCase):
+    """--nic-backend socket (recvmmsg/sendmmsg here, MRG_RXBUF) with the defaults."""
+    ARGS = ("--nic-backend", "socket")
+    LRO = True
+
+
+class TestBridgeSocketNicOffloadsOff(BridgeCase, unittest.TestCase):
+    """--nic-backend socket with no offload anywhere."""
+    ARGS = ("--nic-backend", "socket", "--no-lro", "--no-rx-cksum")
+    OFFLOADS = False
+
+
 class TestBridgeTapBackend(BridgeCase, unittest.TestCase):
     """The tap read/write fallback, chosen explicitly where vhost-net exists."""
     BACKEND = "tap"
@@ -159,6 +225,10 @@ class TestBridgeTapBackend(BridgeCase, unittest.TestCase):
 
 class TestShutdown(ShutdownCase, unittest.TestCase):
     pass
+
+
+class TestShutdownSocketNic(ShutdownCase, unittest.TestCase):
+    ARGS = ("--nic-backend", "socket")
 
 
 class TestDemo(DemoCase, unittest.TestCase):
@@ -205,17 +275,31 @@ class TestCliWithVhost(unittest.TestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("vpbusy0 is already in use", r.stderr)
 
-    def test_verbose_shows_lro_features_and_tap_offloads(self):
-        tool = topo.Tool("--iface", "veth0", "-v", "--lro")
+    def test_verbose_lro_features_tap_offloads_and_stats(self):
+        tool = topo.Tool("--iface", "veth0", "-v", "--lro", "--stats", "0.2")
+        line = tool.readline(timeout=30)
+        self.assertRegex(line or "", r"veth0: rx \d+ pkts .* \| tap0: rx \d+ pkts")
         rc, _, err = tool.stop()
         self.assertEqual(rc, 0, err)
+        self.assertIn("NIC side: a second vhost-net device, backend the packet socket on veth0",
+                      err)
+        self.assertRegex(err, r"negotiated 0x[0-9a-f]+ \(CSUM GUEST_CSUM GUEST_TSO4 GUEST_TSO6 "
+                              r"HOST_TSO4 HOST_TSO6\); vhost-net got 0x0,")
+        self.assertIn("virtio-net header 10 bytes", err)
+        self.assertIn("tap offloads 0x7 (CSUM TSO4 TSO6)", err)
+
+    def test_verbose_socket_nic_shows_mergeable_buffers(self):
+        tool = topo.Tool("--iface", "veth0", "-v", "--nic-backend", "socket")
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("NIC side: recvmmsg/sendmmsg on the packet socket on veth0", err)
         self.assertRegex(err, r"negotiated 0x[0-9a-f]+ \(CSUM GUEST_CSUM GUEST_TSO4 GUEST_TSO6 "
                               r"HOST_TSO4 HOST_TSO6 MRG_RXBUF\)")
-        self.assertIn("tap offloads 0x7 (CSUM TSO4 TSO6)", err)
+        self.assertIn("virtio-net header 12 bytes", err)
 
     def test_verbose_and_periodic_stats(self):
         tool = topo.Tool("--iface", "veth0", "-v", "--stats", "0.2", "--mac",
-                         "02:00:00:00:00:07", "--no-rx-cksum")
+                         "02:00:00:00:00:07", "--no-rx-cksum", "--nic-backend", "socket")
         with open("/sys/class/net/tap0/address") as f:
             self.assertEqual(f.read().strip(), "02:00:00:00:00:07")
         line = tool.readline(timeout=30)

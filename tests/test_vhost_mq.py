@@ -13,6 +13,11 @@ class TestQueues4(QueuesCase, unittest.TestCase):
     QUEUES = 4
 
 
+class TestQueues2SocketNic(QueuesCase, unittest.TestCase):
+    QUEUES = 2
+    ARGS = ("--nic-backend", "socket")
+
+
 class TestQueuesShutdown(QueuesShutdownCase, unittest.TestCase):
     pass
 
