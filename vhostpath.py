@@ -768,11 +768,11 @@ class SplitVirtqueue:
         self.consume_used(desc_id)
         return desc_id, length
 
-    def get_bufs(self):
+    def get_bufs(self, min_len=0):
         """Take every used entry published so far: (ids, lengths), checked as a batch.
 
         For add_bufs rings: no more entries than offered, every id a
-        descriptor of this ring, every length within a buffer.  The entries
+        descriptor of this ring, every length from ``min_len`` to a buffer.  The entries
         are read after used->idx (x86-64 keeps loads in order; elsewhere
         used_pending fences), so they are the ones the device published.
         """
@@ -792,6 +792,8 @@ class SplitVirtqueue:
             self._break(f"used id {max(ids)} is not a descriptor of this ring")
         if max(lengths) > self.buf_size:
             self._break(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
+        if min(lengths) < min_len:
+            self._break(f"used len {min(lengths)} is shorter than {min_len} bytes")
         self.last_used_idx = (self.last_used_idx + n) & 0xFFFF
         return ids, lengths
 
@@ -1907,9 +1909,10 @@ class VhostBridge(_Forwarder):
         # The arena outlives both vhost fds: made before them, so closed after them.
         self.arena = Arena(pool_in + num * VHOST_BUF_SIZE)
         push(self.arena.close)
-        fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(5)]
-        for fd in fds:
-            push(os.close, fd)
+        fds = []
+        for _ in range(5):              # the call eventfd all rings share, a kick per ring
+            fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            push(os.close, fds[-1])
         self.callfd, kicks = fds[0], fds[1:]
         self._open_wakeup()
         push(self._close_wakeup)
@@ -1963,12 +1966,10 @@ class VhostBridge(_Forwarder):
 
     def _forward(self, rxq, txq, rx_stats, tx_stats):
         """Offer what one device received on the other device's TX ring; return how many."""
-        ids, lengths = rxq.get_bufs()
+        h = self.hdr_len
+        ids, lengths = rxq.get_bufs(min_len=h)      # every packet has its header
         if not ids:
             return 0
-        h = self.hdr_len
-        if min(lengths) < h:
-            rxq._break(f"used len {min(lengths)} is shorter than the {h}-byte header")
         txq.add_bufs(ids, lengths)
         txq.kick()
         n, nbytes = len(ids), sum(lengths) - h * len(ids)

@@ -1,6 +1,9 @@
 """Benchmark (not run by CI): vhostpath against the kernel-direct limit, in ONE guest boot.
 
-    sudo python3 tests/bench.py [--suite offloads|queues] [--seconds 10]
+    sudo python3 tests/bench.py [--suite offloads|peers|queues|profile] [--seconds 10]
+
+"peers" is the reference: kernel direct, DPDK testpmd, a naive Python bridge and
+every vhostpath mode (both NIC backends), TCP, 64-byte rates, RTT and CPU.
 
 Each setup carries iperf3 TCP traffic both ways between the kernel side
 (1.1.1.1) and the outside host (1.1.1.2, namespace "outside"):

@@ -244,6 +244,11 @@ class TestUsedRingChecks(unittest.TestCase):
         del desc
         avail.release()
 
+    def test_batch_length_below_minimum(self):
+        self.publish((1, 9))
+        with self.assertRaisesRegex(vp.RingBrokenError, "used len 9 is shorter than 10"):
+            self.vq.get_bufs(min_len=10)
+
     def test_batch_more_used_than_offered(self):
         self.vq.avail_idx_shadow = self.vq.last_used_idx   # nothing in flight
         self.publish((1, 10))
