@@ -1964,14 +1964,16 @@ class VhostBridge(_Forwarder):
         """Restore the NIC, unbind and close both devices, then the tap and the arena."""
         self._stack.close()
 
-    def _forward(self, rxq, txq, rx_stats, tx_stats):
-        """Offer what one device received on the other device's TX ring; return how many."""
+    def _forward(self, rxq, txq, rx_stats, tx_stats, kicks):
+        """Offer what one device received on the other device's TX ring; return how many.
+        A ring that needs a kick is added to ``kicks``."""
         h = self.hdr_len
         ids, lengths = rxq.get_bufs(min_len=h)      # every packet has its header
         if not ids:
             return 0
         txq.add_bufs(ids, lengths)
-        txq.kick()
+        if txq.kick_prepare():
+            kicks.append(txq)
         n, nbytes = len(ids), sum(lengths) - h * len(ids)
         rx_stats.rx_packets += n
         rx_stats.rx_bytes += nbytes
@@ -1985,26 +1987,34 @@ class VhostBridge(_Forwarder):
         return n
 
     @staticmethod
-    def _recycle(txq, rxq):
+    def _recycle(txq, rxq, kicks):
         """Offer the buffers a TX ring has sent to the RX ring of the same pool."""
         ids, _ = txq.get_bufs()
         if ids:
             rxq.add_bufs(ids)
-            rxq.kick()
+            if rxq.kick_prepare():
+                kicks.append(rxq)
 
     def poll_once(self):
         """Pass over the four used rings until they are drained; return the packets forwarded.
 
         A TX ring's buffers are recycled on any pass, so its interrupts are
         wanted only while more than half of its pool waits on it: else the
-        RX side of the pool could run dry with nothing left to wake us.
+        RX side of the pool could run dry with nothing left to wake us.  Each
+        avail->idx is published as soon as its ring is filled; the kicks go at
+        the end of the pass, since a woken vhost worker may take this CPU.
         """
         moved, calm = 0, False
         while not calm:
-            moved += self._forward(self.nic_rxq, self.tap_txq, self.nic_stats, self.tap_stats)
-            moved += self._forward(self.tap_rxq, self.nic_txq, self.tap_stats, self.nic_stats)
-            self._recycle(self.tap_txq, self.nic_rxq)
-            self._recycle(self.nic_txq, self.tap_rxq)
+            kicks = []
+            moved += self._forward(self.nic_rxq, self.tap_txq, self.nic_stats, self.tap_stats,
+                                   kicks)
+            moved += self._forward(self.tap_rxq, self.nic_txq, self.tap_stats, self.nic_stats,
+                                   kicks)
+            self._recycle(self.tap_txq, self.nic_rxq, kicks)
+            self._recycle(self.nic_txq, self.tap_rxq, kicks)
+            for vq in kicks:
+                vq.notify()
             calm = True
             for txq in (self.tap_txq, self.nic_txq):
                 if 2 * txq.in_flight() > txq.num:

@@ -143,6 +143,9 @@ def peer_testpmd():
     def stop():
         proc.kill()
         proc.wait()
+        # A killed testpmd leaves its hugepage files behind, holding the pages.
+        for name in os.listdir("/dev/hugepages"):
+            os.unlink(os.path.join("/dev/hugepages", name))
     try:
         topo.wait_until(lambda: "tap0" in topo.interfaces() or proc.poll() is not None, 600,
                         "testpmd to create tap0")
@@ -150,7 +153,7 @@ def peer_testpmd():
             raise RuntimeError(f"testpmd exited with {proc.returncode}")
         _quiet_veth0()
         topo.configure_tap("tap0")
-        _wait_ping(600)
+        _wait_ping(120)
     except BaseException:
         stop()
         raise
@@ -249,7 +252,33 @@ def rtt_ms():
     return float(m.group(1)) if m else float("nan")
 
 
-def peers_suite(seconds, only=None):
+def peers_suite(seconds, only=None, rounds=1):
+    """Every peer, ``rounds`` times over (interleaved, so drift hits all alike); each
+    figure is the median of its rounds."""
+    rows = [row for _ in range(rounds) for row in _peers_round(seconds, only)]
+    merged = {}
+    for row in rows:
+        merged.setdefault((row["name"], row["offloads"]), []).append(row)
+    return [_median_row(group) for group in merged.values()]
+
+
+def _median_row(group):
+    """One row from the rounds of a setup: the median of each figure over the rounds
+    that worked (the name says how many failed); failed if none did."""
+    good = [r for r in group if "error" not in r]
+    if not good:
+        return group[0]
+    row = dict(good[0])
+    for key, value in row.items():
+        if isinstance(value, float):
+            values = sorted(r[key] for r in good)
+            row[key] = values[len(values) // 2]
+    if len(good) < len(group):
+        row["name"] += f" ({len(group) - len(good)} of {len(group)} rounds failed)"
+    return row
+
+
+def _peers_round(seconds, only):
     rows = []
     for offloads in (False, True):
         for name, start, survives in PEERS:
@@ -343,8 +372,8 @@ SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4),
           "peers": (peers_suite, 2), "profile": (profile_suite, 2)}     # (run, vCPUs)
 
 
-def in_guest(suite, seconds, only=None):
-    rows = SUITES[suite][0](seconds, only)
+def in_guest(suite, seconds, only=None, rounds=1):
+    rows = SUITES[suite][0](seconds, only, **({"rounds": rounds} if suite == "peers" else {}))
     if suite in ("peers", "profile"):
         table = peers_table(rows) if suite == "peers" else rows
         print(table)
@@ -386,23 +415,27 @@ def main():
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--only", help="peers: comma-separated parts of setup names to run "
                                    "(for iterating; a report compares one full run)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="peers: measure every setup this many times, interleaved, and "
+                        "report medians (default %(default)s)")
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.chdir(ROOT)
     only = args.only.split(",") if args.only else None
     if args.in_guest:
-        return in_guest(args.suite, args.seconds, only)
+        return in_guest(args.suite, args.seconds, only, args.rounds)
     from tests import guest
     if args.suite == "peers":
         ensure_dpdk()
     cpus = SUITES[args.suite][1]
     rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest --suite {args.suite} "
-                             f"--seconds {args.seconds}"
+                             f"--seconds {args.seconds} --rounds {args.rounds}"
                              + (f" --only '{args.only}'" if args.only else ""),
                              cwd=ROOT, echo=False, cpus=cpus)
     table = files.get("bench.md", b"").decode()
+    rounds = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"{time.strftime('%Y-%m-%d')}, QEMU TCG, {cpus} vCPUs, Debian kernel "
-          f"{os.path.basename(guest.find_kernel()[1])}\n\n{table}")
+          f"{os.path.basename(guest.find_kernel()[1])}{rounds}\n\n{table}")
     return rc if table else 1
 
 
