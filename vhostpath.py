@@ -516,6 +516,11 @@ def _full_barrier():
 ########################################################################################
 
 
+def _page_round(size):
+    """``size`` rounded up to whole pages."""
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
 class Arena:
     """One page-aligned anonymous mmap holding rings and packet buffers.
 
@@ -526,7 +531,7 @@ class Arena:
     """
 
     def __init__(self, size):
-        self.size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        self.size = _page_round(size)
         self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._anchor = ctypes.c_char.from_buffer(self.mm)
         self.addr = ctypes.addressof(self._anchor)
@@ -852,6 +857,14 @@ class Tap:
         """TUNSETOFFLOAD (TUN_F_*): what the kernel may hand us unsegmented or unchecksummed."""
         _ioctl(self.fd, "TUNSETOFFLOAD", TUNSETOFFLOAD, flags, self.name)
 
+    def set_virtio_net(self, hdr_len, features, mac=None):
+        """The tap side of the negotiation: header size, offloads from the feature
+        bits (tap_offloads), and the MAC address unless None."""
+        self.set_vnet_hdr_sz(hdr_len)
+        self.set_offload(tap_offloads(features))
+        if mac is not None:
+            self.set_mac(mac)
+
     def set_mac(self, mac):
         """SIOCSIFHWADDR through the tap fd (tun accepts it there, no socket needed)."""
         req = _ifreq(self.name)
@@ -1150,6 +1163,17 @@ def _parse_mac(text):
     return mac
 
 
+def _nic_backend(backend, nic_backend=None):
+    """The NIC backend for a ``backend``: vhost-net where the tap side is vhost-net,
+    unless ``nic_backend`` says; vhost-net with the tap backend is refused."""
+    if nic_backend is None:
+        return "vhost-net" if backend == "vhost-net" else "socket"
+    if nic_backend == "vhost-net" and backend != "vhost-net":
+        raise VhostPathError(f"--nic-backend vhost-net needs the vhost-net backend, not "
+                             f"--backend {backend}")
+    return nic_backend
+
+
 def _check_queue_size(num):
     vring_layout(num)
     if num < MIN_QUEUE_SIZE:
@@ -1269,7 +1293,7 @@ class VirtioUserPort(Port):
         self.stats.name = self.tap.name
         # The arena outlives the vhost fd: registered before it, so closed after it.
         num = self.queue_size
-        ring_size = (vring_layout(num)[3] + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        ring_size = _page_round(vring_layout(num)[3])
         rx_rings, tx_rings = 0, ring_size
         rx_bufs, tx_bufs = 2 * ring_size, 2 * ring_size + num * RX_BUF_SIZE
         spills = tx_bufs + num * TX_BUF_SIZE
@@ -1315,11 +1339,8 @@ class VirtioUserPort(Port):
             self.vhost.set_vring(index, vq, self.callfds[index])
         # The tap produces and consumes the virtio-net header (VHOST_NET_F_VIRTIO_NET_HDR
         # not negotiated), so its header size must match ours.
-        self.tap.set_vnet_hdr_sz(self.hdr_len)
         self.tap.set_sndbuf(INT_MAX)
-        self.tap.set_offload(tap_offloads(self.features))
-        if self.mac is not None:
-            self.tap.set_mac(self.mac)
+        self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
         while self.rxq.free:                       # every RX buffer to the device
             self.rxq.add_buf(self.rxq.free.pop(), RX_BUF_SIZE)
         self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fd)
@@ -1511,10 +1532,7 @@ class TapPort(Port):
         self.tap = tap if isinstance(tap, Tap) else Tap(tap)
         try:
             self.stats = PortStats(self.tap.name)
-            self.tap.set_vnet_hdr_sz(self.hdr_len)
-            self.tap.set_offload(tap_offloads(self.features))
-            if self.mac is not None:
-                self.tap.set_mac(self.mac)
+            self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
         except BaseException:
             self.tap.close()
             raise
@@ -1637,9 +1655,17 @@ class QuietNic:
 class _Forwarder:
     """What Bridge and VhostBridge share: stop(), statistics and the poll loop.
 
-    Subclasses set ``nic``, ``nic_stats`` and ``tap_stats``, call
-    ``_open_wakeup`` / ``_close_wakeup``, and define ``_step(ready)``.
+    Subclasses call ``_attach_nic``, ``_open_wakeup`` / ``_close_wakeup``,
+    set ``tap_stats`` and define ``_step(ready)``.
     """
+
+    def _attach_nic(self, nic, nic_stats):
+        """The NIC, its counters (``nic_stats``, or new ones) and the largest frame
+        it carries unsegmented: its MTU plus an Ethernet header and one VLAN tag."""
+        mtu = nic.mtu()
+        self.nic = nic
+        self.nic_stats = nic_stats or PortStats(nic.iface, mtu)
+        self._max_frame = mtu + ETH_HLEN + 4
 
     def _open_wakeup(self):
         self._stopping = False
@@ -1693,9 +1719,8 @@ class Bridge(_Forwarder):
     """
 
     def __init__(self, nic, port, nic_stats=None, quiet_nic=True):
-        self.nic, self.port = nic, port
-        self.nic_stats = nic_stats or PortStats(nic.iface, nic.mtu())
-        self._max_frame = nic.mtu() + ETH_HLEN + 4    # one VLAN tag allowed
+        self.port = port
+        self._attach_nic(nic, nic_stats)
         self._quiet = QuietNic(nic.iface) if quiet_nic else None
         self._open_wakeup()
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
@@ -1847,7 +1872,7 @@ class Bridge(_Forwarder):
 # MRG_RXBUF and every buffer holds a whole 64 KB frame.  Buffers are
 # page-rounded: an MTU-sized frame touches one page of its buffer, so memory
 # is committed only where large frames have been.
-VHOST_BUF_SIZE = -(-(10 + MAX_FRAME) // mmap.PAGESIZE) * mmap.PAGESIZE
+VHOST_BUF_SIZE = _page_round(10 + MAX_FRAME)
 
 
 class VhostBridge(_Forwarder):
@@ -1883,14 +1908,13 @@ class VhostBridge(_Forwarder):
     def __init__(self, nic, tap="tap%d", path="/dev/vhost-net", queue_size=256, mac=None,
                  rx_cksum=False, lro=False, nic_stats=None, tap_stats=None, quiet_nic=True):
         _check_queue_size(queue_size)
-        self.nic, self.path, self.queue_size = nic, path, queue_size
+        self.path, self.queue_size = path, queue_size
         self.mac = _parse_mac(mac)
         self.features = offload_features(rx_cksum, lro)   # all the tap's: see _start
         self.vhost_features = 0
         self.hdr_len = vnet_hdr_len(self.features)
-        self.nic_stats = nic_stats or PortStats(nic.iface, nic.mtu())
+        self._attach_nic(nic, nic_stats)
         self.tap_stats = tap_stats or PortStats("?")
-        self._max_frame = nic.mtu() + ETH_HLEN + 4       # one VLAN tag allowed
         self._stack = contextlib.ExitStack()
         try:
             self._start(tap, quiet_nic)
@@ -1904,7 +1928,7 @@ class VhostBridge(_Forwarder):
         push(self.tap.close)
         self.tap_stats.name = self.tap.name
         num = self.queue_size
-        ring = (vring_layout(num)[3] + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        ring = _page_round(vring_layout(num)[3])
         pool_out, pool_in = 4 * ring, 4 * ring + num * VHOST_BUF_SIZE
         # The arena outlives both vhost fds: made before them, so closed after them.
         self.arena = Arena(pool_in + num * VHOST_BUF_SIZE)
@@ -1935,11 +1959,8 @@ class VhostBridge(_Forwarder):
             dev.set_mem_table([self.arena.region()])
             dev.set_vring(VHOST_NET_VQ_RX, rxq, self.callfd)
             dev.set_vring(VHOST_NET_VQ_TX, txq, self.callfd)
-        self.tap.set_vnet_hdr_sz(self.hdr_len)
         self.tap.set_sndbuf(INT_MAX)
-        self.tap.set_offload(tap_offloads(self.features))
-        if self.mac is not None:
-            self.tap.set_mac(self.mac)
+        self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
         for rxq in (self.tap_rxq, self.nic_rxq):
             rxq.add_bufs(list(range(num)))
         for dev, fd in ((self.vhost, self.tap.fileno()), (self.nic_vhost, self.nic.fileno())):
@@ -2072,12 +2093,8 @@ class QueuePairs:
         if not 1 <= queues <= MAX_TAP_QUEUES:
             raise VhostPathError(f"queues must be from 1 to {MAX_TAP_QUEUES} (the tap's "
                                  f"limit), not {queues}")
-        if nic_backend is None:
-            nic_backend = "vhost-net" if backend == "vhost-net" else "socket"
-        if nic_backend == "vhost-net" and backend != "vhost-net":
-            raise VhostPathError("the vhost-net NIC backend needs the vhost-net backend")
         self.queues, self.backend, self.refresh = queues, backend, refresh
-        self.nic_backend = nic_backend
+        self.nic_backend = _nic_backend(backend, nic_backend)
         self._port_args = dict(tap=None, mac=mac, rx_cksum=rx_cksum, lro=lro)
         if backend == "vhost-net":
             self._port_args.update(path=path, queue_size=queue_size)
@@ -2349,9 +2366,6 @@ def _check_port_options(args, iface=None):
     missing = f"{args.path} does not exist: load the vhost-net driver with 'modprobe vhost_net'"
     if args.backend == "vhost-net" and not os.path.exists(args.path):
         raise VhostPathError(missing)
-    if args.nic_backend == "vhost-net" and args.backend == "tap":
-        raise VhostPathError("--nic-backend vhost-net needs the vhost-net backend, not "
-                             "--backend tap")
     warning = None
     if args.backend == "auto":
         args.backend = "vhost-net" if os.path.exists(args.path) else "tap"
@@ -2361,8 +2375,7 @@ def _check_port_options(args, iface=None):
             warning = (f"warning: {missing}. Falling back to the tap backend: this process "
                        "moves every packet with read()/write() on the tap, with no vhost "
                        "kernel thread, so throughput is lower")
-    if args.nic_backend is None:
-        args.nic_backend = "vhost-net" if args.backend == "vhost-net" else "socket"
+    args.nic_backend = _nic_backend(args.backend, args.nic_backend)
     return warning
 
 
