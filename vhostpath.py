@@ -597,9 +597,15 @@ class SplitVirtqueue:
     forms ``add_bufs`` / ``get_bufs`` instead, which check bounds and counts
     per batch.  Each used entry is bounds-checked; a device that breaks the
     rules makes the ring broken (sticky) and raises RingBrokenError.
+
+    ``event_idx``: VIRTIO_RING_F_EVENT_IDX was negotiated (spec 2.7.7, 2.7.10):
+    kicks and interrupts are then asked for by index (avail_event, used_event)
+    instead of by flag, so ``enable_cb_delayed`` can ask for one interrupt per
+    many used entries.  It needs the full barrier (see _Barrier).
     """
 
-    def __init__(self, arena, ring_offset, buf_offset, num, buf_size, device_writes, kickfd):
+    def __init__(self, arena, ring_offset, buf_offset, num, buf_size, device_writes, kickfd,
+                 event_idx=False):
         if not _TSO and not _full_barrier().available:
             raise VhostPathError(f"no memory barrier for {platform.machine()}: the rings "
                                  "shared with the kernel cannot be ordered")
@@ -607,6 +613,9 @@ class SplitVirtqueue:
         self.buf_size = buf_size
         self.kickfd = kickfd
         self.broken = False
+        self.event_idx = event_idx
+        if event_idx and not _full_barrier().available:
+            raise VhostPathError("VIRTIO_RING_F_EVENT_IDX needs a full memory barrier")
         d, a, u, _ = vring_layout(num)
         base = arena.addr + ring_offset
         self.desc_addr, self.avail_addr, self.used_addr = base + d, base + a, base + u
@@ -622,9 +631,13 @@ class SplitVirtqueue:
         self._desc_u64 = view[ring_offset + d:ring_offset + a].cast("Q")   # addr: 2i
         self._desc_u16 = view[ring_offset + d:ring_offset + a].cast("H")   # flags: 8i+6, next: 8i+7
         self._desc_u32 = view[ring_offset + d:ring_offset + a].cast("I")   # len: 4i+2
-        self._avail = view[ring_offset + a:ring_offset + a + 4 + 2 * num].cast("H")
+        # avail: flags, idx, ring[num], used_event (we write); used: flags, idx,
+        # ring[num] of (id, len), avail_event (the device writes).
+        self._avail = view[ring_offset + a:ring_offset + a + 6 + 2 * num].cast("H")
         self._used_hdr = view[ring_offset + u:ring_offset + u + 4].cast("H")
         self._used_ring = view[ring_offset + u + 4:ring_offset + u + 4 + 8 * num].cast("I")
+        self._avail_event = view[ring_offset + u + 4 + 8 * num:
+                                 ring_offset + u + 6 + 8 * num].cast("H")
         self.bufs = [view[buf_offset + i * buf_size:buf_offset + (i + 1) * buf_size]
                      for i in range(num)]
         self.avail_idx_shadow = 0        # our next avail->idx (free running u16)
@@ -692,17 +705,21 @@ class SplitVirtqueue:
         self._add_head(ids[0], length)
 
     def kick_prepare(self):
-        """Publish avail->idx; return True if the device wants a kick (NO_NOTIFY clear)."""
+        """Publish avail->idx; return True if the device wants a kick: NO_NOTIFY clear,
+        or with event_idx, avail->idx moved past avail_event (vring_need_event)."""
         if not self.num_added:
             return False
+        new, old = self.avail_idx_shadow, (self.avail_idx_shadow - self.num_added) & 0xFFFF
         self.num_added = 0
         barrier = _full_barrier()
         if not _TSO:
             barrier()                             # entries before avail->idx (virtio_wmb)
-        self._avail[1] = self.avail_idx_shadow    # after the entries: TSO keeps the order
+        self._avail[1] = new                      # after the entries: TSO keeps the order
         if not barrier.available:
             return True
-        barrier()                                 # avail->idx store before used->flags load
+        barrier()                                 # avail->idx store before the device's word
+        if self.event_idx:
+            return (new - self._avail_event[0] - 1) & 0xFFFF < (new - old) & 0xFFFF
         return not self._used_hdr[0] & VRING_USED_F_NO_NOTIFY
 
     def notify(self):
@@ -715,24 +732,48 @@ class SplitVirtqueue:
             self.notify()
 
     def disable_cb(self):
-        """Tell the device no interrupt is needed (VRING_AVAIL_F_NO_INTERRUPT; a hint).
+        """Tell the device no interrupt is needed (a hint), as Linux's virtqueue_disable_cb:
+        VRING_AVAIL_F_NO_INTERRUPT, or with event_idx a used_event one behind
+        the entries taken, which used->idx reaches only after going round.
 
-        As in Linux's virtqueue_disable_cb.  Without a full barrier enable_cb
-        could miss an entry, so then interrupts stay on.
+        Without a full barrier enable_cb could miss an entry, so then
+        interrupts stay on.
         """
-        if _full_barrier().available:
+        if self.event_idx:
+            self._avail[2 + self.num] = (self.last_used_idx - 1) & 0xFFFF
+        elif _full_barrier().available:
             self._avail[0] = VRING_AVAIL_F_NO_INTERRUPT
 
     def enable_cb(self):
-        """Ask for interrupts again; False if used entries are pending already.
+        """Ask for an interrupt at the next used entry; False if used entries are
+        pending already.
 
-        Those may have come before the device saw the flag, without an
+        Those may have come before the device saw the request, without an
         interrupt: the caller takes them first (virtqueue_enable_cb).
         """
+        if self.event_idx:
+            return self._used_event_at(0)
         if self._avail[0]:
             self._avail[0] = 0
             _full_barrier()()                     # flags store before the used->idx load
         return not self.used_pending()
+
+    def enable_cb_delayed(self):
+        """Ask for one interrupt once about 3/4 of the entries in flight are used;
+        False if that many are used already (virtqueue_enable_cb_delayed).
+
+        Only safe where every entry in flight will be used without outside
+        help (a TX ring).  Without event_idx it is enable_cb.
+        """
+        if self.event_idx:
+            return self._used_event_at(self.in_flight() * 3 // 4)
+        return self.enable_cb()
+
+    def _used_event_at(self, count):
+        # Spec 2.7.10: the device interrupts when used->idx passes used_event.
+        self._avail[2 + self.num] = (self.last_used_idx + count) & 0xFFFF
+        _full_barrier()()                         # used_event store before the used->idx load
+        return self.used_pending() <= count
 
     def in_flight(self):
         """Entries offered to the device and not yet taken back."""
@@ -805,7 +846,7 @@ class SplitVirtqueue:
     def close(self):
         """Release every view into the arena, so that the arena can be unmapped."""
         for view in (self._desc_u64, self._desc_u16, self._desc_u32, self._avail, self._used_hdr,
-                     self._used_ring, *self.bufs):
+                     self._used_ring, self._avail_event, *self.bufs):
             view.release()
 
     def _break(self, why):
@@ -1904,13 +1945,14 @@ class VhostBridge(_Forwarder):
     """
 
     BACKEND = "vhost-net"
+    VHOST_FEATURES = 1 << VIRTIO_RING_F_EVENT_IDX     # what we ask of both devices
 
     def __init__(self, nic, tap="tap%d", path="/dev/vhost-net", queue_size=256, mac=None,
                  rx_cksum=False, lro=False, nic_stats=None, tap_stats=None, quiet_nic=True):
         _check_queue_size(queue_size)
         self.path, self.queue_size = path, queue_size
         self.mac = _parse_mac(mac)
-        self.features = offload_features(rx_cksum, lro)   # all the tap's: see _start
+        self.features = offload_features(rx_cksum, lro)   # the tap's; _start adds vhost's
         self.vhost_features = 0
         self.hdr_len = vnet_hdr_len(self.features)
         self._attach_nic(nic, nic_stats)
@@ -1940,19 +1982,24 @@ class VhostBridge(_Forwarder):
         self.callfd, kicks = fds[0], fds[1:]
         self._open_wakeup()
         push(self._close_wakeup)
-        rings = []
-        for k, (pool, writes) in enumerate(((pool_out, True), (pool_in, False),
-                                            (pool_in, True), (pool_out, False))):
-            rings.append(SplitVirtqueue(self.arena, k * ring, pool, num, VHOST_BUF_SIZE,
-                                        writes, kicks[k]))
-            push(rings[-1].close)
-        self.tap_rxq, self.tap_txq, self.nic_rxq, self.nic_txq = rings
-        # Neither device is asked for a feature: the offload bits are the tap's
-        # (TUNSETOFFLOAD), and the packet socket honours the same header.
         self.vhost = VhostNet(self.path)
         push(self.vhost.close)
         self.nic_vhost = VhostNet(self.path)
         push(self.nic_vhost.close)
+        # Only EVENT_IDX is asked of vhost-net (and only with the barrier it needs):
+        # the offload bits are the tap's (TUNSETOFFLOAD), and the packet socket
+        # honours the same header.
+        wanted = self.VHOST_FEATURES if _full_barrier().available else 0
+        self.vhost_features = self.vhost.offered & self.nic_vhost.offered & wanted
+        self.features |= self.vhost_features
+        event_idx = bool(self.vhost_features & 1 << VIRTIO_RING_F_EVENT_IDX)
+        rings = []
+        for k, (pool, writes) in enumerate(((pool_out, True), (pool_in, False),
+                                            (pool_in, True), (pool_out, False))):
+            rings.append(SplitVirtqueue(self.arena, k * ring, pool, num, VHOST_BUF_SIZE,
+                                        writes, kicks[k], event_idx))
+            push(rings[-1].close)
+        self.tap_rxq, self.tap_txq, self.nic_rxq, self.nic_txq = rings
         for dev, rxq, txq in ((self.vhost, self.tap_rxq, self.tap_txq),
                               (self.nic_vhost, self.nic_rxq, self.nic_txq)):
             dev.set_features(self.vhost_features)
@@ -2019,11 +2066,15 @@ class VhostBridge(_Forwarder):
     def poll_once(self):
         """Pass over the four used rings until they are drained; return the packets forwarded.
 
-        A TX ring's buffers are recycled on any pass, so its interrupts are
-        wanted only while more than half of its pool waits on it: else the
-        RX side of the pool could run dry with nothing left to wake us.  Each
-        avail->idx is published as soon as its ring is filled; the kicks go at
-        the end of the pass, since a woken vhost worker may take this CPU.
+        Interrupt moderation, per pool: while more than a quarter of the pool
+        waits on its TX ring, the TX ring alone wakes us, once about 3/4 of
+        it is sent (enable_cb_delayed), and then we also take what the RX
+        ring received meanwhile; the device keeps sending the rest.  So a
+        busy direction costs a wakeup per hundreds of packets, not per
+        vhost batch (64).  Otherwise the RX ring wakes us at its next packet,
+        and TX buffers are recycled on any pass.  Each avail->idx is
+        published as soon as its ring is filled; the kicks go at the end of
+        the pass, since a woken vhost worker may take this CPU.
         """
         moved, calm = 0, False
         while not calm:
@@ -2037,11 +2088,13 @@ class VhostBridge(_Forwarder):
             for vq in kicks:
                 vq.notify()
             calm = True
-            for txq in (self.tap_txq, self.nic_txq):
-                if 2 * txq.in_flight() > txq.num:
-                    calm = txq.enable_cb() and calm
+            for txq, rxq in ((self.tap_txq, self.nic_rxq), (self.nic_txq, self.tap_rxq)):
+                if 4 * txq.in_flight() > txq.num:
+                    rxq.disable_cb()
+                    calm = txq.enable_cb_delayed() and calm
                 else:
                     txq.disable_cb()
+                    calm = rxq.enable_cb() and calm
         return moved
 
     def run(self, stats_interval=None, on_stats=None):

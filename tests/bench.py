@@ -213,36 +213,15 @@ def cpu_seconds(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _rx_packets(dev, ns=None):
-    return int(topo.sh("cat", f"/sys/class/net/{dev}/statistics/rx_packets", ns=ns))
-
-
-def _pgset(path, cmd, ns=None):
-    topo.sh("sh", "-c", f"echo '{cmd}' > {path}", ns=ns, timeout=600)
-
-
 def pktgen_kpps(inbound, dev, count=200000):
     """64-byte UDP from pktgen; kpps that arrive at the other end."""
-    if inbound:        # outside veth1 -> kernel side ``dev``
-        send_ns, send_dev, recv_ns, recv_dev, dst = topo.NS, "veth1", None, dev, topo.KERNEL_IP
-    else:              # kernel side ``dev`` -> outside veth1
-        send_ns, send_dev, recv_ns, recv_dev, dst = None, dev, topo.NS, "veth1", topo.OUTSIDE_IP
-    mac = topo.sh("cat", f"/sys/class/net/{recv_dev}/address", ns=recv_ns).strip()
-    pg = "/proc/net/pktgen"
-    _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
-    _pgset(f"{pg}/kpktgend_0", f"add_device {send_dev}", send_ns)
-    for cmd in (f"count {count}", "clone_skb 0", "pkt_size 60", "delay 0", f"dst {dst}",
-                f"dst_mac {mac}", "udp_dst_min 9", "udp_dst_max 9"):
-        _pgset(f"{pg}/{send_dev}", cmd, send_ns)
-    before = _rx_packets(recv_dev, recv_ns)
-    start = time.monotonic()
-    _pgset(f"{pg}/pgctrl", "start", send_ns)
-    elapsed = time.monotonic() - start
+    recv_dev, recv_ns = (dev, None) if inbound else ("veth1", topo.NS)
+    before = topo.counter(recv_dev, "rx_packets", recv_ns)
+    elapsed = topo.pktgen(inbound, dev, count)
     last = -1
-    while (now := _rx_packets(recv_dev, recv_ns)) != last:     # until the tail has drained
+    while (now := topo.counter(recv_dev, "rx_packets", recv_ns)) != last:   # tail drained
         last = now
         time.sleep(0.5)
-    _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
     return (last - before) / elapsed / 1000
 
 

@@ -171,6 +171,8 @@ class TestUsedRingChecks(unittest.TestCase):
     device by writing the used ring in memory (no kernel involved).  Both ways of
     taking used entries are checked: one at a time (get_buf) and all (get_bufs)."""
 
+    EVENT_IDX = False
+
     def setUp(self):
         self.num = 8
         self.rings = []
@@ -180,7 +182,8 @@ class TestUsedRingChecks(unittest.TestCase):
         """A fresh device-writable ring with descriptors 0-3 offered, 256 bytes each."""
         _, _, used, size = vp.vring_layout(self.num)
         arena = vp.Arena(size + self.num * 256)
-        vq = vp.SplitVirtqueue(arena, 0, size, self.num, 256, True, kickfd=-1)
+        vq = vp.SplitVirtqueue(arena, 0, size, self.num, 256, True, kickfd=-1,
+                               event_idx=self.EVENT_IDX)
         for desc_id in range(4):
             vq.add_buf(desc_id, 256)
         self.rings.append((arena, vq))
@@ -301,6 +304,73 @@ class TestUsedRingChecks(unittest.TestCase):
         self.assertFalse(self.vq.kick_prepare())  # nothing new since
         avail.release()
         del desc
+
+
+class TestEventIdx(TestUsedRingChecks):
+    """VIRTIO_RING_F_EVENT_IDX (spec 2.7.7, 2.7.10): the same used-ring checks, and
+    kicks and interrupts asked for by index.  The test plays the device: it writes
+    avail_event and reads used_event in memory."""
+
+    EVENT_IDX = True
+
+    def words(self):
+        """(used_event view, avail_event view) of the current ring."""
+        _, avail, used, _ = vp.vring_layout(self.num)
+        tail = 4 + 2 * self.num
+        views = (self.arena.view[avail + tail:avail + tail + 2].cast("H"),
+                 self.arena.view[used + 4 + 8 * self.num:used + 6 + 8 * self.num].cast("H"))
+        self.views = views
+        return views
+
+    def tearDown(self):
+        for view in getattr(self, "views", ()):
+            view.release()
+        super().tearDown()
+
+    def test_kick_only_when_avail_idx_passes_avail_event(self):
+        _, avail_event = self.words()
+        self.assertTrue(self.vq.kick_prepare())     # 0 -> 4 passes avail_event 0
+        avail_event[0] = 6                          # the device: kick me once idx passes 6
+        self.vq.add_bufs([4, 5])
+        self.assertFalse(self.vq.kick_prepare())    # 4 -> 6: not past 6
+        self.vq.add_bufs([6])
+        self.assertTrue(self.vq.kick_prepare())     # 6 -> 7: passes 6
+        self.vq.add_bufs([7])
+        self.assertFalse(self.vq.kick_prepare())    # 7 -> 8: passed already, the device is awake
+
+    def test_kick_decision_across_the_index_wrap(self):
+        _, avail_event = self.words()
+        self.vq.kick_prepare()
+        self.vq.avail_idx_shadow = 0xFFFE
+        avail_event[0] = 0xFFFF
+        self.vq.add_bufs([4, 5, 6])                 # 0xFFFE -> 1 passes 0xFFFF
+        self.assertTrue(self.vq.kick_prepare())
+
+    def test_enable_cb_asks_for_the_next_entry(self):
+        used_event, _ = self.words()
+        self.vq.last_used_idx = 2
+        self.vq.avail_idx_shadow = 6
+        self.publish((0, 10), (1, 10), start=0)     # idx 2: nothing pending
+        self.assertTrue(self.vq.enable_cb())
+        self.assertEqual(used_event[0], 2)
+        self.publish((0, 10), (1, 10), (2, 10), start=0)
+        self.assertFalse(self.vq.enable_cb())       # one came first: take it before sleeping
+
+    def test_enable_cb_delayed_waits_for_three_quarters_in_flight(self):
+        used_event, _ = self.words()
+        self.assertEqual(self.vq.in_flight(), 4)
+        self.publish((0, 10), (1, 10), (2, 10))
+        self.assertTrue(self.vq.enable_cb_delayed())
+        self.assertEqual(used_event[0], 3)          # interrupt once used->idx passes 3
+        self.publish((0, 10), (1, 10), (2, 10), (3, 10))
+        self.assertFalse(self.vq.enable_cb_delayed())
+
+    def test_disable_cb_puts_used_event_behind(self):
+        used_event, _ = self.words()
+        self.publish((0, 10))
+        self.vq.get_bufs()
+        self.vq.disable_cb()
+        self.assertEqual(used_event[0], 0)          # last_used_idx 1, minus one
 
 
 def _interfaces():

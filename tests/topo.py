@@ -132,6 +132,43 @@ def iperf3(parallel, seconds, reverse=False):
         server.wait()
 
 
+def counter(dev, name, ns=None):
+    """An interface counter from sysfs (rx_packets, tx_packets, ...)."""
+    return int(sh("cat", f"/sys/class/net/{dev}/statistics/{name}", ns=ns))
+
+
+def _pgset(path, cmd, ns=None, timeout=60):
+    sh("sh", "-c", f"echo '{cmd}' > {path}", ns=ns, timeout=timeout)
+
+
+def pktgen(inbound, dev, count, timeout=600):
+    """Send ``count`` 64-byte UDP frames as fast as the kernel's pktgen can: from the
+    outside veth1 to the kernel side ``dev`` (inbound) or back; return the seconds the
+    sending took (the tail may still be on its way).  pktgen waits while the device
+    refuses frames (a stuck tap): after ``timeout`` s it is stopped, and that fails."""
+    if inbound:
+        send_ns, send_dev, recv_ns, recv_dev, dst = NS, "veth1", None, dev, KERNEL_IP
+    else:
+        send_ns, send_dev, recv_ns, recv_dev, dst = None, dev, NS, "veth1", OUTSIDE_IP
+    mac = sh("cat", f"/sys/class/net/{recv_dev}/address", ns=recv_ns).strip()
+    pg = "/proc/net/pktgen"
+    _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
+    _pgset(f"{pg}/kpktgend_0", f"add_device {send_dev}", send_ns)
+    for cmd in (f"count {count}", "clone_skb 0", "pkt_size 60", "delay 0", f"dst {dst}",
+                f"dst_mac {mac}", "udp_dst_min 9", "udp_dst_max 9"):
+        _pgset(f"{pg}/{send_dev}", cmd, send_ns)
+    start = time.monotonic()
+    try:
+        _pgset(f"{pg}/pgctrl", "start", send_ns, timeout)
+    except subprocess.TimeoutExpired:
+        _pgset(f"{pg}/pgctrl", "stop", send_ns)
+        raise AssertionError(f"pktgen could not send {count} frames on {send_dev} "
+                             f"within {timeout} s") from None
+    finally:
+        _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
+    return time.monotonic() - start
+
+
 def wait_until(predicate, timeout, what):
     """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
