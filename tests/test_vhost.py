@@ -200,14 +200,21 @@ class TestVhostBridgeFlood(unittest.TestCase):
         if not self.worker.is_alive():        # never unmap rings under a running loop
             self.bridge.close()
 
+    def word(self, addr):
+        """A u16 of ring memory, read without touching the ring object, which the
+        bridge's thread owns (its used_pending() would mark a torn view broken)."""
+        return struct.unpack_from("=H", self.bridge.arena.view, addr - self.bridge.arena.addr)[0]
+
     def settled(self):
-        """No used entry waits on an RX ring; every TX entry was used, and no TX ring
-        holds more than a quarter of its pool (the rest went back to the RX rings); the
-        tap's own counters match the bridge's (the tap was created by the bridge)."""
+        """No used entry waits on an RX ring; the device used every published TX entry,
+        and no TX ring holds more than a quarter of its pool (the rest went back to the
+        RX rings); the tap's own counters match the bridge's (the bridge created it)."""
         b = self.bridge
-        return (b.tap_rxq.used_pending() == 0 and b.nic_rxq.used_pending() == 0
-                and all(vq.in_flight() == vq.used_pending() and 4 * vq.in_flight() <= vq.num
-                        for vq in (b.tap_txq, b.nic_txq))
+        rx_taken = all(vq.last_used_idx == self.word(vq.used_addr + 2)     # taken, then idx
+                       for vq in (b.tap_rxq, b.nic_rxq))
+        tx_sent = all(self.word(vq.avail_addr + 2) == self.word(vq.used_addr + 2)
+                      and 4 * vq.in_flight() <= vq.num for vq in (b.tap_txq, b.nic_txq))
+        return (rx_taken and tx_sent
                 and topo.counter("tap0", "tx_packets") == b.tap_stats.rx_packets
                 and topo.counter("tap0", "rx_packets") + topo.counter("tap0", "rx_dropped")
                 == b.tap_stats.tx_packets)
