@@ -2000,6 +2000,8 @@ class VhostBridge(_Forwarder):
                                         writes, kicks[k], event_idx))
             push(rings[-1].close)
         self.tap_rxq, self.tap_txq, self.nic_rxq, self.nic_txq = rings
+        # (TX ring, RX ring) of each buffer pool: "in", then "out".
+        self._pools = ((self.tap_txq, self.nic_rxq), (self.nic_txq, self.tap_rxq))
         for dev, rxq, txq in ((self.vhost, self.tap_rxq, self.tap_txq),
                               (self.nic_vhost, self.nic_rxq, self.nic_txq)):
             dev.set_features(self.vhost_features)
@@ -2083,12 +2085,12 @@ class VhostBridge(_Forwarder):
                                    kicks)
             moved += self._forward(self.tap_rxq, self.nic_txq, self.tap_stats, self.nic_stats,
                                    kicks)
-            self._recycle(self.tap_txq, self.nic_rxq, kicks)
-            self._recycle(self.nic_txq, self.tap_rxq, kicks)
+            for txq, rxq in self._pools:
+                self._recycle(txq, rxq, kicks)
             for vq in kicks:
                 vq.notify()
             calm = True
-            for txq, rxq in ((self.tap_txq, self.nic_rxq), (self.nic_txq, self.tap_rxq)):
+            for txq, rxq in self._pools:
                 if 4 * txq.in_flight() > txq.num:
                     rxq.disable_cb()
                     calm = txq.enable_cb_delayed() and calm
