@@ -6,12 +6,13 @@ worker thread moves packets between the driver's virtqueues and a tap device
 (``tap0``), i.e. into the Linux network stack.  vhostpath bridges a NIC (an
 ``AF_PACKET`` raw socket) to those virtqueues, so that what arrives on the NIC
 reaches the kernel through ``tap0`` and what the kernel sends on ``tap0`` leaves
-through the NIC.  By default a second vhost-net device serves the NIC's packet
-socket, so kernel threads move every frame and Python only hands descriptors
-from one device's rings to the other's (``VhostBridge``)::
+through the NIC.  By default (``VhostBridge``) the kernel moves every frame and
+Python only hands descriptors on: frames from the NIC land in the packet
+socket's mmap'd receive ring, whose slots are the tap TX ring's buffers, and a
+second vhost-net device sends the tap's frames out on the packet socket::
 
-    NIC eth1 --AF_PACKET--vhost-net--> [RX ring -> TX ring] --vhost-net--> tap0 --> stack
-    NIC eth1 <-AF_PACKET--vhost-net--- [TX ring <- RX ring] <-vhost-net--- tap0 <-- stack
+    NIC eth1 --AF_PACKET RX ring (softirq)=[ring slot = TX desc]--vhost-net--> tap0 --> stack
+    NIC eth1 <-AF_PACKET--vhost-net--- [TX ring <- RX ring] <-vhost-net--------- tap0 <-- stack
 
 With ``--nic-backend socket`` this process reads and writes the NIC socket
 itself (recvmmsg/sendmmsg, ``Bridge``), as DPDK's af_packet port does.
@@ -35,8 +36,8 @@ Library::
         port.tx_burst([frame])                               # frames into the kernel
         frames = port.rx_burst()                             # frames from the kernel
 
-    # A NIC bridged to the kernel: VhostBridge(PacketSocket("eth1")).run() (two
-    # vhost-net devices), Bridge(PacketSocket("eth1"), port).run() (this process
+    # A NIC bridged to the kernel: VhostBridge(PacketSocket("eth1")).run() (packet
+    # ring and two vhost-net devices), Bridge(PacketSocket("eth1"), port).run() (this process
     # moves NIC frames), or QueuePairs("eth1", queues=4).run() (a worker per pair).
 
 Licence: BSD-3-Clause.
@@ -156,7 +157,17 @@ ETH_P_ALL = 0x0003
 ETH_HLEN = 14
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
+PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
+PACKET_COPY_THRESH = 7
+PACKET_VERSION = 10
+TPACKET_V1 = 0
+TPACKET_V2 = 1
+TPACKET_ALIGNMENT = 16
+TPACKET2_HDRLEN = 52                    # TPACKET_ALIGN(sizeof(tpacket2_hdr)) + sizeof(sockaddr_ll)
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1 << 0
+TP_STATUS_COPY = 1 << 1
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
 PACKET_FANOUT = 18
@@ -308,6 +319,21 @@ class mmsghdr(ctypes.Structure):
 class tpacket_stats(ctypes.Structure):
     """linux/if_packet.h: PACKET_STATISTICS result (clear on read)."""
     _fields_ = [("tp_packets", ctypes.c_uint), ("tp_drops", ctypes.c_uint)]
+
+
+class tpacket_req(ctypes.Structure):
+    """linux/if_packet.h: PACKET_RX_RING geometry for TPACKET_V1/V2."""
+    _fields_ = [("tp_block_size", ctypes.c_uint), ("tp_block_nr", ctypes.c_uint),
+                ("tp_frame_size", ctypes.c_uint), ("tp_frame_nr", ctypes.c_uint)]
+
+
+class tpacket2_hdr(ctypes.Structure):
+    """linux/if_packet.h: the header at the start of every TPACKET_V2 ring frame."""
+    _fields_ = [("tp_status", ctypes.c_uint32), ("tp_len", ctypes.c_uint32),
+                ("tp_snaplen", ctypes.c_uint32), ("tp_mac", ctypes.c_uint16),
+                ("tp_net", ctypes.c_uint16), ("tp_sec", ctypes.c_uint32),
+                ("tp_nsec", ctypes.c_uint32), ("tp_vlan_tci", ctypes.c_uint16),
+                ("tp_vlan_tpid", ctypes.c_uint16), ("tp_padding", ctypes.c_uint8 * 4)]
 
 
 # linux/vhost.h
@@ -655,6 +681,14 @@ class SplitVirtqueue:
     def set_addr(self, desc_id, addr):
         """Point a free descriptor at other arena memory (restore with buf_addr)."""
         self._desc_u64[desc_id * 2] = addr
+
+    def set_addrs(self, first, addrs):
+        """Point free descriptors ``first``, ``first + 1``, ... (wrapping at num) at
+        ``addrs``, a memoryview of u64 ("Q")."""
+        n, num = len(addrs), self.num
+        k = min(n, num - first)
+        self._desc_u64[2 * first:2 * (first + k):2] = addrs[:k]
+        self._desc_u64[0:2 * (n - k):2] = addrs[k:]
 
     def _add_head(self, head, capacity):
         # Virtio spec 2.7.13: descriptors first, then the avail ring entry; the
@@ -1061,7 +1095,8 @@ class PacketSocket:
             return int(f.read())
 
     def drops(self):
-        """Frames the kernel dropped for want of socket buffer since the last call."""
+        """Frames the kernel dropped for want of socket buffer or ring slot since the
+        last call."""
         raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, ctypes.sizeof(tpacket_stats))
         return tpacket_stats.from_buffer_copy(raw).tp_drops
 
@@ -1073,6 +1108,123 @@ class PacketSocket:
 
     def __repr__(self):
         return f"<PacketSocket {self.iface} fd={self.sock.fileno()}>"
+
+
+def _tpacket_align(size):
+    return -(-size // TPACKET_ALIGNMENT) * TPACKET_ALIGNMENT
+
+
+_USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))    # a tp_status byte -> 1 if the user's
+
+
+class PacketRxRing:
+    """A TPACKET_V2 receive ring (PACKET_RX_RING) on a PacketSocket, mapped here.
+
+    In the softirq that receives a frame, the kernel copies it into the next
+    ring frame, behind a tpacket2_hdr and the socket's 10-byte virtio_net_hdr
+    (at tp_mac - 10), then sets tp_status to TP_STATUS_USER.  Clearing
+    tp_status hands a frame back.  The kernel fills frames strictly in ring
+    order and drops (PACKET_STATISTICS) while its next frame is not back.  A
+    frame too big for its slot is truncated there and, with
+    PACKET_COPY_THRESH, queued whole on the socket (TP_STATUS_COPY), where
+    recv() finds these in ring order.  Documentation/networking/packet_mmap.rst.
+
+    ``frame_nr`` slots (even) of ``slot_size(max_frame)``: 2 KB, or whole pages
+    when ``max_frame`` does not fit in 2 KB.  ``close()`` unmaps and frees the
+    ring, leaving the socket as it was.
+    """
+
+    SLOT = 2048
+    # tpacket_rcv(): netoff = TPACKET_ALIGN(hdrlen + max(16, maclen)) + vnet header;
+    # macoff = netoff - maclen.  An Ethernet frame's maclen is ETH_HLEN.
+    MAC_OFFSET = _tpacket_align(TPACKET2_HDRLEN + 16) + ctypes.sizeof(virtio_net_hdr) - ETH_HLEN
+
+    @classmethod
+    def slot_size(cls, max_frame):
+        """The slot that holds a ``max_frame``-byte frame: 2 KB, or whole pages."""
+        need = cls.MAC_OFFSET + max_frame
+        return cls.SLOT if need <= cls.SLOT else _page_round(need)
+
+    def __init__(self, nic, frame_nr, max_frame):
+        self.frame_size = self.slot_size(max_frame)
+        self.frame_nr = frame_nr
+        block_size = max(self.frame_size, mmap.PAGESIZE)
+        req = tpacket_req(block_size, frame_nr * self.frame_size // block_size,
+                          self.frame_size, frame_nr)
+        self.sock = nic.sock
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            self.sock.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
+            self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, bytes(req))
+            self.mm = mmap.mmap(self.sock.fileno(), frame_nr * self.frame_size)
+        except OSError as e:
+            self._free()
+            raise VhostPathError(f"{nic.iface}: cannot map a packet receive ring "
+                                 f"(PACKET_RX_RING, {frame_nr} x {self.frame_size} bytes): "
+                                 f"{e.strerror}") from None
+        self._anchor = ctypes.c_char.from_buffer(self.mm)
+        self.addr = ctypes.addressof(self._anchor)
+        self.view = memoryview(self.mm)
+        self._u32 = self.view.cast("I")
+        self._u16 = self.view.cast("H")
+        self._zeros = memoryview(array.array("I", bytes(4 * frame_nr)))
+        # The low byte of tp_status holds TP_STATUS_USER.
+        self._status_byte = 0 if sys.byteorder == "little" else 3
+
+    def region(self):
+        """The vhost_memory_region that maps the ring (identity, as Arena.region)."""
+        return vhost_memory_region(guest_phys_addr=self.addr, memory_size=len(self.mm),
+                                   userspace_addr=self.addr, flags_padding=0)
+
+    def frame_addr(self, i):
+        return self.addr + i * self.frame_size
+
+    def ready(self, start, limit):
+        """How many frames from ``start`` on (at most ``limit``, no wrap) the kernel
+        has handed over (TP_STATUS_USER)."""
+        fs, b = self.frame_size, self._status_byte
+        status = self.view[start * fs + b:(start + limit) * fs:fs].tobytes()
+        n = status.translate(_USER_BIT).find(0)
+        if n and not _TSO:
+            _full_barrier()()                     # tp_status before the frame (smp_rmb)
+        return limit if n < 0 else n
+
+    def headers(self, start, n):
+        """tp_status, tp_len, tp_snaplen and tp_mac of frames start .. start+n-1."""
+        q, h = self.frame_size // 4, self.frame_size // 2
+        u32, end = self._u32, (start + n) * q
+        return (u32[start * q:end:q].tolist(), u32[start * q + 1:end:q].tolist(),
+                u32[start * q + 2:end:q].tolist(),
+                self._u16[start * h + 6:(start + n) * h:h].tolist())
+
+    def release(self, start, n):
+        """Hand ``n`` frames from ``start`` on (in ring order) back to the kernel.
+
+        Only frames vhost is done with: the tp_status stores come after the
+        used->idx load that showed it, an order x86-64 keeps (loads are not
+        reordered with later stores) and used_pending() fences elsewhere."""
+        q, first = self.frame_size // 4, min(n, self.frame_nr - start)
+        self._u32[start * q:(start + first) * q:q] = self._zeros[:first]
+        self._u32[0:(n - first) * q:q] = self._zeros[:n - first]
+
+    def _free(self):
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, bytes(tpacket_req()))
+            self.sock.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 0)
+            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V1)
+
+    def close(self):
+        """Unmap and free the ring; only once vhost no longer reads it."""
+        if self.mm is not None:
+            for view in (self._u32, self._u16, self.view):
+                view.release()
+            del self._anchor
+            self.mm.close()
+            self.mm = None
+            self._free()
+
+    def __repr__(self):
+        return f"<PacketRxRing {self.frame_nr} x {self.frame_size} bytes at {self.addr:#x}>"
 
 
 ########################################################################################
@@ -1914,34 +2066,41 @@ class Bridge(_Forwarder):
 # page-rounded: an MTU-sized frame touches one page of its buffer, so memory
 # is committed only where large frames have been.
 VHOST_BUF_SIZE = _page_round(10 + MAX_FRAME)
+NIC_RING_BYTES = 4 << 20        # the packet receive ring: a burst's worth, as SO_RCVBUF was
 
 
 class VhostBridge(_Forwarder):
-    """Forwards between a NIC and a tap with two vhost-net devices: Python moves descriptors.
+    """Forwards between a NIC and a tap through vhost-net: Python moves descriptors.
 
     The *tap device* is vhost-net with the tap as its backend, as in
-    VirtioUserPort.  The *NIC device* is a second /dev/vhost-net whose backend
-    is the NIC's packet socket: VHOST_NET_SET_BACKEND accepts an AF_PACKET
-    SOCK_RAW fd, and its PACKET_VNET_HDR header is the same 10-byte
+    VirtioUserPort.  The *NIC device* is a second /dev/vhost-net whose TX
+    backend is the NIC's packet socket: VHOST_NET_SET_BACKEND accepts an
+    AF_PACKET SOCK_RAW fd, and its PACKET_VNET_HDR header is the same 10-byte
     virtio_net_hdr the tap uses, so GSO frames and partial checksums cross
-    unchanged.  Both devices map one arena holding two buffer pools::
+    unchanged.  Frames from the NIC arrive in the socket's receive ring
+    (PacketRxRing), copied there by the kernel in the softirq that received
+    them, the way DPDK's af_packet PMD receives::
 
-        NIC --vhost--> NIC RX ring --> tap TX ring --vhost--> tap   (pool "in")
-        NIC <--vhost-- NIC TX ring <-- tap RX ring <--vhost-- tap   (pool "out")
+        NIC --softirq--> packet ring frame i = tap TX descriptor i --vhost--> tap
+        NIC <--vhost-- NIC TX ring <-- tap RX ring <--vhost-- tap   (buffer pool)
 
-    Buffer i of a pool is descriptor i in both rings of the pool.  Forwarding
-    takes the used entries (i, len) of an RX ring and offers descriptor i,
-    len bytes, on the other device's TX ring; a used TX entry offers buffer i
-    to the RX ring again.  Python touches no payload and makes no socket call:
-    per wakeup one poll(), one read of the call eventfd all four rings share,
-    and the kicks vhost asks for.  A pool never holds more buffers than a ring
-    has entries, so a TX ring is never full: when the kernel falls behind, the
-    NIC device runs out of RX buffers and the packet socket drops (counted).
+    Inwards, ring frame i is descriptor i of the tap TX ring, pointing at the
+    frame's virtio_net_hdr: a frame the kernel hands over is offered as it
+    is, and given back to the kernel once the tap device has used it.
+    Outwards, buffer i of one pool is descriptor i in both rings: the used
+    entries (i, len) of the tap RX ring are offered on the NIC TX ring, and a
+    used TX entry offers buffer i to the RX ring again.  Python touches no
+    payload (but for frames larger than a ring slot, received with recv) and
+    per wakeup makes one poll(), one read of the call eventfd all rings share
+    and the kicks vhost asks for.  No TX ring can be full: when the kernel
+    falls behind, the packet ring or the tap RX ring runs out of room and
+    the kernel drops (counted).
 
-    ``nic`` is an open PacketSocket (not owned); ``tap`` a name or template, or
-    an open Tap, which the bridge then owns.  ``nic_stats`` / ``tap_stats`` may
-    be given (shared memory); ``quiet_nic`` as for Bridge.  Other arguments as
-    for VirtioUserPort.  ``close()`` releases everything but the NIC socket.
+    ``nic`` is an open PacketSocket (not owned; its ring is removed again on
+    close); ``tap`` a name or template, or an open Tap, which the bridge then
+    owns.  ``nic_stats`` / ``tap_stats`` may be given (shared memory);
+    ``quiet_nic`` as for Bridge.  Other arguments as for VirtioUserPort.
+    ``close()`` releases everything but the NIC socket.
     """
 
     BACKEND = "vhost-net"
@@ -1971,12 +2130,18 @@ class VhostBridge(_Forwarder):
         self.tap_stats.name = self.tap.name
         num = self.queue_size
         ring = _page_round(vring_layout(num)[3])
-        pool_out, pool_in = 4 * ring, 4 * ring + num * VHOST_BUF_SIZE
-        # The arena outlives both vhost fds: made before them, so closed after them.
-        self.arena = Arena(pool_in + num * VHOST_BUF_SIZE)
+        pool_out, pool_big = 3 * ring, 3 * ring + num * VHOST_BUF_SIZE
+        # The arena and the packet ring outlive both vhost fds: made before, closed after.
+        self.arena = Arena(pool_big + num * VHOST_BUF_SIZE)
         push(self.arena.close)
+        # The packet ring has room for a burst (NIC_RING_BYTES), in a whole
+        # number of tap TX rings: frame f is tap TX descriptor f % num.
+        slots = NIC_RING_BYTES // PacketRxRing.slot_size(self._max_frame)
+        self.nic_ring = PacketRxRing(self.nic, max(num, 1 << slots.bit_length() - 1),
+                                     self._max_frame)
+        push(self.nic_ring.close)
         fds = []
-        for _ in range(5):              # the call eventfd all rings share, a kick per ring
+        for _ in range(4):              # the call eventfd all rings share, a kick per ring
             fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
             push(os.close, fds[-1])
         self.callfd, kicks = fds[0], fds[1:]
@@ -1994,30 +2159,35 @@ class VhostBridge(_Forwarder):
         self.features |= self.vhost_features
         event_idx = bool(self.vhost_features & 1 << VIRTIO_RING_F_EVENT_IDX)
         rings = []
-        for k, (pool, writes) in enumerate(((pool_out, True), (pool_in, False),
-                                            (pool_in, True), (pool_out, False))):
+        for k, (pool, writes) in enumerate(((pool_out, True), (pool_big, False),
+                                            (pool_out, False))):
             rings.append(SplitVirtqueue(self.arena, k * ring, pool, num, VHOST_BUF_SIZE,
                                         writes, kicks[k], event_idx))
             push(rings[-1].close)
-        self.tap_rxq, self.tap_txq, self.nic_rxq, self.nic_txq = rings
-        # (TX ring, RX ring) of each buffer pool: "in", then "out".
-        self._pools = ((self.tap_txq, self.nic_rxq), (self.nic_txq, self.tap_rxq))
-        for dev, rxq, txq in ((self.vhost, self.tap_rxq, self.tap_txq),
-                              (self.nic_vhost, self.nic_rxq, self.nic_txq)):
-            dev.set_features(self.vhost_features)
-            dev.set_mem_table([self.arena.region()])
-            dev.set_vring(VHOST_NET_VQ_RX, rxq, self.callfd)
-            dev.set_vring(VHOST_NET_VQ_TX, txq, self.callfd)
+        self.tap_rxq, self.tap_txq, self.nic_txq = rings
+        # Where tap TX descriptors point: a frame's virtio_net_hdr in its ring slot.
+        # A frame too big for its slot goes into the descriptor's own arena buffer.
+        start = self.nic_ring.MAC_OFFSET - self.hdr_len
+        self._frame_addrs = memoryview(array.array(
+            "Q", range(self.nic_ring.addr + start,
+                       self.nic_ring.addr + start + len(self.nic_ring.view),
+                       self.nic_ring.frame_size)))
+        self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
+        self.vhost.set_features(self.vhost_features)
+        self.vhost.set_mem_table([self.arena.region(), self.nic_ring.region()])
+        self.vhost.set_vring(VHOST_NET_VQ_RX, self.tap_rxq, self.callfd)
+        self.vhost.set_vring(VHOST_NET_VQ_TX, self.tap_txq, self.callfd)
+        self.nic_vhost.set_features(self.vhost_features)
+        self.nic_vhost.set_mem_table([self.arena.region()])
+        self.nic_vhost.set_vring(VHOST_NET_VQ_TX, self.nic_txq, self.callfd)
         self.tap.set_sndbuf(INT_MAX)
         self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
-        for rxq in (self.tap_rxq, self.nic_rxq):
-            rxq.add_bufs(list(range(num)))
-        for dev, fd in ((self.vhost, self.tap.fileno()), (self.nic_vhost, self.nic.fileno())):
-            dev.set_backend(VHOST_NET_VQ_RX, fd)
-            dev.set_backend(VHOST_NET_VQ_TX, fd)
-        for vq in rings:        # publish the RX buffers; vhost may already wait for a kick
-            vq.kick_prepare()
-            vq.notify()
+        self.tap_rxq.add_bufs(list(range(num)))
+        self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fileno())
+        self.vhost.set_backend(VHOST_NET_VQ_TX, self.tap.fileno())
+        self.nic_vhost.set_backend(VHOST_NET_VQ_TX, self.nic.fileno())
+        self.tap_rxq.kick_prepare()     # publish the RX buffers; vhost may wait for a kick
+        self.tap_rxq.notify()
         self._quiet = QuietNic(self.nic.iface) if quiet_nic else None
         if self._quiet:
             push(self._quiet.restore)
@@ -2031,20 +2201,14 @@ class VhostBridge(_Forwarder):
                 f"queue_size={self.queue_size}>")
 
     def close(self):
-        """Restore the NIC, unbind and close both devices, then the tap and the arena."""
+        """Restore the NIC, unbind and close both devices, then the tap, the packet ring
+        and the arena."""
         self._stack.close()
 
-    def _forward(self, rxq, txq, rx_stats, tx_stats, kicks):
-        """Offer what one device received on the other device's TX ring; return how many.
-        A ring that needs a kick is added to ``kicks``."""
-        h = self.hdr_len
-        ids, lengths = rxq.get_bufs(min_len=h)      # every packet has its header
-        if not ids:
-            return 0
-        txq.add_bufs(ids, lengths)
-        if txq.kick_prepare():
-            kicks.append(txq)
-        n, nbytes = len(ids), sum(lengths) - h * len(ids)
+    def _count(self, rx_stats, tx_stats, lengths):
+        """Count frames of ``lengths`` bytes (virtio_net_hdr included) forwarded."""
+        h, n = self.hdr_len, len(lengths)
+        nbytes = sum(lengths) - h * n
         rx_stats.rx_packets += n
         rx_stats.rx_bytes += nbytes
         tx_stats.tx_packets += n
@@ -2054,65 +2218,167 @@ class VhostBridge(_Forwarder):
             over = sum(1 for length in lengths if length > limit)
             rx_stats.rx_oversize += over
             tx_stats.tx_oversize += over
-        return n
 
-    @staticmethod
-    def _recycle(txq, rxq, kicks):
-        """Offer the buffers a TX ring has sent to the RX ring of the same pool."""
-        ids, _ = txq.get_bufs()
+    def _forward(self, kicks):
+        """Offer what the tap device received on the NIC TX ring; return how many.
+        A ring that needs a kick is added to ``kicks``."""
+        ids, lengths = self.tap_rxq.get_bufs(min_len=self.hdr_len)   # each has its header
+        if not ids:
+            return 0
+        self.nic_txq.add_bufs(ids, lengths)
+        if self.nic_txq.kick_prepare():
+            kicks.append(self.nic_txq)
+        self._count(self.tap_stats, self.nic_stats, lengths)
+        return len(ids)
+
+    def _recycle(self, kicks):
+        """Offer the buffers the NIC TX ring has sent to the tap RX ring again."""
+        ids, _ = self.nic_txq.get_bufs()
         if ids:
-            rxq.add_bufs(ids)
-            if rxq.kick_prepare():
-                kicks.append(rxq)
+            self.tap_rxq.add_bufs(ids)
+            if self.tap_rxq.kick_prepare():
+                kicks.append(self.tap_rxq)
+
+    def _receive(self, kicks):
+        """Offer the frames the kernel put in the packet ring on the tap TX ring; return
+        how many.  The frames on the tap TX ring are the ``in_flight`` ones just
+        before ``_nic_head`` (vhost uses them in order), so the rest are looked at."""
+        ring, txq, moved = self.nic_ring, self.tap_txq, 0
+        room = txq.num - txq.in_flight()
+        while room:
+            start = self._nic_head
+            limit = min(room, ring.frame_nr - start)
+            n = ring.ready(start, limit)
+            if not n:
+                break
+            status, tp_len, snaplen, mac = ring.headers(start, n)
+            first = start % txq.num                  # frame f is descriptor f % num
+            txq.set_addrs(first, self._frame_addrs[start:start + n])
+            if snaplen == tp_len and min(mac) == max(mac) == ring.MAC_OFFSET \
+                    and max(snaplen) <= ring.frame_size - ring.MAC_OFFSET:
+                ids = list(range(first, min(first + n, txq.num)))
+                ids += range(first + n - txq.num)
+                lengths = [length + self.hdr_len for length in snaplen]
+                taken = n
+            else:
+                ids, lengths, taken = self._receive_odd(start, status, tp_len, snaplen, mac)
+            self._nic_head = (start + taken) % ring.frame_nr
+            room -= taken
+            if ids:
+                txq.add_bufs(ids, lengths)
+                self._count(self.nic_stats, self.tap_stats, lengths)
+                moved += len(ids)
+            if taken < limit:
+                break
+        if moved and txq.kick_prepare():
+            kicks.append(txq)
+        return moved
+
+    def _receive_odd(self, start, status, tp_len, snaplen, mac):
+        """The slow path of _receive, frame by frame: a frame too big for its slot is
+        received whole (TP_STATUS_COPY) into its descriptor's arena buffer, and
+        one at an unusual offset is offered from where it is.  One truncated
+        without a copy (socket buffer full) is dropped, but only once no frame
+        is out, since frames go back to the kernel in ring order; until then
+        the batch stops before it.  Returns (ids, lengths, frames taken)."""
+        ring, txq, h = self.nic_ring, self.tap_txq, self.hdr_len
+        ids, lengths, taken = [], [], 0
+        for st, full, snap, off in zip(status, tp_len, snaplen, mac):
+            f = start + taken
+            desc, addr = f % txq.num, None
+            if st & TP_STATUS_COPY:
+                with contextlib.suppress(BlockingIOError):
+                    nbytes, _, flags, _ = self.nic.sock.recvmsg_into([txq.bufs[desc]])
+                    if not flags & MSG_TRUNC:
+                        addr, length = txq.buf_addr(desc), nbytes
+            elif snap == full and off - h >= TPACKET2_HDRLEN and off + snap <= ring.frame_size:
+                addr, length = ring.frame_addr(f) + off - h, snap + h
+            if addr is not None:
+                txq.set_addr(desc, addr)
+                ids.append(desc)
+                lengths.append(length)
+            elif ids or txq.in_flight():
+                break
+            else:
+                self.nic_stats.rx_dropped += 1
+                ring.release(f, 1)
+                self._nic_tail = (f + 1) % ring.frame_nr
+            taken += 1
+        return ids, lengths, taken
+
+    def _release(self):
+        """Give the frames the tap device has used back to the kernel, in ring order."""
+        ids, _ = self.tap_txq.get_bufs()
+        if not ids:
+            return
+        tail, n, num = self._nic_tail, len(ids), self.queue_size
+        first = tail % num
+        if ids != list(range(first, min(first + n, num))) + list(range(first + n - num)):
+            self.tap_txq.broken = True
+            raise RingBrokenError("virtqueue broken: the tap TX ring used frames out of order")
+        self.nic_ring.release(tail, n)
+        self._nic_tail = (tail + n) % self.nic_ring.frame_nr
 
     def poll_once(self):
-        """Pass over the four used rings until they are drained; return the packets forwarded.
+        """Pass over the rings until they are drained; return the packets forwarded.
 
-        Interrupt moderation, per pool: while more than a quarter of the pool
-        waits on its TX ring, the TX ring alone wakes us, once about 3/4 of
-        it is sent (enable_cb_delayed), and then we also take what the RX
-        ring received meanwhile; the device keeps sending the rest.  So a
-        busy direction costs a wakeup per hundreds of packets, not per
-        vhost batch (64).  Otherwise the RX ring wakes us at its next packet,
-        and TX buffers are recycled on any pass.  Each avail->idx is
+        Interrupt moderation: while more than a quarter of a TX ring's
+        buffers wait on it, that TX ring alone wakes us, once about 3/4 of
+        them are sent (enable_cb_delayed), and then we also take what came
+        in meanwhile; the device keeps sending the rest.  So a busy
+        direction costs a wakeup per hundreds of packets, not per vhost
+        batch (64).  Otherwise, outwards, the tap RX ring wakes us at its
+        next packet; inwards, the tap TX ring at its next used frame, or the
+        packet socket (poll) once no frame is out.  Each avail->idx is
         published as soon as its ring is filled; the kicks go at the end of
         the pass, since a woken vhost worker may take this CPU.
         """
-        moved, calm = 0, False
+        moved, calm, num = 0, False, self.queue_size
         while not calm:
             kicks = []
-            moved += self._forward(self.nic_rxq, self.tap_txq, self.nic_stats, self.tap_stats,
-                                   kicks)
-            moved += self._forward(self.tap_rxq, self.nic_txq, self.tap_stats, self.nic_stats,
-                                   kicks)
-            for txq, rxq in self._pools:
-                self._recycle(txq, rxq, kicks)
+            self._release()
+            moved += self._receive(kicks)
+            moved += self._forward(kicks)
+            self._recycle(kicks)
             for vq in kicks:
                 vq.notify()
-            calm = True
-            for txq, rxq in self._pools:
-                if 4 * txq.in_flight() > txq.num:
-                    rxq.disable_cb()
-                    calm = txq.enable_cb_delayed() and calm
-                else:
-                    txq.disable_cb()
-                    calm = rxq.enable_cb() and calm
+            if 4 * self.nic_txq.in_flight() > num:
+                self.tap_rxq.disable_cb()
+                calm = self.nic_txq.enable_cb_delayed()
+            else:
+                self.nic_txq.disable_cb()
+                calm = self.tap_rxq.enable_cb()
+            held = self.tap_txq.in_flight()
+            if held:
+                txq = self.tap_txq
+                calm = (txq.enable_cb_delayed() if 4 * held > num else txq.enable_cb()) and calm
+            else:
+                self.tap_txq.disable_cb()
+            self._nic_wait = not held
         return moved
 
     def run(self, stats_interval=None, on_stats=None):
         """Forward until stop(); call ``on_stats(bridge)`` every ``stats_interval`` s."""
-        poller = select.poll()
-        poller.register(self.callfd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        self._loop(poller, stats_interval, on_stats)
+        self._poller = select.poll()
+        self._poller.register(self.callfd, select.POLLIN)
+        self._poller.register(self._wake_r, select.POLLIN)
+        # The packet ring polls readable while a frame is the user's (packet_poll):
+        # level-triggered, so a frame that came before the poll is not missed.
+        self._nic_wait = True
+        self._poller.register(self.nic.fileno(), select.POLLIN)
+        self._loop(self._poller, stats_interval, on_stats)
 
     def _step(self, ready):
         # The call eventfd is read before the rings: a buffer used after the
         # read signals again, so no wakeup is lost.
-        for fd in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 64)
+        for fd in (self.callfd, self._wake_r):
+            if fd in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, 64)
+        waited = self._nic_wait
         self.poll_once()
+        if self._nic_wait != waited:
+            self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
 
 
 class QueuePairs:
@@ -2474,8 +2740,10 @@ def _bridge_details(bridge):
     memory barrier."""
     if isinstance(bridge, VhostBridge):
         port = bridge
-        lines = [f"NIC side: a second vhost-net device, backend the packet socket on "
-                 f"{bridge.nic.iface}; Python moves descriptors only"]
+        ring = bridge.nic_ring
+        lines = [f"NIC side: in through the packet socket's receive ring on {bridge.nic.iface} "
+                 f"({ring.frame_nr} x {ring.frame_size} bytes), out through a second vhost-net "
+                 f"device, backend the packet socket; Python moves descriptors only"]
     else:
         port = bridge.port
         lines = [f"NIC side: recvmmsg/sendmmsg on the packet socket on {bridge.nic.iface}"]

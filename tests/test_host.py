@@ -5,6 +5,7 @@ driver's checks of what a device publishes, tap creation and kernel naming,
 and every command-line error.
 """
 
+import array
 import ctypes
 import errno
 import os
@@ -39,8 +40,10 @@ CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST
              "IFF_MULTI_QUEUE", "IFF_NO_PI", "IFF_VNET_HDR", "TUN_F_CSUM", "TUN_F_TSO4",
              "TUN_F_TSO6", "SIOCGIFADDR", "SIOCSIFHWADDR", "ARPHRD_ETHER", "IFNAMSIZ",
              "SOL_PACKET", "ETH_P_ALL", "ETH_HLEN", "PACKET_ADD_MEMBERSHIP", "PACKET_MR_PROMISC",
-             "PACKET_STATISTICS", "PACKET_VNET_HDR", "PACKET_IGNORE_OUTGOING", "CAP_NET_ADMIN",
-             "CAP_NET_RAW", "AF_PACKET"]
+             "PACKET_STATISTICS", "PACKET_VNET_HDR", "PACKET_RX_RING", "PACKET_COPY_THRESH",
+             "PACKET_VERSION", "TPACKET_V1", "TPACKET_V2", "TPACKET_ALIGNMENT", "TPACKET2_HDRLEN",
+             "TP_STATUS_KERNEL", "TP_STATUS_USER", "TP_STATUS_COPY", "PACKET_IGNORE_OUTGOING",
+             "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET"]
 STRUCTS = {
     "vhost_vring_state": "struct vhost_vring_state",
     "vhost_vring_file": "struct vhost_vring_file",
@@ -55,6 +58,8 @@ STRUCTS = {
     "virtio_net_hdr_mrg_rxbuf": "struct virtio_net_hdr_mrg_rxbuf",
     "packet_mreq": "struct packet_mreq",
     "tpacket_stats": "struct tpacket_stats",
+    "tpacket_req": "struct tpacket_req",
+    "tpacket2_hdr": "struct tpacket2_hdr",
 }
 
 
@@ -247,6 +252,14 @@ class TestUsedRingChecks(unittest.TestCase):
         del desc
         avail.release()
 
+    def test_set_addrs_wraps_at_the_table_end(self):
+        vq = self.make()
+        vq.set_addrs(6, memoryview(array.array("Q", [0x1000, 0x2000, 0x3000])))
+        desc = (vp.vring_desc * self.num).from_buffer(self.arena.mm)
+        self.assertEqual([desc[i].addr for i in (6, 7, 0)], [0x1000, 0x2000, 0x3000])
+        self.assertEqual(desc[1].addr, vq.buf_addr(1))      # the rest untouched
+        del desc
+
     def test_batch_length_below_minimum(self):
         self.publish((1, 9))
         with self.assertRaisesRegex(vp.RingBrokenError, "used len 9 is shorter than 10"):
@@ -412,6 +425,78 @@ class TestTap(unittest.TestCase):
         for bad in ("", "x" * 16, "a/b", "a b"):
             with self.subTest(name=bad), self.assertRaises(vp.VhostPathError):
                 vp.Tap(bad)
+
+
+class TestPacketRxRing(unittest.TestCase):
+    """The NIC's receive ring on a veth (MTU 4000, so that frames over a 2 KB slot
+    come too): frames in ring order behind their virtio_net_hdr, big ones queued
+    whole on the socket, drops while the ring is full, and the socket as before
+    once the ring is closed."""
+
+    def setUp(self):
+        topo.make_outside(offloads=False)
+        self.addCleanup(topo.remove_outside)
+        for ns in (None, topo.NS):
+            topo.sh("ip", "link", "set", "veth1" if ns else "veth0", "mtu", "4000", ns=ns)
+        topo.configure_tap("veth0")             # the kernel answers the outside's pings
+        self.nic = vp.PacketSocket("veth0")
+        self.addCleanup(self.nic.close)
+
+    def ping_in(self, count, size):
+        topo.sh("ping", "-c", str(count), "-i", "0.2", "-s", str(size), topo.KERNEL_IP,
+                ns=topo.NS, check=False)
+
+    def test_frames_in_order_and_big_ones_whole(self):
+        ring = vp.PacketRxRing(self.nic, 64, 1518)
+        self.addCleanup(ring.close)
+        self.assertEqual((ring.frame_size, ring.MAC_OFFSET), (2048, 76))
+        self.ping_in(2, 3000)                   # 3028-byte echo requests: over a slot
+        n = ring.ready(0, 64)
+        status, tp_len, snaplen, mac = ring.headers(0, n)
+        self.assertEqual(mac, [76] * n)
+        big = [k for k in range(n) if status[k] & vp.TP_STATUS_COPY]
+        self.assertEqual([tp_len[k] for k in big], [3042, 3042])
+        for k in range(n):
+            if k in big:
+                self.assertEqual(snaplen[k], 2048 - 76)
+                buf = bytearray(8192)
+                nbytes, _, flags, _ = self.nic.sock.recvmsg_into([buf])
+                self.assertEqual((nbytes, flags & vp.MSG_TRUNC), (10 + 3042, 0))
+                self.assertEqual(buf[10 + 34], 8)           # ICMP echo request
+            else:
+                self.assertEqual(snaplen[k], tp_len[k])
+            vnet_hdr, eth = (ring.view[k * 2048 + off:k * 2048 + off + size].tobytes()
+                             for off, size in ((66, 10), (76, 14)))
+            self.assertEqual(vnet_hdr[1], vp.VIRTIO_NET_HDR_GSO_NONE)
+            self.assertIn(eth[12:14], (b"\x08\x00", b"\x08\x06", b"\x86\xdd"))  # IP, ARP, IPv6
+        with self.assertRaises(BlockingIOError):        # nothing else was queued
+            self.nic.sock.recv(1)
+        ring.release(0, n)
+        self.assertEqual(ring.ready(0, 64), 0)
+
+    def test_release_across_the_wrap_and_drops_when_full(self):
+        ring = vp.PacketRxRing(self.nic, 8, 1518)
+        self.addCleanup(ring.close)
+        head = seen = 0
+        while seen < 12:                        # round the ring and past its start
+            self.ping_in(1, 56)
+            n = ring.ready(head, 8 - head)
+            self.assertGreater(n, 0, "no frame for a ping")
+            ring.release(head, n)
+            head, seen = (head + n) % 8, seen + n
+        self.assertEqual(self.nic.drops(), 0)
+        self.ping_in(10, 56)                    # 10 echo requests for 8 slots
+        self.assertEqual(ring.ready(head, 8 - head) + ring.ready(0, head), 8)
+        self.assertGreater(self.nic.drops(), 0)
+
+    def test_close_gives_the_socket_back(self):
+        ring = vp.PacketRxRing(self.nic, 64, 9000 + 18)
+        self.assertEqual(ring.frame_size, 3 * 4096)     # one whole-page slot per block
+        ring.close()
+        self.assertEqual(self.nic.sock.getsockopt(vp.SOL_PACKET, vp.PACKET_VERSION),
+                         vp.TPACKET_V1)
+        self.ping_in(1, 56)
+        self.assertGreater(len(self.nic.sock.recv(65536)), 14)
 
 
 def _run_tool(*args, **kw):

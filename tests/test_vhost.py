@@ -139,7 +139,8 @@ class TestVhostBridgeLibrary(unittest.TestCase):
             self.assertEqual(bridge.hdr_len, 10)
             self.assertEqual(bridge.vhost_features, 1 << vp.VIRTIO_RING_F_EVENT_IDX)
             self.assertTrue(all(vq.event_idx for vq in (bridge.tap_rxq, bridge.tap_txq,
-                                                        bridge.nic_rxq, bridge.nic_txq)))
+                                                        bridge.nic_txq)))
+            self.assertEqual((bridge.nic_ring.frame_nr, bridge.nic_ring.frame_size), (2048, 2048))
             self.assertEqual(bridge.tap.vnet_hdr_sz(), 10)
             self.assertEqual(len(topo.vhost_threads(os.getpid())), 2)
             with open(arp_ignore) as f:
@@ -164,7 +165,7 @@ class TestVhostBridgeLibrary(unittest.TestCase):
         self.assertEqual(bridge.nic_stats.rx_packets, bridge.tap_stats.tx_packets)
         self.assertEqual(bridge.nic_stats.tx_packets, bridge.tap_stats.rx_packets)
         self.assertFalse(any(vq.broken for vq in (bridge.tap_rxq, bridge.tap_txq,
-                                                 bridge.nic_rxq, bridge.nic_txq)))
+                                                 bridge.nic_txq)))
         self.assertNotIn("tap0", topo.interfaces())
         topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost threads exit")
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
@@ -206,15 +207,16 @@ class TestVhostBridgeFlood(unittest.TestCase):
         return struct.unpack_from("=H", self.bridge.arena.view, addr - self.bridge.arena.addr)[0]
 
     def settled(self):
-        """No used entry waits on an RX ring; the device used every published TX entry,
-        and no TX ring holds more than a quarter of its pool (the rest went back to the
-        RX rings); the tap's own counters match the bridge's (the bridge created it)."""
+        """No used entry waits on the tap RX ring; the devices used every published TX
+        entry; every packet ring frame is back with the kernel (tp_status 0), and the NIC
+        TX ring holds at most a quarter of its pool (the rest went back to the tap RX
+        ring); the tap's own counters match the bridge's (the bridge created it)."""
         b = self.bridge
-        rx_taken = all(vq.last_used_idx == self.word(vq.used_addr + 2)     # taken, then idx
-                       for vq in (b.tap_rxq, b.nic_rxq))
+        rx_taken = b.tap_rxq.last_used_idx == self.word(b.tap_rxq.used_addr + 2)
         tx_sent = all(self.word(vq.avail_addr + 2) == self.word(vq.used_addr + 2)
-                      and 4 * vq.in_flight() <= vq.num for vq in (b.tap_txq, b.nic_txq))
-        return (rx_taken and tx_sent
+                      for vq in (b.tap_txq, b.nic_txq))
+        frames_back = not any(b.nic_ring.view[::b.nic_ring.frame_size].tobytes())
+        return (rx_taken and tx_sent and frames_back and 4 * b.nic_txq.in_flight() <= b.queue_size
                 and topo.counter("tap0", "tx_packets") == b.tap_stats.rx_packets
                 and topo.counter("tap0", "rx_packets") + topo.counter("tap0", "rx_dropped")
                 == b.tap_stats.tx_packets)
@@ -347,7 +349,8 @@ class TestCliWithVhost(unittest.TestCase):
         self.assertRegex(line or "", r"veth0: rx \d+ pkts .* \| tap0: rx \d+ pkts")
         rc, _, err = tool.stop()
         self.assertEqual(rc, 0, err)
-        self.assertIn("NIC side: a second vhost-net device, backend the packet socket on veth0",
+        self.assertIn("NIC side: in through the packet socket's receive ring on veth0 (2048 x 2048 "
+                      "bytes), out through a second vhost-net device, backend the packet socket",
                       err)
         self.assertRegex(err, r"negotiated 0x[0-9a-f]+ \(CSUM GUEST_CSUM GUEST_TSO4 GUEST_TSO6 "
                               r"HOST_TSO4 HOST_TSO6 EVENT_IDX\); vhost-net got 0x20000000,")
