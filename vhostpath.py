@@ -2069,6 +2069,11 @@ VHOST_BUF_SIZE = _page_round(10 + MAX_FRAME)
 NIC_RING_BYTES = 4 << 20        # the packet receive ring: a burst's worth, as SO_RCVBUF was
 
 
+def _wrapping_ids(first, n, num):
+    """Descriptor ids ``first``, ``first + 1``, ... ``n`` of them, wrapping at ``num``."""
+    return list(range(first, min(first + n, num))) + list(range(first + n - num))
+
+
 class VhostBridge(_Forwarder):
     """Forwards between a NIC and a tap through vhost-net: Python moves descriptors.
 
@@ -2256,8 +2261,7 @@ class VhostBridge(_Forwarder):
             txq.set_addrs(first, self._frame_addrs[start:start + n])
             if snaplen == tp_len and min(mac) == max(mac) == ring.MAC_OFFSET \
                     and max(snaplen) <= ring.frame_size - ring.MAC_OFFSET:
-                ids = list(range(first, min(first + n, txq.num)))
-                ids += range(first + n - txq.num)
+                ids = _wrapping_ids(first, n, txq.num)
                 lengths = [length + self.hdr_len for length in snaplen]
                 taken = n
             else:
@@ -2312,8 +2316,7 @@ class VhostBridge(_Forwarder):
         if not ids:
             return
         tail, n, num = self._nic_tail, len(ids), self.queue_size
-        first = tail % num
-        if ids != list(range(first, min(first + n, num))) + list(range(first + n - num)):
+        if ids != _wrapping_ids(tail % num, n, num):
             self.tap_txq.broken = True
             raise RingBrokenError("virtqueue broken: the tap TX ring used frames out of order")
         self.nic_ring.release(tail, n)
