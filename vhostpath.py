@@ -1114,7 +1114,7 @@ def _tpacket_align(size):
     return -(-size // TPACKET_ALIGNMENT) * TPACKET_ALIGNMENT
 
 
-_USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))    # a tp_status byte -> 1 if the user's
+_USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))   # tp_status byte -> 1 if USER
 
 
 class PacketRxRing:
