@@ -1179,6 +1179,11 @@ class PacketRxRing:
     def frame_addr(self, i):
         return self.addr + i * self.frame_size
 
+    def frame_addrs(self, offset):
+        """Every frame's address plus ``offset``: a memoryview of u64 ("Q")."""
+        first = self.addr + offset
+        return memoryview(array.array("Q", range(first, first + len(self.mm), self.frame_size)))
+
     def ready(self, start, limit):
         """How many frames from ``start`` on (at most ``limit``, no wrap) the kernel
         has handed over (TP_STATUS_USER)."""
@@ -2172,11 +2177,7 @@ class VhostBridge(_Forwarder):
         self.tap_rxq, self.tap_txq, self.nic_txq = rings
         # Where tap TX descriptors point: a frame's virtio_net_hdr in its ring slot.
         # A frame too big for its slot goes into the descriptor's own arena buffer.
-        start = self.nic_ring.MAC_OFFSET - self.hdr_len
-        self._frame_addrs = memoryview(array.array(
-            "Q", range(self.nic_ring.addr + start,
-                       self.nic_ring.addr + start + len(self.nic_ring.view),
-                       self.nic_ring.frame_size)))
+        self._frame_addrs = self.nic_ring.frame_addrs(self.nic_ring.MAC_OFFSET - self.hdr_len)
         self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
         self.vhost.set_features(self.vhost_features)
         self.vhost.set_mem_table([self.arena.region(), self.nic_ring.region()])

@@ -450,6 +450,9 @@ class TestPacketRxRing(unittest.TestCase):
         ring = vp.PacketRxRing(self.nic, 64, 1518)
         self.addCleanup(ring.close)
         self.assertEqual((ring.frame_size, ring.MAC_OFFSET), (2048, 76))
+        addrs = ring.frame_addrs(66)            # where each frame's virtio_net_hdr starts
+        self.assertEqual((len(addrs), addrs[1]), (64, ring.frame_addr(1) + 66))
+        addrs.release()
         self.ping_in(2, 3000)                   # 3028-byte echo requests: over a slot
         n = ring.ready(0, 64)
         status, tp_len, snaplen, mac = ring.headers(0, n)
