@@ -611,6 +611,11 @@ def vnet_hdr_len(features):
     return ctypes.sizeof(virtio_net_hdr)
 
 
+def _wrapping_ids(first, n, num):
+    """Descriptor ids ``first``, ``first + 1``, ... ``n`` of them, wrapping at ``num``."""
+    return list(range(first, min(first + n, num))) + list(range(first + n - num))
+
+
 class SplitVirtqueue:
     """The driver side of one split virtqueue whose memory lives in an Arena.
 
@@ -711,12 +716,17 @@ class SplitVirtqueue:
         For rings used only through add_bufs / get_bufs: no per-descriptor
         ownership is kept; get_bufs checks bounds and counts instead.
         """
-        if lengths is not None:
-            d32 = self._desc_u32
-            for desc_id, length in zip(ids, lengths):
-                d32[desc_id * 4 + 2] = length
-        # Descriptors first, then the avail ring entries (see _add_head).
         n, num, avail = len(ids), self.num, self._avail
+        if lengths is not None:
+            d32, low = self._desc_u32, ids[0] if ids else 0
+            if ids == _wrapping_ids(low, n, num):       # the usual batch: strided stores
+                k = min(n, num - low)
+                d32[4 * low + 2:4 * (low + k):4] = array.array("I", lengths[:k])
+                d32[2:4 * (n - k):4] = array.array("I", lengths[k:])
+            else:
+                for desc_id, length in zip(ids, lengths):
+                    d32[desc_id * 4 + 2] = length
+        # Descriptors first, then the avail ring entries (see _add_head).
         start = self.avail_idx_shadow & (num - 1)
         first = min(n, num - start)
         avail[2 + start:2 + start + first] = array.array("H", ids[:first])
@@ -2072,11 +2082,6 @@ class Bridge(_Forwarder):
 # is committed only where large frames have been.
 VHOST_BUF_SIZE = _page_round(10 + MAX_FRAME)
 NIC_RING_BYTES = 4 << 20        # the packet receive ring: a burst's worth, as SO_RCVBUF was
-
-
-def _wrapping_ids(first, n, num):
-    """Descriptor ids ``first``, ``first + 1``, ... ``n`` of them, wrapping at ``num``."""
-    return list(range(first, min(first + n, num))) + list(range(first + n - num))
 
 
 class VhostBridge(_Forwarder):

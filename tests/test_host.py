@@ -252,6 +252,17 @@ class TestUsedRingChecks(unittest.TestCase):
         del desc
         avail.release()
 
+    def test_add_bufs_sets_lengths_of_a_wrapping_run_and_of_scattered_ids(self):
+        vq = self.make()
+        desc = (vp.vring_desc * self.num).from_buffer(self.arena.mm)
+        before = [desc[i].len for i in range(self.num)]
+        vq.add_bufs([6, 7, 0, 1], [11, 12, 13, 14])        # consecutive, wrapping at num
+        self.assertEqual([desc[i].len for i in (6, 7, 0, 1)], [11, 12, 13, 14])
+        self.assertEqual([desc[i].len for i in (2, 3, 4, 5)], before[2:6])
+        vq.add_bufs([4, 2], [21, 22])                      # not a run: one by one
+        self.assertEqual([desc[i].len for i in (4, 2, 3)], [21, 22, before[3]])
+        del desc
+
     def test_set_addrs_wraps_at_the_table_end(self):
         vq = self.make()
         vq.set_addrs(6, memoryview(array.array("Q", [0x1000, 0x2000, 0x3000])))
