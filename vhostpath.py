@@ -154,12 +154,16 @@ IFNAMSIZ = 16
 AF_PACKET = 17
 SOL_PACKET = 263
 ETH_P_ALL = 0x0003
+ETH_P_8021Q = 0x8100
 ETH_HLEN = 14
+ETH_ALEN = 6
+VLAN_HLEN = 4                           # linux/if_vlan.h (not uapi): TPID + TCI
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_COPY_THRESH = 7
+PACKET_AUXDATA = 8
 PACKET_VERSION = 10
 TPACKET_V1 = 0
 TPACKET_V2 = 1
@@ -168,6 +172,8 @@ TPACKET2_HDRLEN = 52                    # TPACKET_ALIGN(sizeof(tpacket2_hdr)) + 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
 TP_STATUS_COPY = 1 << 1
+TP_STATUS_VLAN_VALID = 1 << 4
+TP_STATUS_VLAN_TPID_VALID = 1 << 6
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
 PACKET_FANOUT = 18
@@ -311,6 +317,12 @@ class msghdr(ctypes.Structure):
     ]
 
 
+class cmsghdr(ctypes.Structure):
+    """linux/socket.h: the header of one control message (CMSG_DATA follows)."""
+    _fields_ = [("cmsg_len", ctypes.c_size_t), ("cmsg_level", ctypes.c_int),
+                ("cmsg_type", ctypes.c_int)]
+
+
 class mmsghdr(ctypes.Structure):
     """linux/socket.h: one message of sendmmsg(2) / recvmmsg(2)."""
     _fields_ = [("msg_hdr", msghdr), ("msg_len", ctypes.c_uint)]
@@ -319,6 +331,14 @@ class mmsghdr(ctypes.Structure):
 class tpacket_stats(ctypes.Structure):
     """linux/if_packet.h: PACKET_STATISTICS result (clear on read)."""
     _fields_ = [("tp_packets", ctypes.c_uint), ("tp_drops", ctypes.c_uint)]
+
+
+class tpacket_auxdata(ctypes.Structure):
+    """linux/if_packet.h: the PACKET_AUXDATA control message of a received frame."""
+    _fields_ = [("tp_status", ctypes.c_uint32), ("tp_len", ctypes.c_uint32),
+                ("tp_snaplen", ctypes.c_uint32), ("tp_mac", ctypes.c_uint16),
+                ("tp_net", ctypes.c_uint16), ("tp_vlan_tci", ctypes.c_uint16),
+                ("tp_vlan_tpid", ctypes.c_uint16)]
 
 
 class tpacket_req(ctypes.Structure):
@@ -417,20 +437,28 @@ def _sysctl_swap(path, value):
 class _MsgBatch:
     """Preallocated mmsghdr and iovec arrays for one sendmmsg(2)/recvmmsg(2) call.
 
-    ``count`` messages of up to ``segs`` iovecs each.  The arrays live in
-    bytearrays filled with struct.pack_into: no Python object per packet.
+    ``count`` messages of up to ``segs`` iovecs each, and ``control`` bytes
+    of control messages each when received.  The arrays live in bytearrays
+    filled with struct.pack_into: no Python object per packet.
     """
 
     _IOV = struct.Struct("QQ")
 
-    def __init__(self, count, segs):
-        self.count, self.segs = count, segs
+    def __init__(self, count, segs, control=0):
+        self.count, self.segs, self.control = count, segs, control
         self.msgs = bytearray(count * ctypes.sizeof(mmsghdr))
         self.iovs = bytearray(count * segs * ctypes.sizeof(iovec))
+        self.ctrl = bytearray(max(1, count * control))
         self._anchors = (ctypes.c_char.from_buffer(self.msgs),
-                         ctypes.c_char.from_buffer(self.iovs))
-        self.msgs_addr, iovs_addr = map(ctypes.addressof, self._anchors)
+                         ctypes.c_char.from_buffer(self.iovs),
+                         ctypes.c_char.from_buffer(self.ctrl))
+        self.msgs_addr, iovs_addr, ctrl_addr = map(ctypes.addressof, self._anchors)
         self._msg_size, self._iov_size = ctypes.sizeof(mmsghdr), ctypes.sizeof(iovec)
+        self._ctrl_len_off = msghdr.msg_controllen.offset
+        if control:
+            for j in range(count):
+                struct.pack_into("Q", self.msgs, j * self._msg_size + msghdr.msg_control.offset,
+                                 ctrl_addr + j * control)
         self._iov_off, self._len_off = msghdr.msg_iov.offset, msghdr.msg_iovlen.offset
         self._flags_off = msghdr.msg_flags.offset
         # msg_flags and msg_len in one unpack (x86-64: at 48 and 56).
@@ -471,8 +499,17 @@ class _MsgBatch:
             raise OSError(e, f"sendmmsg: {os.strerror(e)}")
         return sent
 
+    def control_data(self, j):
+        """Message ``j``'s control messages, as received (a memoryview)."""
+        length, = struct.unpack_from("Q", self.msgs, j * self._msg_size + self._ctrl_len_off)
+        return memoryview(self.ctrl)[j * self.control:j * self.control + length]
+
     def recvmmsg(self, fd, n):
         """Receive into messages 0..n-1 without blocking; return how many (OSError if none)."""
+        if self.control:                # the kernel set each msg_controllen to what it used
+            for j in range(n):
+                struct.pack_into("Q", self.msgs, j * self._msg_size + self._ctrl_len_off,
+                                 self.control)
         got = self._recvmmsg(fd, self.msgs_addr, n, MSG_DONTWAIT, None)
         if got < 0:
             e = ctypes.get_errno()
@@ -1069,9 +1106,16 @@ class PacketSocket:
     PACKET_VNET_HDR puts a 10-byte virtio_net_hdr in front of each frame, so
     GSO super-frames and partial checksums (veth does both by default) cross
     intact.  Promiscuous, all protocols, own transmissions not looped back.
+    A frame's VLAN tag, which the kernel takes off before a packet socket
+    sees it, comes in its PACKET_AUXDATA control message (``auxdata_vlan``).
     Sockets given the same ``fanout_group`` (a 16-bit id) share the NIC's
     traffic by flow (PACKET_FANOUT_HASH), one socket per queue pair.
     """
+
+    # CMSG_SPACE(sizeof(struct tpacket_auxdata)): room for the PACKET_AUXDATA message.
+    AUXDATA_SPACE = ctypes.sizeof(cmsghdr) + -(-ctypes.sizeof(tpacket_auxdata) // 8) * 8
+    # cmsg_level, cmsg_type, then tpacket_auxdata: tp_status .. tp_vlan_tpid.
+    _AUXDATA = struct.Struct("=ii" + "IIIHHHH")
 
     def __init__(self, iface, fanout_group=None):
         self.iface = iface
@@ -1084,6 +1128,7 @@ class PacketSocket:
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             with contextlib.suppress(OSError):   # SO_RCVBUFFORCE needs CAP_NET_ADMIN
                 self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)   # SO_RCVBUFFORCE
             self.sock.bind((iface, ETH_P_ALL))
@@ -1098,6 +1143,18 @@ class PacketSocket:
         except BaseException:
             self.sock.close()
             raise
+
+    @classmethod
+    def auxdata_vlan(cls, control):
+        """(TPID, TCI) of the VLAN tag the kernel took off a received frame, from the
+        frame's control messages ``control`` (PACKET_AUXDATA first), else None."""
+        if len(control) < cls._AUXDATA.size + cmsghdr.cmsg_level.offset:
+            return None
+        level, kind, status, _, _, _, _, tci, tpid = cls._AUXDATA.unpack_from(
+            control, cmsghdr.cmsg_level.offset)
+        if (level, kind) != (SOL_PACKET, PACKET_AUXDATA) or not status & TP_STATUS_VLAN_VALID:
+            return None
+        return (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q), tci
 
     def mtu(self):
         """The NIC's MTU (from sysfs)."""
@@ -1124,7 +1181,32 @@ def _tpacket_align(size):
     return -(-size // TPACKET_ALIGNMENT) * TPACKET_ALIGNMENT
 
 
-_USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))   # tp_status byte -> 1 if USER
+# tp_status low byte -> 1 if TP_STATUS_USER / TP_STATUS_VLAN_VALID is set, else 0
+_USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))
+_VLAN_BIT = bytes(1 if b & TP_STATUS_VLAN_VALID else 0 for b in range(256))
+
+
+def insert_vlan_tag(buf, hdr, hdr_len, tpid, tci):
+    """Put back the VLAN tag the kernel took off a received frame: a packet socket
+    sees a tagged frame untagged, its tag in tp_vlan_tci (or PACKET_AUXDATA).
+
+    ``buf[hdr:]`` holds a ``hdr_len``-byte virtio_net_hdr and the frame, with
+    VLAN_HLEN free bytes before ``hdr``.  The header and the two MAC addresses
+    move 4 bytes to the front, the tag (``tpid``, ``tci``) goes after them
+    (IEEE 802.1Q), and the header's frame offsets grow by 4: csum_start with
+    NEEDS_CSUM, hdr_len with GSO (virtio spec 5.1.6).  Returns the new header
+    offset.
+    """
+    front = hdr - VLAN_HLEN
+    buf[front:front + hdr_len + 2 * ETH_ALEN] = buf[hdr:hdr + hdr_len + 2 * ETH_ALEN].tobytes()
+    struct.pack_into("!HH", buf, front + hdr_len + 2 * ETH_ALEN, tpid, tci)
+    vnet = virtio_net_hdr.from_buffer_copy(buf[front:front + ctypes.sizeof(virtio_net_hdr)])
+    if vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        vnet.csum_start += VLAN_HLEN
+    if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE and vnet.hdr_len:
+        vnet.hdr_len += VLAN_HLEN
+    buf[front:front + ctypes.sizeof(vnet)] = bytes(vnet)
+    return front
 
 
 class PacketRxRing:
@@ -1186,20 +1268,19 @@ class PacketRxRing:
         return vhost_memory_region(guest_phys_addr=self.addr, memory_size=len(self.mm),
                                    userspace_addr=self.addr, flags_padding=0)
 
-    def frame_addr(self, i):
-        return self.addr + i * self.frame_size
-
     def frame_addrs(self, offset):
         """Every frame's address plus ``offset``: a memoryview of u64 ("Q")."""
         first = self.addr + offset
         return memoryview(array.array("Q", range(first, first + len(self.mm), self.frame_size)))
 
+    def _status_bytes(self, start, n):
+        fs = self.frame_size
+        return self.view[start * fs + self._status_byte:(start + n) * fs:fs].tobytes()
+
     def ready(self, start, limit):
         """How many frames from ``start`` on (at most ``limit``, no wrap) the kernel
         has handed over (TP_STATUS_USER)."""
-        fs, b = self.frame_size, self._status_byte
-        status = self.view[start * fs + b:(start + limit) * fs:fs].tobytes()
-        n = status.translate(_USER_BIT).find(0)
+        n = self._status_bytes(start, limit).translate(_USER_BIT).find(0)
         if n and not _TSO:
             _full_barrier()()                     # tp_status before the frame (smp_rmb)
         return limit if n < 0 else n
@@ -1211,6 +1292,19 @@ class PacketRxRing:
         return (u32[start * q:end:q].tolist(), u32[start * q + 1:end:q].tolist(),
                 u32[start * q + 2:end:q].tolist(),
                 self._u16[start * h + 6:(start + n) * h:h].tolist())
+
+    def vlan_tagged(self, start, n):
+        """Whether one of frames start .. start+n-1 came with a VLAN tag, which the
+        kernel took off (TP_STATUS_VLAN_VALID)."""
+        return 1 in self._status_bytes(start, n).translate(_VLAN_BIT)
+
+    def vlan(self, i):
+        """(TPID, TCI) of the tag frame ``i`` came with: tp_vlan_tpid where the kernel
+        sets it (TP_STATUS_VLAN_TPID_VALID), else 802.1Q's."""
+        u16 = self.frame_size // 2 * i
+        tpid = (self._u16[u16 + tpacket2_hdr.tp_vlan_tpid.offset // 2]
+                if self._u32[u16 // 2] & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q)
+        return tpid, self._u16[u16 + tpacket2_hdr.tp_vlan_tci.offset // 2]
 
     def release(self, start, n):
         """Hand ``n`` frames from ``start`` on (in ring order) back to the kernel.
@@ -1915,6 +2009,24 @@ class _Forwarder:
         return "\n".join([self.nic_stats.report(0), self.tap_stats.report(1)])
 
 
+def _insert_vlan_tag_scattered(views, nbytes, tpid, tci):
+    """insert_vlan_tag for a frame received over ``views`` (memoryviews, the socket's
+    10-byte header first, ``nbytes`` in all): gathered, tagged and written back.
+    Returns the new byte count, or None if the views have no room for the tag."""
+    if sum(map(len, views)) < VLAN_HLEN + nbytes:
+        return None
+    flat = bytearray(VLAN_HLEN)
+    for view in views:
+        flat += view[:VLAN_HLEN + nbytes - len(flat)]
+    insert_vlan_tag(memoryview(flat), VLAN_HLEN, ctypes.sizeof(virtio_net_hdr), tpid, tci)
+    done = 0
+    for view in views:
+        k = min(len(view), len(flat) - done)
+        view[:k] = flat[done:done + k]
+        done += k
+    return len(flat)
+
+
 class Bridge(_Forwarder):
     """Forwards between a NIC (packet socket) and a Port, both ways.
 
@@ -1933,7 +2045,7 @@ class Bridge(_Forwarder):
         self._open_wakeup()
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
         self._send = _MsgBatch(SEND_BATCH, 1 + MAX_RX_BUFS)
-        self._recv = _MsgBatch(RECV_BATCH, 3)
+        self._recv = _MsgBatch(RECV_BATCH, 3, PacketSocket.AUXDATA_SPACE)
 
     def close(self):
         """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
@@ -1946,6 +2058,7 @@ class Bridge(_Forwarder):
 
         Up to RECV_BATCH frames per recvmmsg(2), scattered straight into the
         slots the port reserved (header, first buffer, then whole buffers).
+        A frame that came with a VLAN tag gets it back (_insert_vlan_tag_scattered).
         Counters are summed in locals and stored once per call.
         """
         port, h, batch, max_frame = self.port, self.port.hdr_len, self._recv, self._max_frame
@@ -1960,6 +2073,9 @@ class Bridge(_Forwarder):
                 break
             for j in range(got):
                 flags, n = batch.result(j)
+                tag = PacketSocket.auxdata_vlan(batch.control_data(j))
+                if tag and not flags & MSG_TRUNC:         # no room for the tag: dropped
+                    n = _insert_vlan_tag_scattered(port.tx_views(slots[j]), n, *tag) or 0
                 size = n - 10
                 if flags & MSG_TRUNC or size < ETH_HLEN:
                     dropped += 1
@@ -2266,7 +2382,8 @@ class VhostBridge(_Forwarder):
             first = start % txq.num                  # frame f is descriptor f % num
             txq.set_addrs(first, self._frame_addrs[start:start + n])
             if snaplen == tp_len and min(mac) == max(mac) == ring.MAC_OFFSET \
-                    and max(snaplen) <= ring.frame_size - ring.MAC_OFFSET:
+                    and max(snaplen) <= ring.frame_size - ring.MAC_OFFSET \
+                    and not ring.vlan_tagged(start, n):
                 ids = _wrapping_ids(first, n, txq.num)
                 lengths = [length + self.hdr_len for length in snaplen]
                 taken = n
@@ -2286,25 +2403,34 @@ class VhostBridge(_Forwarder):
 
     def _receive_odd(self, start, status, tp_len, snaplen, mac):
         """The slow path of _receive, frame by frame: a frame too big for its slot is
-        received whole (TP_STATUS_COPY) into its descriptor's arena buffer, and
-        one at an unusual offset is offered from where it is.  One truncated
-        without a copy (socket buffer full) is dropped, but only once no frame
-        is out, since frames go back to the kernel in ring order; until then
-        the batch stops before it.  Returns (ids, lengths, frames taken)."""
+        received whole (TP_STATUS_COPY) into its descriptor's arena buffer, one
+        at an unusual offset is offered from where it is, and one that came
+        with a VLAN tag gets it back (insert_vlan_tag).  One truncated without
+        a copy (socket buffer full) is dropped, but only once no frame is out,
+        since frames go back to the kernel in ring order; until then the batch
+        stops before it.  Returns (ids, lengths, frames taken)."""
         ring, txq, h = self.nic_ring, self.tap_txq, self.hdr_len
         ids, lengths, taken = [], [], 0
         for st, full, snap, off in zip(status, tp_len, snaplen, mac):
             f = start + taken
-            desc, addr = f % txq.num, None
+            desc = f % txq.num
+            tag = ring.vlan(f) if st & TP_STATUS_VLAN_VALID else None
+            buf = None
             if st & TP_STATUS_COPY:
+                own = txq.bufs[desc]            # received VLAN_HLEN in: room for a tag
                 with contextlib.suppress(BlockingIOError):
-                    nbytes, _, flags, _ = self.nic.sock.recvmsg_into([txq.bufs[desc]])
+                    nbytes, _, flags, _ = self.nic.sock.recvmsg_into([own[VLAN_HLEN:]])
                     if not flags & MSG_TRUNC:
-                        addr, length = txq.buf_addr(desc), nbytes
-            elif snap == full and off - h >= TPACKET2_HDRLEN and off + snap <= ring.frame_size:
-                addr, length = ring.frame_addr(f) + off - h, snap + h
-            if addr is not None:
-                txq.set_addr(desc, addr)
+                        buf, base, hdr, length = own, txq.buf_addr(desc), VLAN_HLEN, nbytes
+            elif snap == full and off - h - (VLAN_HLEN if tag else 0) >= TPACKET2_HDRLEN \
+                    and off + snap <= ring.frame_size:
+                buf, base, hdr, length = ring.view, ring.addr, f * ring.frame_size + off - h, \
+                    snap + h
+            if buf is not None:
+                if tag:
+                    hdr = insert_vlan_tag(buf, hdr, h, *tag)
+                    length += VLAN_HLEN
+                txq.set_addr(desc, base + hdr)
                 ids.append(desc)
                 lengths.append(length)
             elif ids or txq.in_flight():

@@ -34,7 +34,8 @@ PACKAGES = {                      # Debian package -> a file that shows it is in
 # Load order matters: busybox insmod does not resolve dependencies.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
            "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p", "overlay",
-           "tun", "tap", "vhost_iotlb", "vhost", "vhost_net", "veth", "pktgen"]
+           "tun", "tap", "vhost_iotlb", "vhost", "vhost_net", "veth", "pktgen",
+           "llc", "stp", "garp", "mrp", "8021q"]
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -42,7 +42,9 @@ CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST
              "SOL_PACKET", "ETH_P_ALL", "ETH_HLEN", "PACKET_ADD_MEMBERSHIP", "PACKET_MR_PROMISC",
              "PACKET_STATISTICS", "PACKET_VNET_HDR", "PACKET_RX_RING", "PACKET_COPY_THRESH",
              "PACKET_VERSION", "TPACKET_V1", "TPACKET_V2", "TPACKET_ALIGNMENT", "TPACKET2_HDRLEN",
-             "TP_STATUS_KERNEL", "TP_STATUS_USER", "TP_STATUS_COPY", "PACKET_IGNORE_OUTGOING",
+             "TP_STATUS_KERNEL", "TP_STATUS_USER", "TP_STATUS_COPY", "TP_STATUS_VLAN_VALID",
+             "TP_STATUS_VLAN_TPID_VALID", "ETH_P_8021Q", "ETH_ALEN", "PACKET_AUXDATA",
+             "PACKET_IGNORE_OUTGOING",
              "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET"]
 STRUCTS = {
     "vhost_vring_state": "struct vhost_vring_state",
@@ -60,6 +62,8 @@ STRUCTS = {
     "tpacket_stats": "struct tpacket_stats",
     "tpacket_req": "struct tpacket_req",
     "tpacket2_hdr": "struct tpacket2_hdr",
+    "tpacket_auxdata": "struct tpacket_auxdata",
+    "cmsghdr": "struct cmsghdr",
 }
 
 
@@ -438,6 +442,46 @@ class TestTap(unittest.TestCase):
                 vp.Tap(bad)
 
 
+class TestInsertVlanTag(unittest.TestCase):
+    """insert_vlan_tag on a buffer, and on one scattered over views as received: the tag
+    after the MACs, the header's offsets moved."""
+
+    def test_tag_goes_after_the_macs_and_offsets_grow(self):
+        hdr = vp.virtio_net_hdr(flags=vp.VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                                gso_type=vp.VIRTIO_NET_HDR_GSO_TCPV4, hdr_len=54,
+                                gso_size=1448, csum_start=34, csum_offset=16)
+        eth = bytes(range(1, 13)) + b"\x08\x00"
+        buf = bytearray(b"\xee" * 4 + bytes(hdr) + eth + b"payload")
+        front = vp.insert_vlan_tag(memoryview(buf), 4, 10, 0x88A8, 0x2064)
+        self.assertEqual(front, 0)
+        out = vp.virtio_net_hdr.from_buffer_copy(buf)
+        self.assertEqual((out.flags, out.gso_type, out.hdr_len, out.gso_size, out.csum_start,
+                          out.csum_offset), (1, vp.VIRTIO_NET_HDR_GSO_TCPV4, 58, 1448, 38, 16))
+        self.assertEqual(bytes(buf[10:]), eth[:12] + b"\x88\xa8\x20\x64" + eth[12:] + b"payload")
+
+    def test_plain_frame_keeps_a_zero_header(self):
+        buf = bytearray(4 + 10 + 14)
+        buf[14:28] = bytes(range(14))
+        vp.insert_vlan_tag(memoryview(buf), 4, 10, vp.ETH_P_8021Q, 7)
+        self.assertEqual(bytes(buf[:10]), bytes(10))
+        self.assertEqual(bytes(buf[10:]), bytes(range(12)) + b"\x81\x00\x00\x07" + bytes([12, 13]))
+
+    def test_scattered_frame_is_tagged_across_its_views(self):
+        hdr = vp.virtio_net_hdr(flags=vp.VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=34,
+                                csum_offset=6)
+        frame = bytes(range(12)) + b"\x08\x00" + bytes(range(100, 140))
+        raw = bytes(hdr) + frame
+        store = bytearray(len(raw) + 8)
+        store[:len(raw)] = raw                  # as recvmmsg scattered it over three views
+        views = [memoryview(store)[:10], memoryview(store)[10:18], memoryview(store)[18:]]
+        n = vp._insert_vlan_tag_scattered(views, len(raw), vp.ETH_P_8021Q, 5)
+        self.assertEqual(n, len(raw) + 4)
+        self.assertEqual(vp.virtio_net_hdr.from_buffer_copy(store).csum_start, 38)
+        self.assertEqual(bytes(store[10:n]), frame[:12] + b"\x81\x00\x00\x05" + frame[12:])
+        small = [memoryview(bytearray(10)), memoryview(bytearray(len(frame) + 3))]
+        self.assertIsNone(vp._insert_vlan_tag_scattered(small, len(raw), vp.ETH_P_8021Q, 5))
+
+
 class TestPacketRxRing(unittest.TestCase):
     """The NIC's receive ring on a veth (MTU 4000, so that frames over a 2 KB slot
     come too): frames in ring order behind their virtio_net_hdr, big ones queued
@@ -462,7 +506,7 @@ class TestPacketRxRing(unittest.TestCase):
         self.addCleanup(ring.close)
         self.assertEqual((ring.frame_size, ring.MAC_OFFSET), (2048, 76))
         addrs = ring.frame_addrs(66)            # where each frame's virtio_net_hdr starts
-        self.assertEqual((len(addrs), addrs[1]), (64, ring.frame_addr(1) + 66))
+        self.assertEqual((len(addrs), addrs[1]), (64, ring.addr + 2048 + 66))
         addrs.release()
         self.ping_in(2, 3000)                   # 3028-byte echo requests: over a slot
         n = ring.ready(0, 64)
@@ -502,6 +546,32 @@ class TestPacketRxRing(unittest.TestCase):
         self.ping_in(10, 56)                    # 10 echo requests for 8 slots
         self.assertEqual(ring.ready(head, 8 - head) + ring.ready(0, head), 8)
         self.assertGreater(self.nic.drops(), 0)
+
+    def test_vlan_tag_reported_and_put_back(self):
+        def mac(dev, ns=None):
+            return bytes.fromhex(topo.sh("cat", f"/sys/class/net/{dev}/address",
+                                         ns=ns).strip().replace(":", ""))
+        # A tagged frame sent raw from the outside: veth0's receive path takes the tag off
+        # (skb_vlan_untag) before any packet socket sees the frame.
+        sent = (mac("veth0") + mac("veth1", topo.NS) + b"\x81\x00\x20\x64\x88\xb5"
+                + bytes(range(46)))
+        ring = vp.PacketRxRing(self.nic, 64, 1518)
+        self.addCleanup(ring.close)
+        topo.sh(sys.executable, "-c", "import socket, sys; s = socket.socket(17, 3, 0); "
+                "s.bind(('veth1', 0)); s.send(bytes.fromhex(sys.argv[1]))", sent.hex(),
+                ns=topo.NS)
+        n = ring.ready(0, 64)
+        status, tp_len, _, _ = ring.headers(0, n)
+        k = next((k for k in range(n) if status[k] & vp.TP_STATUS_VLAN_VALID), None)
+        self.assertIsNotNone(k, "no tagged frame in the ring")
+        self.assertTrue(ring.vlan_tagged(0, n))
+        self.assertFalse(ring.vlan_tagged(0, k))
+        self.assertEqual(ring.vlan(k), (vp.ETH_P_8021Q, 0x2064))
+        self.assertEqual(tp_len[k], len(sent) - 4)
+        hdr = vp.insert_vlan_tag(ring.view, k * 2048 + 66, 10, *ring.vlan(k))
+        self.assertEqual(hdr, k * 2048 + 62)
+        self.assertEqual(ring.view[hdr + 10:hdr + 10 + len(sent)].tobytes(), sent)
+        self.assertEqual(ring.view[hdr:hdr + 10].tobytes(), bytes(10))     # header as it was
 
     def test_close_gives_the_socket_back(self):
         ring = vp.PacketRxRing(self.nic, 64, 9000 + 18)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -66,6 +67,33 @@ def make_outside(offloads=True, gro=False):
     if gro:
         sh("ethtool", "-K", "veth1", "gro", "on", ns=NS)
         sh("ethtool", "-K", "veth0", "gro", "on")
+
+
+VLAN_ID = 100
+VLAN_KERNEL_IP, VLAN_OUTSIDE_IP = "1.1.100.1", "1.1.100.2"
+
+
+def add_vlans(kernel_dev="tap0"):
+    """802.1Q interfaces (VLAN_ID) on both ends: ``kernel_dev``.100 here, veth1.100
+    outside, on their own subnet.  Raises unittest.SkipTest where the kernel has no
+    802.1Q support (the 8021q module)."""
+    vlan = f"{kernel_dev}.{VLAN_ID}"
+    try:
+        sh("ip", "link", "add", "link", kernel_dev, "name", vlan, "type", "vlan",
+           "id", str(VLAN_ID))
+    except AssertionError as e:
+        raise unittest.SkipTest(f"no 802.1Q interfaces in this kernel: {e}") from None
+    sh("ip", "link", "add", "link", "veth1", "name", f"veth1.{VLAN_ID}", "type", "vlan",
+       "id", str(VLAN_ID), ns=NS)
+    sh("ip", "addr", "add", f"{VLAN_KERNEL_IP}/24", "dev", vlan)
+    sh("ip", "link", "set", vlan, "up")
+    sh("ip", "addr", "add", f"{VLAN_OUTSIDE_IP}/24", "dev", f"veth1.{VLAN_ID}", ns=NS)
+    sh("ip", "link", "set", f"veth1.{VLAN_ID}", "up", ns=NS)
+
+
+def remove_vlans(kernel_dev="tap0"):
+    sh("ip", "link", "del", f"{kernel_dev}.{VLAN_ID}", check=False)
+    sh("ip", "link", "del", f"veth1.{VLAN_ID}", ns=NS, check=False)
 
 
 def remove_outside():
@@ -266,13 +294,14 @@ def ping(target, ns=None, count=3):
     return int(m.group(1)) if m else 0
 
 
-def tcp_transfer(direction, nbytes, port=5001, timeout=300):
+def tcp_transfer(direction, nbytes, port=5001, timeout=300, kernel_ip=KERNEL_IP,
+                 outside_ip=OUTSIDE_IP):
     """Send ``nbytes`` over TCP through the path; return (sent, received) "<n> <sha256>".
 
     direction "in": outside -> kernel (1.1.1.1); "out": kernel -> outside.
     """
-    recv_ns, send_ns, target = (None, NS, KERNEL_IP) if direction == "in" \
-        else (NS, None, OUTSIDE_IP)
+    recv_ns, send_ns, target = (None, NS, kernel_ip) if direction == "in" \
+        else (NS, None, outside_ip)
     prefix = ["ip", "netns", "exec", recv_ns] if recv_ns else []
     receiver = subprocess.Popen([*prefix, sys.executable, XFER, "recv", str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
