@@ -485,8 +485,9 @@ class TestInsertVlanTag(unittest.TestCase):
 class TestPacketRxRing(unittest.TestCase):
     """The NIC's receive ring on a veth (MTU 4000, so that frames over a 2 KB slot
     come too): frames in ring order behind their virtio_net_hdr, big ones queued
-    whole on the socket, drops while the ring is full, and the socket as before
-    once the ring is closed."""
+    whole on the socket, drops while the ring is full, the socket as before once
+    the ring is closed, and a VLAN tag reported beside its frame (in the slot, and
+    in PACKET_AUXDATA of recvmmsg)."""
 
     def setUp(self):
         topo.make_outside(offloads=False)
@@ -547,19 +548,23 @@ class TestPacketRxRing(unittest.TestCase):
         self.assertEqual(ring.ready(head, 8 - head) + ring.ready(0, head), 8)
         self.assertGreater(self.nic.drops(), 0)
 
-    def test_vlan_tag_reported_and_put_back(self):
+    def send_tagged(self):
+        """Send a frame tagged 0x2064 raw from the outside; return it as sent.  veth0's
+        receive path takes the tag off (skb_vlan_untag) before packet sockets see it."""
         def mac(dev, ns=None):
             return bytes.fromhex(topo.sh("cat", f"/sys/class/net/{dev}/address",
                                          ns=ns).strip().replace(":", ""))
-        # A tagged frame sent raw from the outside: veth0's receive path takes the tag off
-        # (skb_vlan_untag) before any packet socket sees the frame.
         sent = (mac("veth0") + mac("veth1", topo.NS) + b"\x81\x00\x20\x64\x88\xb5"
                 + bytes(range(46)))
-        ring = vp.PacketRxRing(self.nic, 64, 1518)
-        self.addCleanup(ring.close)
         topo.sh(sys.executable, "-c", "import socket, sys; s = socket.socket(17, 3, 0); "
                 "s.bind(('veth1', 0)); s.send(bytes.fromhex(sys.argv[1]))", sent.hex(),
                 ns=topo.NS)
+        return sent
+
+    def test_vlan_tag_reported_and_put_back(self):
+        ring = vp.PacketRxRing(self.nic, 64, 1518)
+        self.addCleanup(ring.close)
+        sent = self.send_tagged()
         n = ring.ready(0, 64)
         status, tp_len, _, _ = ring.headers(0, n)
         k = next((k for k in range(n) if status[k] & vp.TP_STATUS_VLAN_VALID), None)
@@ -572,6 +577,22 @@ class TestPacketRxRing(unittest.TestCase):
         self.assertEqual(hdr, k * 2048 + 62)
         self.assertEqual(ring.view[hdr + 10:hdr + 10 + len(sent)].tobytes(), sent)
         self.assertEqual(ring.view[hdr:hdr + 10].tobytes(), bytes(10))     # header as it was
+
+    def test_vlan_tag_in_auxdata_of_recvmmsg(self):
+        batch = vp._MsgBatch(4, 1, vp.PacketSocket.AUXDATA_SPACE)
+        buf = bytearray(4 * 2048)
+        anchor = ctypes.c_char.from_buffer(buf)
+        for j in range(4):
+            batch.set_iov(j, [(ctypes.addressof(anchor) + j * 2048, 2048)])
+        sent = self.send_tagged()
+        got = batch.recvmmsg(self.nic.fileno(), 4)
+        tags = [vp.PacketSocket.auxdata_vlan(batch.control_data(j)) for j in range(got)]
+        k = next((j for j in range(got) if buf[j * 2048 + 10 + 12:j * 2048 + 10 + 14]
+                  == b"\x88\xb5"), None)
+        self.assertIsNotNone(k, f"the tagged frame did not arrive ({got} frames)")
+        self.assertEqual(tags[k], (vp.ETH_P_8021Q, 0x2064))
+        self.assertEqual(batch.result(k)[1], 10 + len(sent) - 4)    # received untagged
+        self.assertEqual([t for j, t in enumerate(tags) if j != k], [None] * (got - 1))
 
     def test_close_gives_the_socket_back(self):
         ring = vp.PacketRxRing(self.nic, 64, 9000 + 18)

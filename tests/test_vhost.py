@@ -16,7 +16,7 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import BridgeCase, DemoCase, ShutdownCase
+from tests.cases import BridgeCase, DemoCase, ShutdownCase, VlanCase
 OUR_MAC = bytes.fromhex("020000000002")
 
 
@@ -237,55 +237,55 @@ class TestVhostBridgeFlood(unittest.TestCase):
         self.flood(False)
 
 
-class TestBridgeDefaults(BridgeCase, unittest.TestCase):
+class TestBridgeDefaults(BridgeCase, VlanCase, unittest.TestCase):
     """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
     LRO = True
 
 
-class TestBridgeNoOffloadOutsideTso(BridgeCase, unittest.TestCase):
+class TestBridgeNoOffloadOutsideTso(BridgeCase, VlanCase, unittest.TestCase):
     """No offload towards us; the outside sends TSO super-frames with partial checksums."""
     ARGS = ("--no-lro", "--no-rx-cksum")
 
 
-class TestBridgeOffloadsOff(BridgeCase, unittest.TestCase):
+class TestBridgeOffloadsOff(BridgeCase, VlanCase, unittest.TestCase):
     """No offload anywhere: ethtool -K veth1 tx off, MTU-sized frames, full checksums."""
     ARGS = ("--no-lro", "--no-rx-cksum")
     OFFLOADS = False
 
 
-class TestBridgeRxCksum(BridgeCase, unittest.TestCase):
+class TestBridgeRxCksum(BridgeCase, VlanCase, unittest.TestCase):
     """--rx-cksum: the kernel hands over partial checksums, completed on the way out."""
     ARGS = ("--rx-cksum", "--no-lro")
     OFFLOADS = False
 
 
-class TestBridgeLro(BridgeCase, unittest.TestCase):
+class TestBridgeLro(BridgeCase, VlanCase, unittest.TestCase):
     """--lro with 1024-entry rings: 64 KB segments from the kernel, outside a plain wire."""
     ARGS = ("--lro", "--queue-size", "1024")
     OFFLOADS = False
     LRO = True
 
 
-class TestBridgeLroOutsideTsoGro(BridgeCase, unittest.TestCase):
+class TestBridgeLroOutsideTsoGro(BridgeCase, VlanCase, unittest.TestCase):
     """--lro with the outside's TSO and GRO on: 64 KB frames both ways."""
     ARGS = ("--lro",)
     GRO = True
     LRO = True
 
 
-class TestBridgeSocketNic(BridgeCase, unittest.TestCase):
+class TestBridgeSocketNic(BridgeCase, VlanCase, unittest.TestCase):
     """--nic-backend socket (recvmmsg/sendmmsg here, MRG_RXBUF) with the defaults."""
     ARGS = ("--nic-backend", "socket")
     LRO = True
 
 
-class TestBridgeSocketNicOffloadsOff(BridgeCase, unittest.TestCase):
+class TestBridgeSocketNicOffloadsOff(BridgeCase, VlanCase, unittest.TestCase):
     """--nic-backend socket with no offload anywhere."""
     ARGS = ("--nic-backend", "socket", "--no-lro", "--no-rx-cksum")
     OFFLOADS = False
 
 
-class TestBridgeTapBackend(BridgeCase, unittest.TestCase):
+class TestBridgeTapBackend(BridgeCase, VlanCase, unittest.TestCase):
     """The tap read/write fallback, chosen explicitly where vhost-net exists."""
     BACKEND = "tap"
     LRO = True
