@@ -1181,9 +1181,10 @@ def _tpacket_align(size):
     return -(-size // TPACKET_ALIGNMENT) * TPACKET_ALIGNMENT
 
 
-# tp_status low byte -> 1 if TP_STATUS_USER / TP_STATUS_VLAN_VALID is set, else 0
+# tp_status low byte -> 1 if TP_STATUS_USER / _VLAN_VALID / _VLAN_TPID_VALID is set, else 0
 _USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))
 _VLAN_BIT = bytes(1 if b & TP_STATUS_VLAN_VALID else 0 for b in range(256))
+_TPID_BIT = bytes(1 if b & TP_STATUS_VLAN_TPID_VALID else 0 for b in range(256))
 
 
 def insert_vlan_tag(buf, hdr, hdr_len, tpid, tci):
@@ -1305,6 +1306,38 @@ class PacketRxRing:
         tpid = (self._u16[u16 + tpacket2_hdr.tp_vlan_tpid.offset // 2]
                 if self._u32[u16 // 2] & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q)
         return tpid, self._u16[u16 + tpacket2_hdr.tp_vlan_tci.offset // 2]
+
+    def retag(self, start, n, hdr_len):
+        """insert_vlan_tag on frames start .. start+n-1 at once, each at MAC_OFFSET
+        behind a ``hdr_len``-byte header, with strided copies (one per 2 bytes
+        moved, then the TPID and TCI columns).  Only where each frame came
+        tagged with its TPID reported (TP_STATUS_VLAN_VALID, _VLAN_TPID_VALID)
+        and no header has offsets to move (flags and gso_type 0); returns
+        whether it did, else nothing changed."""
+        fs, hdr = self.frame_size, self.MAC_OFFSET - hdr_len
+        status = self._status_bytes(start, n)
+        flags = self.view[start * fs + hdr:(start + n) * fs:fs].tobytes()
+        gso = self.view[start * fs + hdr + 1:(start + n) * fs:fs].tobytes()
+        if (status.translate(_VLAN_BIT).count(0) or status.translate(_TPID_BIT).count(0)
+                or flags.count(0) < n or gso.count(0) < n or hdr % 2
+                or hdr - VLAN_HLEN < TPACKET2_HDRLEN):
+            return False
+        u16, h2 = self._u16, fs // 2
+
+        def column(off):            # u16 ``off`` of each frame
+            first = start * h2 + off // 2
+            return slice(first, first + n * h2, h2)
+        for off in range(hdr, hdr + hdr_len + 2 * ETH_ALEN, 2):   # to the front, in order
+            u16[column(off - VLAN_HLEN)] = u16[column(off)]
+        tag = hdr - VLAN_HLEN + hdr_len + 2 * ETH_ALEN
+        tpid = array.array("H", u16[column(tpacket2_hdr.tp_vlan_tpid.offset)])
+        tci = array.array("H", u16[column(tpacket2_hdr.tp_vlan_tci.offset)])
+        if sys.byteorder == "little":               # to network order
+            tpid.byteswap()
+            tci.byteswap()
+        u16[column(tag)] = tpid
+        u16[column(tag + 2)] = tci
+        return True
 
     def release(self, start, n):
         """Hand ``n`` frames from ``start`` on (in ring order) back to the kernel.
@@ -2298,7 +2331,10 @@ class VhostBridge(_Forwarder):
         self.tap_rxq, self.tap_txq, self.nic_txq = rings
         # Where tap TX descriptors point: a frame's virtio_net_hdr in its ring slot.
         # A frame too big for its slot goes into the descriptor's own arena buffer.
-        self._frame_addrs = self.nic_ring.frame_addrs(self.nic_ring.MAC_OFFSET - self.hdr_len)
+        # [untagged, retagged]: see PacketRxRing.retag.
+        hdr = self.nic_ring.MAC_OFFSET - self.hdr_len
+        self._frame_addrs = [self.nic_ring.frame_addrs(hdr),
+                             self.nic_ring.frame_addrs(hdr - VLAN_HLEN)]
         self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
         self.vhost.set_features(self.vhost_features)
         self.vhost.set_mem_table([self.arena.region(), self.nic_ring.region()])
@@ -2380,12 +2416,18 @@ class VhostBridge(_Forwarder):
                 break
             status, tp_len, snaplen, mac = ring.headers(start, n)
             first = start % txq.num                  # frame f is descriptor f % num
-            txq.set_addrs(first, self._frame_addrs[start:start + n])
+            # The usual batch: whole frames at MAC_OFFSET, all untagged, or all tagged
+            # and put back at once (retag), each frame then 4 bytes further in front.
+            tag = None
             if snaplen == tp_len and min(mac) == max(mac) == ring.MAC_OFFSET \
-                    and max(snaplen) <= ring.frame_size - ring.MAC_OFFSET \
-                    and not ring.vlan_tagged(start, n):
+                    and max(snaplen) <= ring.frame_size - ring.MAC_OFFSET:
+                tag = VLAN_HLEN if ring.vlan_tagged(start, n) else 0
+                if tag and not ring.retag(start, n, self.hdr_len):
+                    tag = None
+            if tag is not None:
+                txq.set_addrs(first, self._frame_addrs[bool(tag)][start:start + n])
                 ids = _wrapping_ids(first, n, txq.num)
-                lengths = [length + self.hdr_len for length in snaplen]
+                lengths = [length + self.hdr_len + tag for length in snaplen]
                 taken = n
             else:
                 ids, lengths, taken = self._receive_odd(start, status, tp_len, snaplen, mac)

@@ -548,18 +548,39 @@ class TestPacketRxRing(unittest.TestCase):
         self.assertEqual(ring.ready(head, 8 - head) + ring.ready(0, head), 8)
         self.assertGreater(self.nic.drops(), 0)
 
-    def send_tagged(self):
-        """Send a frame tagged 0x2064 raw from the outside; return it as sent.  veth0's
-        receive path takes the tag off (skb_vlan_untag) before packet sockets see it."""
+    def send_tagged(self, count=1):
+        """Send ``count`` frames tagged 0x2064 raw from the outside; return one as sent.
+        veth0's receive path takes the tag off (skb_vlan_untag) before packet sockets
+        see it."""
         def mac(dev, ns=None):
             return bytes.fromhex(topo.sh("cat", f"/sys/class/net/{dev}/address",
                                          ns=ns).strip().replace(":", ""))
         sent = (mac("veth0") + mac("veth1", topo.NS) + b"\x81\x00\x20\x64\x88\xb5"
                 + bytes(range(46)))
         topo.sh(sys.executable, "-c", "import socket, sys; s = socket.socket(17, 3, 0); "
-                "s.bind(('veth1', 0)); s.send(bytes.fromhex(sys.argv[1]))", sent.hex(),
-                ns=topo.NS)
+                "s.bind(('veth1', 0)); [s.send(bytes.fromhex(sys.argv[1])) for _ in range(int("
+                "sys.argv[2]))]", sent.hex(), str(count), ns=topo.NS)
         return sent
+
+    def test_tags_put_back_for_a_whole_batch(self):
+        ring = vp.PacketRxRing(self.nic, 64, 1518)
+        self.addCleanup(ring.close)
+        sent = self.send_tagged(3)
+        n = ring.ready(0, 64)
+        status = ring.headers(0, n)[0]
+        tagged = [k for k in range(n) if status[k] & vp.TP_STATUS_VLAN_VALID]
+        self.assertEqual(len(tagged), 3)
+        k = tagged[0]
+        self.assertEqual(tagged, [k, k + 1, k + 2])         # sent back to back
+        if k:                                               # a batch with an untagged frame
+            self.assertFalse(ring.retag(k - 1, 4, 10))
+        ring.view[(k + 2) * 2048 + 66] = vp.VIRTIO_NET_HDR_F_NEEDS_CSUM
+        self.assertFalse(ring.retag(k, 3, 10))              # a header offset to move
+        ring.view[(k + 2) * 2048 + 66] = 0
+        self.assertTrue(ring.retag(k, 3, 10))
+        for f in tagged:
+            self.assertEqual(ring.view[f * 2048 + 62:f * 2048 + 72].tobytes(), bytes(10))
+            self.assertEqual(ring.view[f * 2048 + 72:f * 2048 + 72 + len(sent)].tobytes(), sent)
 
     def test_vlan_tag_reported_and_put_back(self):
         ring = vp.PacketRxRing(self.nic, 64, 1518)
