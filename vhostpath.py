@@ -1185,6 +1185,7 @@ def _tpacket_align(size):
 _USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))
 _VLAN_BIT = bytes(1 if b & TP_STATUS_VLAN_VALID else 0 for b in range(256))
 _TPID_BIT = bytes(1 if b & TP_STATUS_VLAN_TPID_VALID else 0 for b in range(256))
+_NO_OFFSETS = bytes([0, VIRTIO_NET_HDR_F_DATA_VALID])   # virtio_net_hdr flags retag accepts
 
 
 def insert_vlan_tag(buf, hdr, hdr_len, tpid, tci):
@@ -1312,14 +1313,14 @@ class PacketRxRing:
         behind a ``hdr_len``-byte header, with strided copies (one per 2 bytes
         moved, then the TPID and TCI columns).  Only where each frame came
         tagged with its TPID reported (TP_STATUS_VLAN_VALID, _VLAN_TPID_VALID)
-        and no header has offsets to move (flags and gso_type 0); returns
-        whether it did, else nothing changed."""
+        and no header has offsets to move (no flag but DATA_VALID, gso_type 0);
+        returns whether it did, else nothing changed."""
         fs, hdr = self.frame_size, self.MAC_OFFSET - hdr_len
         status = self._status_bytes(start, n)
         flags = self.view[start * fs + hdr:(start + n) * fs:fs].tobytes()
         gso = self.view[start * fs + hdr + 1:(start + n) * fs:fs].tobytes()
         if (status.translate(_VLAN_BIT).count(0) or status.translate(_TPID_BIT).count(0)
-                or flags.count(0) < n or gso.count(0) < n or hdr % 2
+                or flags.translate(None, _NO_OFFSETS) or gso.count(0) < n or hdr % 2
                 or hdr - VLAN_HLEN < TPACKET2_HDRLEN):
             return False
         u16, h2 = self._u16, fs // 2
@@ -2336,6 +2337,7 @@ class VhostBridge(_Forwarder):
         self._frame_addrs = [self.nic_ring.frame_addrs(hdr),
                              self.nic_ring.frame_addrs(hdr - VLAN_HLEN)]
         self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
+        self._nic_lost = None                   # a frame whose copy came truncated: dropped
         self.vhost.set_features(self.vhost_features)
         self.vhost.set_mem_table([self.arena.region(), self.nic_ring.region()])
         self.vhost.set_vring(VHOST_NET_VQ_RX, self.tap_rxq, self.callfd)
@@ -2448,9 +2450,10 @@ class VhostBridge(_Forwarder):
         received whole (TP_STATUS_COPY) into its descriptor's arena buffer, one
         at an unusual offset is offered from where it is, and one that came
         with a VLAN tag gets it back (insert_vlan_tag).  One truncated without
-        a copy (socket buffer full) is dropped, but only once no frame is out,
-        since frames go back to the kernel in ring order; until then the batch
-        stops before it.  Returns (ids, lengths, frames taken)."""
+        a copy (socket buffer full), or whose copy came truncated (over 64 KB),
+        is dropped, but only once no frame is out, since frames go back to the
+        kernel in ring order; until then the batch stops before it.  Returns
+        (ids, lengths, frames taken)."""
         ring, txq, h = self.nic_ring, self.tap_txq, self.hdr_len
         ids, lengths, taken = [], [], 0
         for st, full, snap, off in zip(status, tp_len, snaplen, mac):
@@ -2458,11 +2461,13 @@ class VhostBridge(_Forwarder):
             desc = f % txq.num
             tag = ring.vlan(f) if st & TP_STATUS_VLAN_VALID else None
             buf = None
-            if st & TP_STATUS_COPY:
+            if st & TP_STATUS_COPY and f != self._nic_lost:
                 own = txq.bufs[desc]            # received VLAN_HLEN in: room for a tag
                 with contextlib.suppress(BlockingIOError):
                     nbytes, _, flags, _ = self.nic.sock.recvmsg_into([own[VLAN_HLEN:]])
-                    if not flags & MSG_TRUNC:
+                    if flags & MSG_TRUNC:       # its copy is gone: never receive for f again
+                        self._nic_lost = f
+                    else:
                         buf, base, hdr, length = own, txq.buf_addr(desc), VLAN_HLEN, nbytes
             elif snap == full and off - h - (VLAN_HLEN if tag else 0) >= TPACKET2_HDRLEN \
                     and off + snap <= ring.frame_size:
@@ -2481,6 +2486,7 @@ class VhostBridge(_Forwarder):
                 self.nic_stats.rx_dropped += 1
                 ring.release(f, 1)
                 self._nic_tail = (f + 1) % ring.frame_nr
+                self._nic_lost = None
             taken += 1
         return ids, lengths, taken
 

@@ -576,10 +576,11 @@ class TestPacketRxRing(unittest.TestCase):
             self.assertFalse(ring.retag(k - 1, 4, 10))
         ring.view[(k + 2) * 2048 + 66] = vp.VIRTIO_NET_HDR_F_NEEDS_CSUM
         self.assertFalse(ring.retag(k, 3, 10))              # a header offset to move
-        ring.view[(k + 2) * 2048 + 66] = 0
+        ring.view[(k + 2) * 2048 + 66] = vp.VIRTIO_NET_HDR_F_DATA_VALID     # no offsets
         self.assertTrue(ring.retag(k, 3, 10))
         for f in tagged:
-            self.assertEqual(ring.view[f * 2048 + 62:f * 2048 + 72].tobytes(), bytes(10))
+            self.assertEqual(ring.view[f * 2048 + 62:f * 2048 + 72].tobytes(),
+                             bytes([2 if f == k + 2 else 0]) + bytes(9))
             self.assertEqual(ring.view[f * 2048 + 72:f * 2048 + 72 + len(sent)].tobytes(), sent)
 
     def test_vlan_tag_reported_and_put_back(self):
