@@ -16,6 +16,8 @@ second vhost-net device sends the tap's frames out on the packet socket::
 
 With ``--nic-backend socket`` this process reads and writes the NIC socket
 itself (recvmmsg/sendmmsg, ``Bridge``), as DPDK's af_packet port does.
+Either way a frame's VLAN tag, which the kernel takes off before a packet
+socket sees the frame, is put back on the way to the tap.
 
 Requirements: Linux, Python >= 3.10, root (CAP_NET_ADMIN and CAP_NET_RAW), and
 the ``vhost_net`` module (``modprobe vhost_net``).  Nothing outside the
@@ -48,7 +50,7 @@ __all__ = [
     "VhostPathError", "RingBrokenError",
     "Arena", "SplitVirtqueue", "vring_layout", "vnet_hdr_len",
     "offload_features", "tap_offloads", "feature_names",
-    "Tap", "VhostNet", "PacketSocket",
+    "Tap", "VhostNet", "PacketSocket", "PacketRxRing", "insert_vlan_tag",
     "PortStats", "Port", "VirtioUserPort", "TapPort", "QuietNic", "Bridge", "VhostBridge",
     "QueuePairs",
     "main",
