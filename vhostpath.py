@@ -1102,6 +1102,12 @@ class VhostNet:
         return f"<VhostNet {self.path} fd={self.fd}>"
 
 
+def _reported_tag(status, tpid, tci):
+    """(TPID, TCI) of a tag the kernel reports beside a frame (ring slot or
+    PACKET_AUXDATA): tp_vlan_tpid where it sets TP_STATUS_VLAN_TPID_VALID, else 802.1Q's."""
+    return (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q), tci
+
+
 class PacketSocket:
     """An AF_PACKET/SOCK_RAW socket on a NIC: every frame in, every frame out.
 
@@ -1156,7 +1162,7 @@ class PacketSocket:
             control, cmsghdr.cmsg_level.offset)
         if (level, kind) != (SOL_PACKET, PACKET_AUXDATA) or not status & TP_STATUS_VLAN_VALID:
             return None
-        return (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q), tci
+        return _reported_tag(status, tpid, tci)
 
     def mtu(self):
         """The NIC's MTU (from sysfs)."""
@@ -1306,9 +1312,9 @@ class PacketRxRing:
         """(TPID, TCI) of the tag frame ``i`` came with: tp_vlan_tpid where the kernel
         sets it (TP_STATUS_VLAN_TPID_VALID), else 802.1Q's."""
         u16 = self.frame_size // 2 * i
-        tpid = (self._u16[u16 + tpacket2_hdr.tp_vlan_tpid.offset // 2]
-                if self._u32[u16 // 2] & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q)
-        return tpid, self._u16[u16 + tpacket2_hdr.tp_vlan_tci.offset // 2]
+        return _reported_tag(self._u32[u16 // 2],
+                             self._u16[u16 + tpacket2_hdr.tp_vlan_tpid.offset // 2],
+                             self._u16[u16 + tpacket2_hdr.tp_vlan_tci.offset // 2])
 
     def retag(self, start, n, hdr_len):
         """insert_vlan_tag on frames start .. start+n-1 at once, each at MAC_OFFSET
