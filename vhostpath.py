@@ -650,11 +650,6 @@ def vnet_hdr_len(features):
     return ctypes.sizeof(virtio_net_hdr)
 
 
-def _wrapping_ids(first, n, num):
-    """Descriptor ids ``first``, ``first + 1``, ... ``n`` of them, wrapping at ``num``."""
-    return list(range(first, min(first + n, num))) + list(range(first + n - num))
-
-
 class SplitVirtqueue:
     """The driver side of one split virtqueue whose memory lives in an Arena.
 
@@ -664,9 +659,9 @@ class SplitVirtqueue:
     as in Linux's virtio_ring.c: ``add_buf`` / ``add_chain`` / ``kick_prepare``
     / ``notify`` / ``get_buf``, which track which descriptors the device owns.
     A ring that only ever carries single whole buffers may use the batch
-    forms ``add_bufs`` / ``get_bufs`` instead, which check bounds and counts
-    per batch.  Each used entry is bounds-checked; a device that breaks the
-    rules makes the ring broken (sticky) and raises RingBrokenError.
+    forms ``add_bufs`` / ``add_run`` / ``get_run`` instead, which check bounds
+    and counts per run.  Each used entry is bounds-checked; a device that
+    breaks the rules makes the ring broken (sticky) and raises RingBrokenError.
 
     ``event_idx``: VIRTIO_RING_F_EVENT_IDX was negotiated (spec 2.7.7, 2.7.10):
     kicks and interrupts are then asked for by index (avail_event, used_event)
@@ -717,6 +712,11 @@ class SplitVirtqueue:
         self.chains = [None] * num       # per chain head: the chain's descriptor ids
         self.free = list(range(num - 1, -1, -1))
         self._buf_base = arena.addr + buf_offset
+        # Descriptor ids 0 .. num-1 in the used ring's type (u32) and the avail
+        # ring's (u16): runs of ids are compared and stored as slices of these.
+        self._ids32 = memoryview(array.array("I", range(num)))
+        self._ids16 = memoryview(array.array("H", range(num)))
+        self._run_lengths = memoryview(array.array("I", bytes(4 * num)))    # get_run's
 
     def buf_addr(self, desc_id):
         """The address of descriptor ``desc_id``'s own buffer."""
@@ -752,27 +752,39 @@ class SplitVirtqueue:
         """Offer single descriptors ``ids`` at once, ``lengths[k]`` bytes each, or whole
         buffers (the length they were offered with before) when ``lengths`` is None.
 
-        For rings used only through add_bufs / get_bufs: no per-descriptor
-        ownership is kept; get_bufs checks bounds and counts instead.
+        For rings used only through add_bufs / add_run / get_run: no
+        per-descriptor ownership is kept; get_run checks bounds and counts
+        instead.
         """
         n, num, avail = len(ids), self.num, self._avail
         if lengths is not None:
-            d32, low = self._desc_u32, ids[0] if ids else 0
-            if ids == _wrapping_ids(low, n, num):       # the usual batch: strided stores
-                k = min(n, num - low)
-                d32[4 * low + 2:4 * (low + k):4] = array.array("I", lengths[:k])
-                d32[2:4 * (n - k):4] = array.array("I", lengths[k:])
-            else:
-                for desc_id, length in zip(ids, lengths):
-                    d32[desc_id * 4 + 2] = length
+            for desc_id, length in zip(ids, lengths):
+                self._desc_u32[desc_id * 4 + 2] = length
         # Descriptors first, then the avail ring entries (see _add_head).
         start = self.avail_idx_shadow & (num - 1)
         first = min(n, num - start)
         avail[2 + start:2 + start + first] = array.array("H", ids[:first])
-        if first < n:
-            avail[2:2 + n - first] = array.array("H", ids[first:])
+        avail[2:2 + n - first] = array.array("H", ids[first:])
         self.avail_idx_shadow = (self.avail_idx_shadow + n) & 0xFFFF
         self.num_added += n
+
+    def add_run(self, first, count, lengths=None):
+        """add_bufs for the ``count`` descriptors ``first``, ``first + 1``, ... (wrapping
+        at num), with slice stores instead of a loop: ``lengths`` is a u32
+        buffer of ``count`` lengths (a run from get_run), or None for whole
+        buffers.  Order as in _add_head: each piece's descriptors, then its
+        avail entries."""
+        num, d32, avail, ids = self.num, self._desc_u32, self._avail, self._ids16
+        start, done = self.avail_idx_shadow & (num - 1), 0
+        while done < count:             # pieces wrapping neither the ids nor the avail ring
+            i, a = (first + done) & (num - 1), (start + done) & (num - 1)
+            k = min(count - done, num - i, num - a)
+            if lengths is not None:
+                d32[4 * i + 2:4 * (i + k):4] = lengths[done:done + k]
+            avail[2 + a:2 + a + k] = ids[i:i + k]
+            done += k
+        self.avail_idx_shadow = (self.avail_idx_shadow + count) & 0xFFFF
+        self.num_added += count
 
     def add_chain(self, ids, length):
         """Offer descriptors ``ids`` chained (VRING_DESC_F_NEXT), holding ``length`` bytes."""
@@ -897,34 +909,45 @@ class SplitVirtqueue:
         self.consume_used(desc_id)
         return desc_id, length
 
-    def get_bufs(self, min_len=0):
-        """Take every used entry published so far: (ids, lengths), checked as a batch.
+    def get_run(self, min_len=0):
+        """Take the next used entries that hold consecutive descriptor ids: (first id,
+        lengths), ``lengths`` a u32 memoryview valid until the next get_run;
+        None if no entry is pending.
 
-        For add_bufs rings: no more entries than offered, every id a
-        descriptor of this ring, every length from ``min_len`` to a buffer.  The entries
-        are read after used->idx (x86-64 keeps loads in order; elsewhere
-        used_pending fences), so they are the ones the device published.
+        For add_bufs / add_run rings, checked per run: no more entries than
+        offered, ids of this ring, every length from ``min_len`` to a buffer.
+        vhost-net uses single buffers in the order they were offered, so a
+        ring offered in order gives them back as one long run, found with one
+        slice compare and passed on with add_run.  A run ends at the end of
+        the used ring or of the descriptor table, or where the ids stop
+        following each other.  The entries are read after used->idx (x86-64
+        keeps loads in order; elsewhere used_pending fences).
         """
         n = self.used_pending()
         if not n:
-            return [], []
+            return None
         if n > self.in_flight():
             self._break(f"{n} used entries, but only {self.in_flight()} offered")
         num, ring = self.num, self._used_ring
-        start = self.last_used_idx & (num - 1)
-        if start + n <= num:
-            flat = ring[2 * start:2 * (start + n)].tolist()
-        else:
-            flat = ring[2 * start:].tolist() + ring[:2 * (start + n - num)].tolist()
-        ids, lengths = flat[0::2], flat[1::2]
-        if max(ids) >= num:
-            self._break(f"used id {max(ids)} is not a descriptor of this ring")
+        slot = self.last_used_idx & (num - 1)
+        first = ring[2 * slot]
+        if first >= num:
+            self._break(f"used id {first} is not a descriptor of this ring")
+        k = min(n, num - slot, num - first)
+        # Views of the arena are released at once: none may outlive close().
+        with ring[2 * slot:2 * (slot + k):2] as ids:
+            if ids != self._ids32[first:first + k]:     # used out of order: the run before
+                k = 1
+                while ids[k] == first + k:
+                    k += 1
+        lengths = self._run_lengths[:k]
+        lengths[:] = ring[2 * slot + 1:2 * (slot + k):2]
         if max(lengths) > self.buf_size:
             self._break(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
         if min(lengths) < min_len:
             self._break(f"used len {min(lengths)} is shorter than {min_len} bytes")
-        self.last_used_idx = (self.last_used_idx + n) & 0xFFFF
-        return ids, lengths
+        self.last_used_idx = (self.last_used_idx + k) & 0xFFFF
+        return first, lengths
 
     def close(self):
         """Release every view into the arena, so that the arena can be unmapped."""
@@ -2355,7 +2378,7 @@ class VhostBridge(_Forwarder):
         self.nic_vhost.set_vring(VHOST_NET_VQ_TX, self.nic_txq, self.callfd)
         self.tap.set_sndbuf(INT_MAX)
         self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
-        self.tap_rxq.add_bufs(list(range(num)))
+        self.tap_rxq.add_run(0, num)
         self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fileno())
         self.vhost.set_backend(VHOST_NET_VQ_TX, self.tap.fileno())
         self.nic_vhost.set_backend(VHOST_NET_VQ_TX, self.nic.fileno())
@@ -2395,22 +2418,23 @@ class VhostBridge(_Forwarder):
     def _forward(self, kicks):
         """Offer what the tap device received on the NIC TX ring; return how many.
         A ring that needs a kick is added to ``kicks``."""
-        ids, lengths = self.tap_rxq.get_bufs(min_len=self.hdr_len)   # each has its header
-        if not ids:
-            return 0
-        self.nic_txq.add_bufs(ids, lengths)
-        if self.nic_txq.kick_prepare():
+        moved = 0
+        while run := self.tap_rxq.get_run(min_len=self.hdr_len):   # each has its header
+            first, lengths = run
+            self.nic_txq.add_run(first, len(lengths), lengths)
+            self._count(self.tap_stats, self.nic_stats, lengths)
+            moved += len(lengths)
+        if moved and self.nic_txq.kick_prepare():
             kicks.append(self.nic_txq)
-        self._count(self.tap_stats, self.nic_stats, lengths)
-        return len(ids)
+        return moved
 
     def _recycle(self, kicks):
         """Offer the buffers the NIC TX ring has sent to the tap RX ring again."""
-        ids, _ = self.nic_txq.get_bufs()
-        if ids:
-            self.tap_rxq.add_bufs(ids)
-            if self.tap_rxq.kick_prepare():
-                kicks.append(self.tap_rxq)
+        while run := self.nic_txq.get_run():
+            first, lengths = run
+            self.tap_rxq.add_run(first, len(lengths))
+        if self.tap_rxq.kick_prepare():
+            kicks.append(self.tap_rxq)
 
     def _receive(self, kicks):
         """Offer the frames the kernel put in the packet ring on the tap TX ring; return
@@ -2436,17 +2460,17 @@ class VhostBridge(_Forwarder):
                     tag = None
             if tag is not None:
                 txq.set_addrs(first, self._frame_addrs[bool(tag)][start:start + n])
-                ids = _wrapping_ids(first, n, txq.num)
-                lengths = [length + self.hdr_len + tag for length in snaplen]
+                lengths = array.array("I", [length + self.hdr_len + tag for length in snaplen])
+                txq.add_run(first, n, memoryview(lengths))
                 taken = n
             else:
                 ids, lengths, taken = self._receive_odd(start, status, tp_len, snaplen, mac)
+                txq.add_bufs(ids, lengths)
             self._nic_head = (start + taken) % ring.frame_nr
             room -= taken
-            if ids:
-                txq.add_bufs(ids, lengths)
+            if lengths:
                 self._count(self.nic_stats, self.tap_stats, lengths)
-                moved += len(ids)
+                moved += len(lengths)
             if taken < limit:
                 break
         if moved and txq.kick_prepare():
@@ -2500,15 +2524,16 @@ class VhostBridge(_Forwarder):
 
     def _release(self):
         """Give the frames the tap device has used back to the kernel, in ring order."""
-        ids, _ = self.tap_txq.get_bufs()
-        if not ids:
-            return
-        tail, n, num = self._nic_tail, len(ids), self.queue_size
-        if ids != _wrapping_ids(tail % num, n, num):
-            self.tap_txq.broken = True
-            raise RingBrokenError("virtqueue broken: the tap TX ring used frames out of order")
-        self.nic_ring.release(tail, n)
-        self._nic_tail = (tail + n) % self.nic_ring.frame_nr
+        tail, n, num = self._nic_tail, 0, self.queue_size
+        while run := self.tap_txq.get_run():
+            first, lengths = run
+            if first != (tail + n) % num:
+                self.tap_txq.broken = True
+                raise RingBrokenError("virtqueue broken: the tap TX ring used frames out of order")
+            n += len(lengths)
+        if n:
+            self.nic_ring.release(tail, n)
+            self._nic_tail = (tail + n) % self.nic_ring.frame_nr
 
     def poll_once(self):
         """Pass over the rings until they are drained; return the packets forwarded.

@@ -178,7 +178,7 @@ class TestRingArithmetic(unittest.TestCase):
 class TestUsedRingChecks(unittest.TestCase):
     """The driver validates what a device publishes.  The test plays a misbehaving
     device by writing the used ring in memory (no kernel involved).  Both ways of
-    taking used entries are checked: one at a time (get_buf) and all (get_bufs)."""
+    taking used entries are checked: one at a time (get_buf) and by runs (get_run)."""
 
     EVENT_IDX = False
 
@@ -216,8 +216,8 @@ class TestUsedRingChecks(unittest.TestCase):
 
     def check_broken(self, elems, message, batch_message=None):
         """Taking the entries ``elems`` breaks the ring with ``message``, one at a time
-        (get_buf), and with ``batch_message`` as a batch (get_bufs) unless None."""
-        for take, expected in (("get_buf", message), ("get_bufs", batch_message)):
+        (get_buf), and with ``batch_message`` by runs (get_run) unless None."""
+        for take, expected in (("get_buf", message), ("get_run", batch_message)):
             if expected is None:
                 continue
             vq = self.make()
@@ -233,14 +233,30 @@ class TestUsedRingChecks(unittest.TestCase):
         self.assertEqual(self.vq.get_buf(), (0, 256))
         self.assertEqual(self.vq.used_pending(), 0)
 
-    def test_batch_is_returned_across_the_ring_end(self):
+    def runs(self, vq, **kw):
+        """Every run get_run gives, as (first id, [lengths])."""
+        out = []
+        while run := vq.get_run(**kw):
+            out.append((run[0], run[1].tolist()))
+        return out
+
+    def test_runs_are_returned_across_the_ring_end(self):
         self.vq.last_used_idx = self.vq.avail_idx_shadow = 0xFFFE   # free-running: wraps too
-        self.vq.add_bufs([2, 3, 0])
+        self.vq.add_bufs([6, 7, 0])
         self.assertEqual(self.vq.in_flight(), 3)
-        self.publish((2, 60), (3, 70), (0, 80), start=0xFFFE)
-        self.assertEqual(self.vq.get_bufs(), ([2, 3, 0], [60, 70, 80]))
+        self.publish((6, 60), (7, 70), (0, 80), start=0xFFFE)
+        # Used slots 6, 7, then 0: the run of ids 6, 7 ends with the used ring.
+        self.assertEqual(self.runs(self.vq), [(6, [60, 70]), (0, [80])])
         self.assertEqual(self.vq.last_used_idx, 1)
-        self.assertEqual(self.vq.get_bufs(), ([], []))
+        self.assertIsNone(self.vq.get_run())
+
+    def test_runs_end_where_ids_wrap_or_stop_following(self):
+        vq = self.make()
+        vq.last_used_idx = vq.avail_idx_shadow = 0
+        vq.add_bufs([6, 7, 0, 1, 3, 2, 4])
+        self.publish((6, 10), (7, 11), (0, 12), (1, 13), (3, 14), (2, 15), (4, 16))
+        self.assertEqual(self.runs(vq), [(6, [10, 11]), (0, [12, 13]), (3, [14]), (2, [15]),
+                                         (4, [16])])
 
     def test_add_bufs_fills_the_avail_ring_across_its_end(self):
         vq = self.make()
@@ -256,16 +272,26 @@ class TestUsedRingChecks(unittest.TestCase):
         del desc
         avail.release()
 
-    def test_add_bufs_sets_lengths_of_a_wrapping_run_and_of_scattered_ids(self):
+    def test_add_run_wraps_the_ids_and_the_avail_ring(self):
         vq = self.make()
+        vq.kick_prepare()                   # descriptors 0-3 published: num_added 0
+        vq.avail_idx_shadow = 7
         desc = (vp.vring_desc * self.num).from_buffer(self.arena.mm)
+        avail = self.arena.view[vq.avail_addr - self.arena.addr:][:4 + 2 * self.num].cast("H")
         before = [desc[i].len for i in range(self.num)]
-        vq.add_bufs([6, 7, 0, 1], [11, 12, 13, 14])        # consecutive, wrapping at num
+        lengths = memoryview(array.array("I", [11, 12, 13, 14]))
+        vq.add_run(6, 4, lengths)           # ids 6, 7 | 0, 1; avail slots 7 | 0, 1, 2
         self.assertEqual([desc[i].len for i in (6, 7, 0, 1)], [11, 12, 13, 14])
         self.assertEqual([desc[i].len for i in (2, 3, 4, 5)], before[2:6])
-        vq.add_bufs([4, 2], [21, 22])                      # not a run: one by one
+        self.assertEqual([avail[2 + s] for s in (7, 0, 1, 2)], [6, 7, 0, 1])
+        self.assertEqual((vq.avail_idx_shadow, vq.num_added), (11, 4))
+        vq.add_run(2, 2)                    # whole buffers: lengths untouched
+        self.assertEqual([desc[i].len for i in (2, 3)], before[2:4])
+        self.assertEqual([avail[2 + s] for s in (3, 4)], [2, 3])
+        vq.add_bufs([4, 2], [21, 22])       # any ids: one by one
         self.assertEqual([desc[i].len for i in (4, 2, 3)], [21, 22, before[3]])
         del desc
+        avail.release()
 
     def test_set_addrs_wraps_at_the_table_end(self):
         vq = self.make()
@@ -278,13 +304,13 @@ class TestUsedRingChecks(unittest.TestCase):
     def test_batch_length_below_minimum(self):
         self.publish((1, 9))
         with self.assertRaisesRegex(vp.RingBrokenError, "used len 9 is shorter than 10"):
-            self.vq.get_bufs(min_len=10)
+            self.vq.get_run(min_len=10)
 
     def test_batch_more_used_than_offered(self):
         self.vq.avail_idx_shadow = self.vq.last_used_idx   # nothing in flight
         self.publish((1, 10))
         with self.assertRaisesRegex(vp.RingBrokenError, "1 used entries, but only 0 offered"):
-            self.vq.get_bufs()
+            self.vq.get_run()
 
     def test_index_beyond_ring(self):
         self.publish(idx=self.num + 1)
@@ -396,7 +422,7 @@ class TestEventIdx(TestUsedRingChecks):
     def test_disable_cb_puts_used_event_behind(self):
         used_event, _ = self.words()
         self.publish((0, 10))
-        self.vq.get_bufs()
+        self.vq.get_run()
         self.vq.disable_cb()
         self.assertEqual(used_event[0], 0)          # last_used_idx 1, minus one
 
