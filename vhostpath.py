@@ -1313,6 +1313,8 @@ class PacketRxRing:
     def ready(self, start, limit):
         """How many frames from ``start`` on (at most ``limit``, no wrap) the kernel
         has handed over (TP_STATUS_USER)."""
+        if not self.view[start * self.frame_size + self._status_byte] & TP_STATUS_USER:
+            return 0                              # none yet: one byte read, not ``limit``
         n = self._status_bytes(start, limit).translate(_USER_BIT).find(0)
         if n and not _TSO:
             _full_barrier()()                     # tp_status before the frame (smp_rmb)
