@@ -911,8 +911,10 @@ class SplitVirtqueue:
 
     def get_run(self, min_len=0):
         """Take the next used entries that hold consecutive descriptor ids: (first id,
-        lengths), ``lengths`` a u32 memoryview valid until the next get_run;
-        None if no entry is pending.
+        count, lengths); None if no entry is pending.  ``lengths``, the bytes
+        the device wrote, is a u32 memoryview valid until the next get_run; None
+        for a ring the device only reads, whose used lengths mean nothing (vhost
+        writes 0) and are not read.
 
         For add_bufs / add_run rings, checked per run: no more entries than
         offered, ids of this ring, every length from ``min_len`` to a buffer.
@@ -940,14 +942,16 @@ class SplitVirtqueue:
                 k = 1
                 while ids[k] == first + k:
                     k += 1
-        lengths = self._run_lengths[:k]
-        lengths[:] = ring[2 * slot + 1:2 * (slot + k):2]
-        if max(lengths) > self.buf_size:
-            self._break(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
-        if min(lengths) < min_len:
-            self._break(f"used len {min(lengths)} is shorter than {min_len} bytes")
+        lengths = None
+        if self._flags:
+            lengths = self._run_lengths[:k]
+            lengths[:] = ring[2 * slot + 1:2 * (slot + k):2]
+            if max(lengths) > self.buf_size:
+                self._break(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
+            if min(lengths) < min_len:
+                self._break(f"used len {min(lengths)} is shorter than {min_len} bytes")
         self.last_used_idx = (self.last_used_idx + k) & 0xFFFF
-        return first, lengths
+        return first, k, lengths
 
     def close(self):
         """Release every view into the arena, so that the arena can be unmapped."""
@@ -2422,10 +2426,10 @@ class VhostBridge(_Forwarder):
         A ring that needs a kick is added to ``kicks``."""
         moved = 0
         while run := self.tap_rxq.get_run(min_len=self.hdr_len):   # each has its header
-            first, lengths = run
-            self.nic_txq.add_run(first, len(lengths), lengths)
+            first, count, lengths = run
+            self.nic_txq.add_run(first, count, lengths)
             self._count(self.tap_stats, self.nic_stats, lengths)
-            moved += len(lengths)
+            moved += count
         if moved and self.nic_txq.kick_prepare():
             kicks.append(self.nic_txq)
         return moved
@@ -2433,8 +2437,7 @@ class VhostBridge(_Forwarder):
     def _recycle(self, kicks):
         """Offer the buffers the NIC TX ring has sent to the tap RX ring again."""
         while run := self.nic_txq.get_run():
-            first, lengths = run
-            self.tap_rxq.add_run(first, len(lengths))
+            self.tap_rxq.add_run(*run[:2])
         if self.tap_rxq.kick_prepare():
             kicks.append(self.tap_rxq)
 
@@ -2528,11 +2531,11 @@ class VhostBridge(_Forwarder):
         """Give the frames the tap device has used back to the kernel, in ring order."""
         tail, n, num = self._nic_tail, 0, self.queue_size
         while run := self.tap_txq.get_run():
-            first, lengths = run
+            first, count, _ = run
             if first != (tail + n) % num:
                 self.tap_txq.broken = True
                 raise RingBrokenError("virtqueue broken: the tap TX ring used frames out of order")
-            n += len(lengths)
+            n += count
         if n:
             self.nic_ring.release(tail, n)
             self._nic_tail = (tail + n) % self.nic_ring.frame_nr

@@ -237,7 +237,9 @@ class TestUsedRingChecks(unittest.TestCase):
         """Every run get_run gives, as (first id, [lengths])."""
         out = []
         while run := vq.get_run(**kw):
-            out.append((run[0], run[1].tolist()))
+            first, count, lengths = run
+            self.assertEqual(len(lengths), count)
+            out.append((first, lengths.tolist()))
         return out
 
     def test_runs_are_returned_across_the_ring_end(self):
@@ -271,6 +273,17 @@ class TestUsedRingChecks(unittest.TestCase):
         self.assertEqual(avail[1], 9)
         del desc
         avail.release()
+
+    def test_runs_of_a_ring_the_device_reads_carry_no_lengths(self):
+        _, _, used, size = vp.vring_layout(self.num)
+        arena = vp.Arena(size + self.num * 256)
+        vq = vp.SplitVirtqueue(arena, 0, size, self.num, 256, False, kickfd=-1)
+        self.rings.append((arena, vq))
+        self.arena, self.used = arena, used
+        vq.add_run(0, 4)
+        self.publish((0, 0), (1, 1 << 31))      # vhost writes 0; nothing else is read either
+        self.assertEqual(vq.get_run(), (0, 2, None))
+        self.assertIsNone(vq.get_run())
 
     def test_add_run_wraps_the_ids_and_the_avail_ring(self):
         vq = self.make()
