@@ -917,7 +917,8 @@ class SplitVirtqueue:
         writes 0) and are not read.
 
         For add_bufs / add_run rings, checked per run: no more entries than
-        offered, ids of this ring, every length from ``min_len`` to a buffer.
+        offered, ids of this ring, and on a ring the device writes every
+        length from ``min_len`` to a buffer.
         vhost-net uses single buffers in the order they were offered, so a
         ring offered in order gives them back as one long run, found with one
         slice compare and passed on with add_run.  A run ends at the end of
@@ -940,12 +941,13 @@ class SplitVirtqueue:
         with ring[2 * slot:2 * (slot + k):2] as ids:
             if ids != self._ids32[first:first + k]:     # used out of order: the run before
                 k = 1
-                while ids[k] == first + k:
+                while k < len(ids) and ids[k] == first + k:    # shared: may have changed
                     k += 1
         lengths = None
         if self._flags:
             lengths = self._run_lengths[:k]
-            lengths[:] = ring[2 * slot + 1:2 * (slot + k):2]
+            with ring[2 * slot + 1:2 * (slot + k):2] as used_lengths:
+                lengths[:] = used_lengths       # checked below, then used: one read
             if max(lengths) > self.buf_size:
                 self._break(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
             if min(lengths) < min_len:
