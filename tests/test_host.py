@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import unittest
 
 import vhostpath as vp
@@ -187,11 +188,12 @@ class TestUsedRingChecks(unittest.TestCase):
         self.rings = []
         self.vq = self.make()
 
-    def make(self):
-        """A fresh device-writable ring with descriptors 0-3 offered, 256 bytes each."""
+    def make(self, device_writes=True):
+        """A fresh ring (device-writable unless told) with descriptors 0-3 offered,
+        256 bytes each."""
         _, _, used, size = vp.vring_layout(self.num)
         arena = vp.Arena(size + self.num * 256)
-        vq = vp.SplitVirtqueue(arena, 0, size, self.num, 256, True, kickfd=-1,
+        vq = vp.SplitVirtqueue(arena, 0, size, self.num, 256, device_writes, kickfd=-1,
                                event_idx=self.EVENT_IDX)
         for desc_id in range(4):
             vq.add_buf(desc_id, 256)
@@ -275,15 +277,32 @@ class TestUsedRingChecks(unittest.TestCase):
         avail.release()
 
     def test_runs_of_a_ring_the_device_reads_carry_no_lengths(self):
-        _, _, used, size = vp.vring_layout(self.num)
-        arena = vp.Arena(size + self.num * 256)
-        vq = vp.SplitVirtqueue(arena, 0, size, self.num, 256, False, kickfd=-1)
-        self.rings.append((arena, vq))
-        self.arena, self.used = arena, used
-        vq.add_run(0, 4)
+        vq = self.make(device_writes=False)
         self.publish((0, 0), (1, 1 << 31))      # vhost writes 0; nothing else is read either
         self.assertEqual(vq.get_run(), (0, 2, None))
         self.assertIsNone(vq.get_run())
+
+    def test_bridge_gives_packet_ring_frames_back_only_in_ring_order(self):
+        """VhostBridge._release: frames go back to the packet ring (16 frames, frame f
+        is descriptor f % 8) in ring order; a tap TX ring that used them out of
+        order is broken.  The bridge's other parts are plain stand-ins."""
+        for used, released in (([6, 7, 0, 1], [(14, 4)]), ([6, 7, 1, 0], None)):
+            vq = self.make(device_writes=False)
+            vq.last_used_idx = vq.avail_idx_shadow = 6
+            vq.add_bufs([6, 7, 0, 1])
+            self.publish(*[(desc_id, 0) for desc_id in used], start=6)
+            given = []
+            ring = types.SimpleNamespace(frame_nr=16, release=lambda f, n: given.append((f, n)))
+            bridge = types.SimpleNamespace(tap_txq=vq, nic_ring=ring, _nic_tail=14,
+                                           queue_size=self.num)
+            with self.subTest(used=used):
+                if released is None:
+                    with self.assertRaisesRegex(vp.RingBrokenError, "out of order"):
+                        vp.VhostBridge._release(bridge)
+                    self.assertTrue(vq.broken)
+                else:
+                    vp.VhostBridge._release(bridge)
+                    self.assertEqual((given, bridge._nic_tail), (released, 2))
 
     def test_add_run_wraps_the_ids_and_the_avail_ring(self):
         vq = self.make()
