@@ -2535,8 +2535,7 @@ class VhostBridge(_Forwarder):
         while run := self.tap_txq.get_run():
             first, count, _ = run
             if first != (tail + n) % num:
-                self.tap_txq.broken = True
-                raise RingBrokenError("virtqueue broken: the tap TX ring used frames out of order")
+                self.tap_txq._break("the tap TX ring used frames out of order")
             n += count
         if n:
             self.nic_ring.release(tail, n)
