@@ -14,10 +14,12 @@ second vhost-net device sends the tap's frames out on the packet socket::
     NIC eth1 --AF_PACKET RX ring (softirq)=[ring slot = TX desc]--vhost-net--> tap0 --> stack
     NIC eth1 <-AF_PACKET--vhost-net--- [TX ring <- RX ring] <-vhost-net--------- tap0 <-- stack
 
-With ``--nic-backend socket`` this process reads and writes the NIC socket
-itself (recvmmsg/sendmmsg, ``Bridge``), as DPDK's af_packet port does.
-Either way a frame's VLAN tag, which the kernel takes off before a packet
-socket sees the frame, is put back on the way to the tap.
+With ``--nic-io socket`` this process reads and writes the NIC socket itself
+(recvmmsg/sendmmsg, ``Bridge``), as DPDK's af_packet port does, and sees every
+frame; with ``--tap-io read-write`` (where /dev/vhost-net is missing) it also
+reads and writes the tap.  Either way a frame's VLAN tag, which the kernel
+takes off before a packet socket sees the frame, is put back on the way to
+the tap.
 
 Requirements: Linux, Python >= 3.10, root (CAP_NET_ADMIN and CAP_NET_RAW), and
 the ``vhost_net`` module (``modprobe vhost_net``).  Nothing outside the
@@ -29,8 +31,6 @@ Command line::
     sudo python3 vhostpath.py --iface eth1    # bridge a NIC: --queues N, --no-lro, ...
     sudo ip addr add 1.1.1.1/24 dev tap0 && sudo ip link set tap0 up
 
-Without /dev/vhost-net it falls back to a tap read()/write() backend, and says so.
-
 Library::
 
     import vhostpath
@@ -38,21 +38,30 @@ Library::
         port.tx_burst([frame])                               # frames into the kernel
         frames = port.rx_burst()                             # frames from the kernel
 
-    # A NIC bridged to the kernel: VhostBridge(PacketSocket("eth1")).run() (packet
-    # ring and two vhost-net devices), Bridge(PacketSocket("eth1"), port).run() (this process
-    # moves NIC frames), or QueuePairs("eth1", queues=4).run() (a worker per pair).
+    # A NIC bridged to the kernel, as the command line does it:
+    config = vhostpath.Config(queue_size=1024, rx_cksum=True, lro=True)
+    with contextlib.ExitStack() as stack:
+        nic = vhostpath.PacketSocket("eth1")
+        stack.callback(nic.close)
+        vhostpath.open_bridge(config, nic, stack).run()      # until stop()
+
+The module reads top to bottom in layers, each using only those above it:
+kernel ABI, errors and syscall helpers, virtio-net features, the arena, the
+split virtqueue, devices, the vhost-net bring-up, VLAN frames, configuration,
+ports, forwarders, queue pairs, command line, demo.
 
 Licence: BSD-3-Clause.
 """
 
 __version__ = "0.1.0"
 __all__ = [
-    "VhostPathError", "RingBrokenError",
-    "Arena", "SplitVirtqueue", "vring_layout", "vnet_hdr_len",
-    "offload_features", "tap_offloads", "feature_names",
-    "Tap", "VhostNet", "PacketSocket", "PacketRxRing", "insert_vlan_tag",
-    "PortStats", "Port", "VirtioUserPort", "TapPort", "QuietNic", "Bridge", "VhostBridge",
-    "QueuePairs",
+    "VhostPathError", "RingBrokenError", "ConfigError",
+    "vnet_hdr_len", "offload_features", "tap_offloads", "feature_names",
+    "Arena", "SplitVirtqueue", "vring_layout",
+    "Tap", "VhostNet", "PacketSocket", "PacketRxRing", "QuietNic", "VhostDevices",
+    "insert_vlan_tag", "insert_vlan_tag_scattered",
+    "Config", "PortStats", "Port", "VirtioUserPort", "TapPort",
+    "Bridge", "VhostBridge", "open_bridge", "QueuePairs",
     "main",
 ]
 
@@ -62,6 +71,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import math
 import mmap
 import os
 import platform
@@ -184,6 +194,9 @@ PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20
 
+# asm-generic/socket.h
+SO_RCVBUFFORCE = 33
+
 # linux/capability.h: bits of CapEff in /proc/self/status
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
@@ -276,6 +289,12 @@ class virtio_net_hdr(ctypes.Structure):
 class virtio_net_hdr_mrg_rxbuf(ctypes.Structure):
     """linux/virtio_net.h: the header with num_buffers, used with MRG_RXBUF (12 bytes)."""
     _fields_ = [("hdr", virtio_net_hdr), ("num_buffers", ctypes.c_uint16)]
+
+
+# sizeof(struct virtio_net_hdr): the packet socket's header (PACKET_VNET_HDR), and
+# the tap's without MRG_RXBUF; and sizeof(struct virtio_net_hdr_mrg_rxbuf).
+VIRTIO_NET_HDR_LEN = ctypes.sizeof(virtio_net_hdr)
+VIRTIO_NET_HDR_MRG_RXBUF_LEN = ctypes.sizeof(virtio_net_hdr_mrg_rxbuf)
 
 
 class ifreq(ctypes.Structure):
@@ -381,7 +400,7 @@ TUNGETVNETHDRSZ = _IOR(TUN_TYPE, 215, ctypes.c_int)
 TUNSETVNETHDRSZ = _IOW(TUN_TYPE, 216, ctypes.c_int)
 
 ########################################################################################
-# Errors
+# Errors and syscall helpers
 ########################################################################################
 
 
@@ -404,17 +423,48 @@ def _describe_oserror(e, tap):
     return str(e)
 
 
-########################################################################################
-# Syscall helpers
-########################################################################################
-
-
 def _ioctl(fd, name, request, arg=0, what=""):
     """The one ioctl choke point: errno kept, the request's name and device in the message."""
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as e:
         raise OSError(e.errno, f"{name} on {what or 'fd %d' % fd}: {os.strerror(e.errno)}") from None
+
+
+def _page_round(size):
+    """``size`` rounded up to whole pages."""
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+_libc_handle = None
+
+
+def _libc():
+    """The C library (errno kept for ctypes.get_errno), loaded on first use."""
+    global _libc_handle
+    if _libc_handle is None:
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
+
+
+class _Ticker:
+    """A period kept by a poll loop: ``timeout()`` is poll()'s (ms; None without
+    a period), then ``due()`` is true once per period that has passed."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self._next = time.monotonic() + interval if interval else None
+
+    def timeout(self):
+        if self._next is None:
+            return None
+        return max(0, math.ceil((self._next - time.monotonic()) * 1000))
+
+    def due(self):
+        if self._next is None or time.monotonic() < self._next:
+            return False
+        self._next += self.interval
+        return True
 
 
 def _ifreq(name, flags=0):
@@ -468,7 +518,7 @@ class _MsgBatch:
         for j in range(count):
             struct.pack_into("Q", self.msgs, j * self._msg_size + self._iov_off,
                              iovs_addr + j * segs * self._iov_size)
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         self._sendmmsg, self._recvmmsg = libc.sendmmsg, libc.recvmmsg
         self._sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
         self._recvmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
@@ -551,7 +601,7 @@ class _Barrier:
             self._page.write(code)
             self._anchor = ctypes.c_char.from_buffer(self._page)
             addr = ctypes.addressof(self._anchor)
-            libc = ctypes.CDLL(None, use_errno=True)
+            libc = _libc()
             libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             if libc.mprotect(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
                 return
@@ -577,13 +627,100 @@ def _full_barrier():
 
 
 ########################################################################################
-# Shared memory: the arena handed to the kernel
+# virtio-net features, header and buffer sizes
 ########################################################################################
 
 
-def _page_round(size):
-    """``size`` rounded up to whole pages."""
-    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+def vnet_hdr_len(features):
+    """Size of the virtio-net header for the negotiated features (virtio spec 5.1.6).
+
+    12 (with num_buffers) when MRG_RXBUF or VERSION_1 is negotiated, else 10.
+    Both the tap (TUNSETVNETHDRSZ) and the buffer layout use this.
+    """
+    if features & (1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_F_VERSION_1):
+        return VIRTIO_NET_HDR_MRG_RXBUF_LEN
+    return VIRTIO_NET_HDR_LEN
+
+
+# Feature names for -v (linux/virtio_net.h, virtio_config.h, virtio_ring.h).
+FEATURE_NAMES = {
+    VIRTIO_NET_F_CSUM: "CSUM", VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
+    VIRTIO_NET_F_GUEST_TSO4: "GUEST_TSO4", VIRTIO_NET_F_GUEST_TSO6: "GUEST_TSO6",
+    VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4", VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6",
+    VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF", VIRTIO_F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
+    VIRTIO_F_ANY_LAYOUT: "ANY_LAYOUT", VIRTIO_RING_F_INDIRECT_DESC: "INDIRECT_DESC",
+    VIRTIO_RING_F_EVENT_IDX: "EVENT_IDX", VIRTIO_F_VERSION_1: "VERSION_1",
+    VIRTIO_F_ACCESS_PLATFORM: "ACCESS_PLATFORM",
+}
+TUN_F_NAMES = {TUN_F_CSUM: "CSUM", TUN_F_TSO4: "TSO4", TUN_F_TSO6: "TSO6"}
+
+
+def feature_names(features):
+    """'MRG_RXBUF GUEST_CSUM ...' for a feature mask (unknown bits as bitNN)."""
+    return " ".join(FEATURE_NAMES.get(b, f"bit{b}") for b in range(64) if features >> b & 1)
+
+
+def offload_features(rx_cksum, lro):
+    """The virtio-net offload bits the driver negotiates with the tap (not with vhost).
+
+    The tap always accepts partial checksums and GSO frames from us (CSUM,
+    HOST_TSO4/6).  GUEST_CSUM lets the kernel hand us partial checksums,
+    GUEST_TSO4/6 (LRO) 64 KB TCP segments; TSO needs the checksum offload.
+    """
+    if lro and not rx_cksum:
+        raise VhostPathError("LRO needs rx checksum offload (the kernel refuses TSO "
+                             "without it)")
+    bits = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6
+    if rx_cksum:
+        bits |= 1 << VIRTIO_NET_F_GUEST_CSUM
+    if lro:
+        bits |= 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6
+    return bits
+
+
+def tap_offloads(features):
+    """TUNSETOFFLOAD flags for negotiated features: what the kernel may hand us."""
+    flags = TUN_F_CSUM if features >> VIRTIO_NET_F_GUEST_CSUM & 1 else 0
+    if flags and features >> VIRTIO_NET_F_GUEST_TSO4 & 1:
+        flags |= TUN_F_TSO4
+    if flags and features >> VIRTIO_NET_F_GUEST_TSO6 & 1:
+        flags |= TUN_F_TSO6
+    return flags
+
+
+def tap_offload_names(flags):
+    """'CSUM TSO4 ...' for TUNSETOFFLOAD flags, or 'none'."""
+    return " ".join(name for flag, name in TUN_F_NAMES.items() if flags & flag) or "none"
+
+
+# Buffer sizes.  The largest frame either side carries: a 64 KB GSO super-frame
+# (the kernel's gso_max_size) with an Ethernet header and one VLAN tag.
+MAX_FRAME = 65536 + ETH_HLEN + VLAN_HLEN
+# VirtioUserPort: RX_BUF_SIZE bytes for what the kernel sends, TX_BUF_SIZE for
+# what the NIC sends.  A larger packet from the kernel spans several RX buffers
+# (MRG_RXBUF, num_buffers).  A larger frame from the NIC is received into a TX
+# buffer and, past its end, into a spill area big enough for the rest,
+# chained as a second descriptor.  So a big frame costs 2 TX descriptors or
+# 9 RX buffers, and no ring buffer is 64 KB.
+RX_BUF_SIZE = 8192
+TX_BUF_SIZE = 2048
+MAX_RX_BUFS = -(-(VIRTIO_NET_HDR_MRG_RXBUF_LEN + MAX_FRAME) // RX_BUF_SIZE)  # of a 64 KB packet
+SPILL_SIZE = 65536                       # >= header + MAX_FRAME - TX_BUF_SIZE
+SPILLS = 32                              # big frames in flight towards the kernel
+MIN_QUEUE_SIZE = 64                      # room for MAX_RX_BUFS, and then some
+SEND_BATCH = 64                          # packets per sendmmsg(2) towards the NIC
+RECV_BATCH = 16                          # packets per recvmmsg(2) from the NIC
+# VhostBridge: a packet socket's virtio-net header is 10 bytes before Linux 6.4
+# (PACKET_VNET_HDR_SZ), so neither device negotiates MRG_RXBUF and every buffer
+# holds a whole frame.  Page-rounded: an MTU-sized frame touches one page of
+# its buffer, so memory is committed only where large frames have been.
+VHOST_BUF_SIZE = _page_round(VIRTIO_NET_HDR_LEN + MAX_FRAME)
+NIC_RING_BYTES = 4 << 20                 # the packet receive ring: a burst's worth
+
+
+########################################################################################
+# Shared memory: the arena handed to the kernel
+########################################################################################
 
 
 class Arena:
@@ -637,17 +774,6 @@ def vring_layout(num):
     avail = desc + ctypes.sizeof(vring_desc) * num
     used = (avail + 4 + 2 * num + 2 + VRING_ALIGN - 1) // VRING_ALIGN * VRING_ALIGN
     return desc, avail, used, used + 4 + ctypes.sizeof(vring_used_elem) * num + 2
-
-
-def vnet_hdr_len(features):
-    """Size of the virtio-net header for the negotiated features (virtio spec 5.1.6).
-
-    12 (with num_buffers) when MRG_RXBUF or VERSION_1 is negotiated, else 10.
-    Both the tap (TUNSETVNETHDRSZ) and the buffer layout use this.
-    """
-    if features & (1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_F_VERSION_1):
-        return ctypes.sizeof(virtio_net_hdr_mrg_rxbuf)
-    return ctypes.sizeof(virtio_net_hdr)
 
 
 class SplitVirtqueue:
@@ -709,14 +835,31 @@ class SplitVirtqueue:
         self.last_used_idx = 0           # next used entry to read
         self.num_added = 0               # entries added since the last kick_prepare
         self.owned = [0] * num           # per head the device owns: bytes offered, else 0
-        self.chains = [None] * num       # per chain head: the chain's descriptor ids
-        self.free = list(range(num - 1, -1, -1))
+        self.chains = [None] * num       # per head: the ids add_chain last chained there
+        self._free = list(range(num - 1, -1, -1))   # descriptors no one holds
         self._buf_base = arena.addr + buf_offset
         # Descriptor ids 0 .. num-1 in the used ring's type (u32) and the avail
         # ring's (u16): runs of ids are compared and stored as slices of these.
         self._ids32 = memoryview(array.array("I", range(num)))
         self._ids16 = memoryview(array.array("H", range(num)))
         self._run_lengths = memoryview(array.array("I", bytes(4 * num)))    # get_run's
+
+    def num_free(self):
+        """How many descriptors are free (see take_free)."""
+        return len(self._free)
+
+    def take_free(self, count):
+        """Take up to ``count`` free descriptors (their ids) to fill and offer; give back
+        those not offered with put_free."""
+        free = self._free
+        ids = free[max(0, len(free) - count):]
+        del free[len(free) - len(ids):]
+        return ids
+
+    def put_free(self, ids):
+        """Give descriptors back: not offered after take_free, or used (a chain
+        get_buf returned, ``chains[head]``)."""
+        self._free.extend(ids)
 
     def buf_addr(self, desc_id):
         """The address of descriptor ``desc_id``'s own buffer."""
@@ -880,7 +1023,7 @@ class SplitVirtqueue:
             raise RingBrokenError("virtqueue is broken")
         n = (self._used_hdr[1] - self.last_used_idx) & 0xFFFF
         if n > self.num:
-            self._break(f"used->idx moved by {n} entries, more than the ring's {self.num}")
+            self.mark_broken(f"used->idx moved by {n} entries, more than the ring's {self.num}")
         if n and not _TSO:
             _full_barrier()()                     # used->idx before the entries (virtio_rmb)
         return n
@@ -890,16 +1033,16 @@ class SplitVirtqueue:
         slot = (self.last_used_idx + k) & (self.num - 1)
         desc_id, length = self._used_ring[2 * slot], self._used_ring[2 * slot + 1]
         if desc_id >= self.num or not self.owned[desc_id]:
-            self._break(f"used id {desc_id} is not a descriptor the device owns")
+            self.mark_broken(f"used id {desc_id} is not a descriptor the device owns")
         if length > self.owned[desc_id]:
-            self._break(f"used len {length} exceeds the {self.owned[desc_id]} bytes "
-                        f"offered in descriptor {desc_id}")
+            self.mark_broken(f"used len {length} exceeds the {self.owned[desc_id]} bytes "
+                             f"offered in descriptor {desc_id}")
         return desc_id, length
 
     def consume_used(self, desc_id):
         """Consume the next used entry, which peek_used showed to hold ``desc_id``."""
         if not self.owned[desc_id]:
-            self._break(f"used id {desc_id} published twice")
+            self.mark_broken(f"used id {desc_id} published twice")
         self.owned[desc_id] = 0
         self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
 
@@ -930,12 +1073,12 @@ class SplitVirtqueue:
         if not n:
             return None
         if n > self.in_flight():
-            self._break(f"{n} used entries, but only {self.in_flight()} offered")
+            self.mark_broken(f"{n} used entries, but only {self.in_flight()} offered")
         num, ring = self.num, self._used_ring
         slot = self.last_used_idx & (num - 1)
         first = ring[2 * slot]
         if first >= num:
-            self._break(f"used id {first} is not a descriptor of this ring")
+            self.mark_broken(f"used id {first} is not a descriptor of this ring")
         k = min(n, num - slot, num - first)
         # Views of the arena are released at once: none may outlive close().
         with ring[2 * slot:2 * (slot + k):2] as ids:
@@ -949,9 +1092,9 @@ class SplitVirtqueue:
             with ring[2 * slot + 1:2 * (slot + k):2] as used_lengths:
                 lengths[:] = used_lengths       # checked below, then used: one read
             if max(lengths) > self.buf_size:
-                self._break(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
+                self.mark_broken(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
             if min(lengths) < min_len:
-                self._break(f"used len {min(lengths)} is shorter than {min_len} bytes")
+                self.mark_broken(f"used len {min(lengths)} is shorter than {min_len} bytes")
         self.last_used_idx = (self.last_used_idx + k) & 0xFFFF
         return first, k, lengths
 
@@ -961,7 +1104,9 @@ class SplitVirtqueue:
                      self._used_ring, self._avail_event, *self.bufs):
             view.release()
 
-    def _break(self, why):
+    def mark_broken(self, why):
+        """The device broke the rules: the ring is unusable from now on (sticky).
+        Raises RingBrokenError naming ``why``."""
         self.broken = True
         raise RingBrokenError(f"virtqueue broken: {why}")
 
@@ -1167,7 +1312,7 @@ class PacketSocket:
             self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             with contextlib.suppress(OSError):   # SO_RCVBUFFORCE needs CAP_NET_ADMIN
-                self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)   # SO_RCVBUFFORCE
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
             self.sock.bind((iface, ETH_P_ALL))
             mreq = packet_mreq(mr_ifindex=self.ifindex, mr_type=PACKET_MR_PROMISC)
             self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, bytes(mreq))
@@ -1192,6 +1337,12 @@ class PacketSocket:
         if (level, kind) != (SOL_PACKET, PACKET_AUXDATA) or not status & TP_STATUS_VLAN_VALID:
             return None
         return _reported_tag(status, tpid, tci)
+
+    def recv_into(self, buf):
+        """Receive one frame (its virtio_net_hdr first) into ``buf`` without blocking:
+        (bytes, MSG_TRUNC set).  BlockingIOError if none is queued."""
+        nbytes, _, flags, _ = self.sock.recvmsg_into([buf])
+        return nbytes, bool(flags & MSG_TRUNC)
 
     def mtu(self):
         """The NIC's MTU (from sysfs)."""
@@ -1225,35 +1376,12 @@ _TPID_BIT = bytes(1 if b & TP_STATUS_VLAN_TPID_VALID else 0 for b in range(256))
 _NO_OFFSETS = bytes([0, VIRTIO_NET_HDR_F_DATA_VALID])   # virtio_net_hdr flags retag accepts
 
 
-def insert_vlan_tag(buf, hdr, hdr_len, tpid, tci):
-    """Put back the VLAN tag the kernel took off a received frame: a packet socket
-    sees a tagged frame untagged, its tag in tp_vlan_tci (or PACKET_AUXDATA).
-
-    ``buf[hdr:]`` holds a ``hdr_len``-byte virtio_net_hdr and the frame, with
-    VLAN_HLEN free bytes before ``hdr``.  The header and the two MAC addresses
-    move 4 bytes to the front, the tag (``tpid``, ``tci``) goes after them
-    (IEEE 802.1Q), and the header's frame offsets grow by 4: csum_start with
-    NEEDS_CSUM, hdr_len with GSO (virtio spec 5.1.6).  Returns the new header
-    offset.
-    """
-    front = hdr - VLAN_HLEN
-    buf[front:front + hdr_len + 2 * ETH_ALEN] = buf[hdr:hdr + hdr_len + 2 * ETH_ALEN].tobytes()
-    struct.pack_into("!HH", buf, front + hdr_len + 2 * ETH_ALEN, tpid, tci)
-    vnet = virtio_net_hdr.from_buffer_copy(buf[front:front + ctypes.sizeof(virtio_net_hdr)])
-    if vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-        vnet.csum_start += VLAN_HLEN
-    if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE and vnet.hdr_len:
-        vnet.hdr_len += VLAN_HLEN
-    buf[front:front + ctypes.sizeof(vnet)] = bytes(vnet)
-    return front
-
-
 class PacketRxRing:
     """A TPACKET_V2 receive ring (PACKET_RX_RING) on a PacketSocket, mapped here.
 
     In the softirq that receives a frame, the kernel copies it into the next
     ring frame, behind a tpacket2_hdr and the socket's 10-byte virtio_net_hdr
-    (at tp_mac - 10), then sets tp_status to TP_STATUS_USER.  Clearing
+    (at tp_mac - VIRTIO_NET_HDR_LEN), then sets tp_status to TP_STATUS_USER.  Clearing
     tp_status hands a frame back.  The kernel fills frames strictly in ring
     order and drops (PACKET_STATISTICS) while its next frame is not back.  A
     frame too big for its slot is truncated there and, with
@@ -1268,7 +1396,7 @@ class PacketRxRing:
     SLOT = 2048
     # tpacket_rcv(): netoff = TPACKET_ALIGN(hdrlen + max(16, maclen)) + vnet header;
     # macoff = netoff - maclen.  An Ethernet frame's maclen is ETH_HLEN.
-    MAC_OFFSET = _tpacket_align(TPACKET2_HDRLEN + 16) + ctypes.sizeof(virtio_net_hdr) - ETH_HLEN
+    MAC_OFFSET = _tpacket_align(TPACKET2_HDRLEN + 16) + VIRTIO_NET_HDR_LEN - ETH_HLEN
 
     @classmethod
     def slot_size(cls, max_frame):
@@ -1409,8 +1537,275 @@ class PacketRxRing:
         return f"<PacketRxRing {self.frame_nr} x {self.frame_size} bytes at {self.addr:#x}>"
 
 
+class QuietNic:
+    """arp_ignore 8 on the NIC while bridging; ``restore()`` puts the old value back.
+
+    The NIC stays a kernel netdev: its own stack would answer ARP for the
+    addresses that live on the tap, and the outside would learn the NIC's MAC,
+    bypassing the path.  arp_ignore 8 (ip-sysctl.rst: "do not reply for all
+    local addresses") silences it.
+    """
+
+    def __init__(self, iface):
+        self.path = f"/proc/sys/net/ipv4/conf/{iface}/arp_ignore"
+        self.old = _sysctl_swap(self.path, "8")
+
+    def restore(self):
+        if self.old is not None:
+            _sysctl_swap(self.path, self.old)
+
+
 ########################################################################################
-# Forwarding: the virtio-user port and the bridge
+# vhost-net bring-up: the order written once
+########################################################################################
+
+
+class VhostDevices:
+    """The vhost-net bring-up, in the order vhost-net requires, written once for
+    every port and forwarder; its teardown, the mirror, is ``stack``'s.
+
+    Made after the tap and the arena, which must outlive the devices (the
+    kernel holds addresses into the arena) and so are closed after them:
+
+    1. ``count`` devices are opened (VHOST_SET_OWNER) and agree on what all
+       of them offer of ``wanted`` (``features``); EVENT_IDX only where the
+       full barrier exists (see _Barrier).
+    2. The caller makes its rings of ``num`` entries with ``vring`` (they
+       need the agreed EVENT_IDX; each gets its kick eventfd) and fills the
+       rings the device writes: plain memory, read by vhost only once a
+       backend is set and the ring kicked.
+    3. ``start``: per device VHOST_SET_FEATURES and the memory table, per
+       vring its size, base, addresses, call and kick; the tap's half of the
+       negotiation (header size, offloads, MAC, sndbuf); then each vring's
+       backend (VHOST_NET_SET_BACKEND) and a first kick of every ring, since
+       vhost may already wait for one (DPDK kicks at port start too).
+
+    Closing ``stack`` unbinds the backends and closes the devices (their
+    worker threads exit) before the rings, eventfds, tap and arena go.
+    """
+
+    def __init__(self, stack, path, count, wanted, num):
+        self._stack, self.num = stack, num
+        self.devices = []
+        for _ in range(count):
+            self.devices.append(VhostNet(path))
+            stack.callback(self.devices[-1].close)
+        self.offered = ~0
+        for device in self.devices:
+            self.offered &= device.offered
+        if not _full_barrier().available:
+            wanted &= ~(1 << VIRTIO_RING_F_EVENT_IDX)
+        self.features = self.offered & wanted
+        self._vrings = []                    # (device, vring index, vq, call fd, backend fd)
+
+    def eventfd(self):
+        """A non-blocking eventfd, closed with the stack."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stack.callback(os.close, fd)
+        return fd
+
+    def vring(self, device, index, backend, callfd, arena, ring_offset, buf_offset,
+              buf_size, device_writes):
+        """A split virtqueue in ``arena`` (SplitVirtqueue's arguments), to be vring
+        ``index`` of device number ``device``, moving frames to or from the fd
+        ``backend`` and signalling ``callfd``."""
+        vq = SplitVirtqueue(arena, ring_offset, buf_offset, self.num, buf_size, device_writes,
+                            self.eventfd(), bool(self.features & 1 << VIRTIO_RING_F_EVENT_IDX))
+        self._stack.callback(vq.close)
+        self._vrings.append((self.devices[device], index, vq, callfd, backend))
+        return vq
+
+    def start(self, tables, tap, hdr_len, features, mac):
+        """Steps 3: ``tables`` holds each device's memory regions; ``tap`` takes
+        ``hdr_len``, the offloads of ``features`` and ``mac``."""
+        for device, regions in zip(self.devices, tables):
+            device.set_features(self.features)
+            device.set_mem_table(regions)
+        for device, index, vq, callfd, _ in self._vrings:
+            device.set_vring(index, vq, callfd)
+        # The tap produces and consumes the virtio-net header (vhost-net is not
+        # asked for VHOST_NET_F_VIRTIO_NET_HDR), so its header size must match ours.
+        tap.set_virtio_net(hdr_len, features, mac)
+        tap.set_sndbuf(INT_MAX)
+        for device, index, _, _, backend in self._vrings:
+            device.set_backend(index, backend)
+        for _, _, vq, _, _ in self._vrings:
+            vq.kick_prepare()
+            vq.notify()
+
+    def describe(self, features):
+        """The -v lines of the negotiation: what vhost-net offered, what was agreed
+        (``features``: vhost-net's and the tap's), the barrier."""
+        barrier = "mfence/dmb" if _full_barrier().available else "unavailable: kick always"
+        return [f"vhost-net offered {self.offered:#x} ({feature_names(self.offered)})",
+                f"negotiated {features:#x} ({feature_names(features)}); vhost-net got "
+                f"{self.features:#x}, the rest is the tap's",
+                f"full memory barrier for the kick decision: {barrier}"]
+
+
+def describe_tap(tap, hdr_len, features):
+    """The -v line of the tap's half of the negotiation."""
+    offloads = tap_offloads(features)
+    return (f"virtio-net header {hdr_len} bytes; tap flags {tap.flags():#x}; tap offloads "
+            f"{offloads:#x} ({tap_offload_names(offloads)})")
+
+
+########################################################################################
+# Frames: VLAN tags put back
+########################################################################################
+
+
+def insert_vlan_tag(buf, hdr, hdr_len, tpid, tci):
+    """Put back the VLAN tag the kernel took off a received frame: a packet socket
+    sees a tagged frame untagged, its tag in tp_vlan_tci (or PACKET_AUXDATA).
+
+    ``buf[hdr:]`` holds a ``hdr_len``-byte virtio_net_hdr and the frame, with
+    VLAN_HLEN free bytes before ``hdr``.  The header and the two MAC addresses
+    move 4 bytes to the front, the tag (``tpid``, ``tci``) goes after them
+    (IEEE 802.1Q), and the header's frame offsets grow by 4: csum_start with
+    NEEDS_CSUM, hdr_len with GSO (virtio spec 5.1.6).  Returns the new header
+    offset.
+    """
+    front = hdr - VLAN_HLEN
+    buf[front:front + hdr_len + 2 * ETH_ALEN] = buf[hdr:hdr + hdr_len + 2 * ETH_ALEN].tobytes()
+    struct.pack_into("!HH", buf, front + hdr_len + 2 * ETH_ALEN, tpid, tci)
+    vnet = virtio_net_hdr.from_buffer_copy(buf[front:front + VIRTIO_NET_HDR_LEN])
+    if vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        vnet.csum_start += VLAN_HLEN
+    if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE and vnet.hdr_len:
+        vnet.hdr_len += VLAN_HLEN
+    buf[front:front + ctypes.sizeof(vnet)] = bytes(vnet)
+    return front
+
+
+def insert_vlan_tag_scattered(views, nbytes, tpid, tci):
+    """insert_vlan_tag for a frame received over ``views`` (memoryviews, the socket's
+    10-byte header first, ``nbytes`` in all): gathered, tagged and written back.
+    Returns the new byte count, or None if the views have no room for the tag."""
+    if sum(map(len, views)) < VLAN_HLEN + nbytes:
+        return None
+    flat = bytearray(VLAN_HLEN)
+    for view in views:
+        flat += view[:VLAN_HLEN + nbytes - len(flat)]
+    insert_vlan_tag(memoryview(flat), VLAN_HLEN, VIRTIO_NET_HDR_LEN, tpid, tci)
+    done = 0
+    for view in views:
+        k = min(len(view), len(flat) - done)
+        view[:k] = flat[done:done + k]
+        done += k
+    return len(flat)
+
+
+########################################################################################
+# Configuration: one validated object from the command line or library arguments
+########################################################################################
+
+
+class ConfigError(VhostPathError):
+    """A configuration value out of range, or a refused combination.  ``option`` is
+    the keyword argument (``queue_size``) the message is about."""
+
+    def __init__(self, option, why):
+        super().__init__(f"{option}: {why}")
+        self.option, self.why = option, why
+
+
+def _parse_mac(text):
+    """bytes of a unicast MAC written xx:xx:xx:xx:xx:xx; bytes and None pass through."""
+    if not isinstance(text, str):
+        return text
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ConfigError("mac", f"invalid MAC address {text!r} (want xx:xx:xx:xx:xx:xx)")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError("mac", f"invalid MAC address {text!r}") from None
+    if mac[0] & 1 or mac == bytes(6):
+        raise ConfigError("mac", f"MAC address {text} is not a unicast address")
+    return mac
+
+
+class Config:
+    """One validated configuration of a path to the kernel, taken by every port,
+    forwarder and QueuePairs; the command line makes one from its options
+    (each option is the keyword of the same name).  Pure checks only: making
+    one touches nothing on the host.
+
+    Args:
+        tap_io: how frames cross between the rings and the tap: ``"vhost-net"``
+            (the kernel's vhost worker thread) or ``"read-write"`` (this
+            process, where /dev/vhost-net is missing).
+        nic_io: how frames cross between the NIC and the rings: ``"vhost-net"``
+            (the packet socket's receive ring in, a second vhost-net device
+            out: Python moves descriptors only) or ``"socket"``
+            (recvmmsg/sendmmsg in this process, which sees every frame).
+            None: vhost-net with tap_io vhost-net, else socket.
+        path: the vhost-net device node (DPDK's ``path``).
+        queue_size: entries per virtqueue, a power of two from 64 to 32768.
+        tap: tap name, or a template the kernel completes (``tap%d``).
+        mac: the tap's MAC address (bytes or ``xx:xx:xx:xx:xx:xx``), or None
+            for the kernel's random one.
+        rx_cksum: VIRTIO_NET_F_GUEST_CSUM: the kernel may hand over partial
+            checksums.
+        lro: VIRTIO_NET_F_GUEST_TSO4/6: the kernel may hand over 64 KB TCP
+            segments (needs rx_cksum).
+        queues: queue pairs (QueuePairs), 1 to MAX_TAP_QUEUES.
+
+    Raises:
+        ConfigError: a value out of range or a refused combination, naming
+        the keyword.
+    """
+
+    OPTIONS = ("tap_io", "nic_io", "path", "queue_size", "tap", "mac", "rx_cksum", "lro",
+               "queues")
+    TAP_IO = ("vhost-net", "read-write")
+    NIC_IO = ("vhost-net", "socket")
+
+    def __init__(self, tap_io="vhost-net", nic_io=None, path="/dev/vhost-net",
+                 queue_size=256, tap="tap%d", mac=None, rx_cksum=False, lro=False, queues=1):
+        if tap_io not in self.TAP_IO:
+            raise ConfigError("tap_io", f"{tap_io!r} is not one of {', '.join(self.TAP_IO)}")
+        if nic_io is None:
+            nic_io = "vhost-net" if tap_io == "vhost-net" else "socket"
+        if nic_io not in self.NIC_IO:
+            raise ConfigError("nic_io", f"{nic_io!r} is not one of {', '.join(self.NIC_IO)}")
+        if nic_io == "vhost-net" and tap_io != "vhost-net":
+            raise ConfigError("nic_io", f"vhost-net needs tap I/O vhost-net, not {tap_io}")
+        try:
+            vring_layout(queue_size)
+        except ValueError as e:
+            raise ConfigError("queue_size", str(e)) from None
+        if queue_size < MIN_QUEUE_SIZE:
+            raise ConfigError("queue_size", f"must be at least {MIN_QUEUE_SIZE} (a 64 KB "
+                                             f"packet takes {MAX_RX_BUFS} merged RX buffers), "
+                                             f"not {queue_size}")
+        if lro and not rx_cksum:
+            raise ConfigError("lro", "needs rx checksum offload (the kernel refuses TSO "
+                                     "without it)")
+        if not 1 <= queues <= MAX_TAP_QUEUES:
+            raise ConfigError("queues", f"must be from 1 to {MAX_TAP_QUEUES} (the tap's "
+                                        f"limit), not {queues}")
+        self.tap_io, self.nic_io, self.path, self.queue_size = tap_io, nic_io, path, queue_size
+        self.tap, self.mac, self.queues = tap, _parse_mac(mac), queues
+        self.rx_cksum, self.lro = rx_cksum, lro
+        self.offloads = offload_features(rx_cksum, lro)
+
+    def __repr__(self):
+        return "Config(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.OPTIONS) + ")"
+
+
+def _config(config, options):
+    """``config``, or a Config made of keyword ``options`` (not both)."""
+    if config is None:
+        return Config(**options)
+    if options:
+        raise TypeError(f"options given besides a Config: {', '.join(options)}")
+    return config
+
+
+########################################################################################
+# Ports: frames into and out of the kernel through a tap
 ########################################################################################
 
 
@@ -1432,15 +1827,13 @@ class PortStats(ctypes.Structure):
         super().__init__()
         self.name, self.mtu = name, mtu
 
-    def as_dict(self):
-        return {f: getattr(self, f) for f in self.FIELDS}
-
     def add(self, other):
         """Add ``other``'s counters to these (totals over queues)."""
         for f in self.FIELDS:
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def report(self, port_id):
+        """testpmd's forward statistics block for this port."""
         bar = "-" * 22
         lines = [f"  {bar} Forward statistics for port {port_id} ({self.name}) {bar}"]
         for d in ("rx", "tx"):
@@ -1460,104 +1853,8 @@ class PortStats(ctypes.Structure):
                 f"{self.tx_dropped}")
 
 
-# Ring buffers: RX_BUF_SIZE bytes for what the kernel sends, TX_BUF_SIZE for
-# what the NIC sends.  A larger packet from the kernel spans several RX buffers
-# (MRG_RXBUF, num_buffers).  A larger frame from the NIC is received into a TX
-# buffer and, past its end, into a spill area: a small pool of areas big enough
-# for the rest of a 64 KB GSO super-frame (the kernel's gso_max_size, with an
-# Ethernet and a VLAN header), chained as a second descriptor.  So no ring
-# buffer is 64 KB, and a big frame costs 2 TX descriptors or 9 RX buffers.
-RX_BUF_SIZE = 8192
-TX_BUF_SIZE = 2048
-MAX_FRAME = 65536 + ETH_HLEN + 4
-MAX_RX_BUFS = -(-(12 + MAX_FRAME) // RX_BUF_SIZE)  # merged RX buffers of a 64 KB packet
-SPILL_SIZE = 65536                                 # >= 12 + MAX_FRAME - TX_BUF_SIZE
-SPILLS = 32                                        # big frames in flight towards the kernel
-MIN_QUEUE_SIZE = 64                                # room for MAX_RX_BUFS, and then some
-SEND_BATCH = 64                           # packets per sendmmsg(2) towards the NIC
-RECV_BATCH = 16                           # packets per recvmmsg(2) from the NIC
-
-# Feature names for -v (linux/virtio_net.h, virtio_config.h, virtio_ring.h).
-FEATURE_NAMES = {
-    VIRTIO_NET_F_CSUM: "CSUM", VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
-    VIRTIO_NET_F_GUEST_TSO4: "GUEST_TSO4", VIRTIO_NET_F_GUEST_TSO6: "GUEST_TSO6",
-    VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4", VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6",
-    VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF", VIRTIO_F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
-    VIRTIO_F_ANY_LAYOUT: "ANY_LAYOUT", VIRTIO_RING_F_INDIRECT_DESC: "INDIRECT_DESC",
-    VIRTIO_RING_F_EVENT_IDX: "EVENT_IDX", VIRTIO_F_VERSION_1: "VERSION_1",
-    VIRTIO_F_ACCESS_PLATFORM: "ACCESS_PLATFORM",
-}
-
-
-def feature_names(features):
-    """'MRG_RXBUF GUEST_CSUM ...' for a feature mask (unknown bits as bitNN)."""
-    return " ".join(FEATURE_NAMES.get(b, f"bit{b}") for b in range(64) if features >> b & 1)
-
-
-def offload_features(rx_cksum, lro):
-    """The virtio-net offload bits the driver negotiates with the tap (not with vhost).
-
-    The tap always accepts partial checksums and GSO frames from us (CSUM,
-    HOST_TSO4/6).  GUEST_CSUM lets the kernel hand us partial checksums,
-    GUEST_TSO4/6 (LRO) 64 KB TCP segments; TSO needs the checksum offload.
-    """
-    if lro and not rx_cksum:
-        raise VhostPathError("LRO needs rx checksum offload (the kernel refuses TSO "
-                             "without it)")
-    bits = 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6
-    if rx_cksum:
-        bits |= 1 << VIRTIO_NET_F_GUEST_CSUM
-    if lro:
-        bits |= 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6
-    return bits
-
-
-def tap_offloads(features):
-    """TUNSETOFFLOAD flags for negotiated features: what the kernel may hand us."""
-    flags = TUN_F_CSUM if features >> VIRTIO_NET_F_GUEST_CSUM & 1 else 0
-    if flags and features >> VIRTIO_NET_F_GUEST_TSO4 & 1:
-        flags |= TUN_F_TSO4
-    if flags and features >> VIRTIO_NET_F_GUEST_TSO6 & 1:
-        flags |= TUN_F_TSO6
-    return flags
-
-
-def _parse_mac(text):
-    """bytes of a unicast MAC written xx:xx:xx:xx:xx:xx; bytes and None pass through."""
-    if not isinstance(text, str):
-        return text
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise VhostPathError(f"invalid MAC address {text!r} (want xx:xx:xx:xx:xx:xx)")
-    try:
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise VhostPathError(f"invalid MAC address {text!r}") from None
-    if mac[0] & 1 or mac == bytes(6):
-        raise VhostPathError(f"MAC address {text} is not a unicast address")
-    return mac
-
-
-def _nic_backend(backend, nic_backend=None):
-    """The NIC backend for a ``backend``: vhost-net where the tap side is vhost-net,
-    unless ``nic_backend`` says; vhost-net with the tap backend is refused."""
-    if nic_backend is None:
-        return "vhost-net" if backend == "vhost-net" else "socket"
-    if nic_backend == "vhost-net" and backend != "vhost-net":
-        raise VhostPathError(f"--nic-backend vhost-net needs the vhost-net backend, not "
-                             f"--backend {backend}")
-    return nic_backend
-
-
-def _check_queue_size(num):
-    vring_layout(num)
-    if num < MIN_QUEUE_SIZE:
-        raise ValueError(f"queue size must be at least {MIN_QUEUE_SIZE} (a 64 KB packet "
-                         f"takes {MAX_RX_BUFS} merged RX buffers), not {num}")
-
-
 class Port:
-    """What the Bridge needs of the kernel side: frames into and out of a tap.
+    """A virtio-net port on a tap: what the Bridge needs of the kernel side.
 
     Zero-copy primitives: ``tx_reserve`` (slots; ``tx_iov`` packs a slot's
     iovecs for recvmmsg, ``tx_views`` gives memoryviews) / ``tx_commit`` or
@@ -1566,23 +1863,19 @@ class Port:
     / ``rx_release`` or ``rx_unget`` / ``rx_flush``.  On top of
     them ``tx_burst`` and ``rx_burst`` copy whole frames for library users.
     ``call_fds()`` are the (RX, TX) fds to poll, ``ack_calls()`` resets them.
-    Subclasses set ``tap``, ``hdr_len``, ``features``, ``offloads`` and ``stats``.
+    Subclasses set ``config``, ``tap``, ``hdr_len``, ``features`` and ``stats``.
     """
-
-    BACKEND = "?"
 
     @property
     def name(self):
+        """The tap's name."""
         return self.tap.name
-
-    def close(self):
-        self.stop()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.stop()
+        self.close()
 
     def tx_burst(self, frames, hdr=b""):
         """Copy Ethernet frames into the kernel; return how many were queued.
@@ -1590,7 +1883,7 @@ class Port:
         ``hdr`` is an optional virtio_net_hdr (10 bytes) applied to every
         frame; the default is all zero (no offload).
         """
-        head = bytes(hdr).ljust(10, b"\0")[:10]
+        head = bytes(hdr).ljust(VIRTIO_NET_HDR_LEN, b"\0")[:VIRTIO_NET_HDR_LEN]
         sent = 0
         for frame in frames:
             slots = self.tx_reserve(1) if len(frame) <= MAX_FRAME else []
@@ -1630,29 +1923,21 @@ class VirtioUserPort(Port):
     (``tx_reserve`` / ``tx_commit``, ``rx_segments`` / ``rx_release``).
 
     Args:
-        path: the vhost-net device node.
-        tap: tap name or template (``tap%d``: the kernel names it), or an opened
-            Tap (a queue of a multi-queue tap), which the port then owns.
-        queue_size: entries per virtqueue, a power of two from 64 to 32768.
-        mac: the tap's MAC address (bytes or ``xx:xx:...``), or None for the kernel's.
-        rx_cksum: VIRTIO_NET_F_GUEST_CSUM: the kernel may hand us partial checksums.
-        lro: VIRTIO_NET_F_GUEST_TSO4/6: the kernel may hand us 64 KB TCP segments
-            (needs rx_cksum).
+        config: a Config, or its keyword arguments instead (``queue_size=1024``):
+            path, tap, queue_size, mac, rx_cksum and lro apply.
+        tap: an opened Tap (a queue of a multi-queue tap), which the port then
+            owns; default: a new tap named as ``config.tap`` says.
+        stats: the PortStats to count in (shared memory), default new ones.
 
     Raises:
         VhostPathError, OSError: set-up failed; everything created is released.
     """
 
-    BACKEND = "vhost-net"
     VHOST_FEATURES = 1 << VIRTIO_NET_F_MRG_RXBUF   # what we ask of vhost-net itself
 
-    def __init__(self, path="/dev/vhost-net", tap="tap%d", queue_size=256, mac=None,
-                 rx_cksum=False, lro=False):
-        _check_queue_size(queue_size)
-        self.path, self.queue_size = path, queue_size
-        self.mac = _parse_mac(mac)
-        self.offloads = offload_features(rx_cksum, lro)
-        self.stats = PortStats("?")
+    def __init__(self, config=None, tap=None, stats=None, **options):
+        self.config = _config(config, options)
+        self.stats = stats or PortStats()
         self._stack = contextlib.ExitStack()
         try:
             self._start(tap)
@@ -1660,82 +1945,69 @@ class VirtioUserPort(Port):
             self._stack.close()
             raise
 
-    def _start(self, tap_name):
-        """Bring-up, in the order vhost-net requires (see stop() for the mirror)."""
-        push = self._stack.callback
-        self.tap = tap_name if isinstance(tap_name, Tap) else Tap(tap_name)
+    def _start(self, tap):
+        """The bring-up (VhostDevices), with this port's buffer layout."""
+        push, config, num = self._stack.callback, self.config, self.config.queue_size
+        self.tap = tap or Tap(config.tap)
         push(self.tap.close)
         self.stats.name = self.tap.name
-        # The arena outlives the vhost fd: registered before it, so closed after it.
-        num = self.queue_size
         ring_size = _page_round(vring_layout(num)[3])
-        rx_rings, tx_rings = 0, ring_size
         rx_bufs, tx_bufs = 2 * ring_size, 2 * ring_size + num * RX_BUF_SIZE
         spills = tx_bufs + num * TX_BUF_SIZE
         self.arena = Arena(spills + SPILLS * SPILL_SIZE)
         push(self.arena.close)
-        self.vhost = VhostNet(self.path)
-        push(self.vhost.close)
-        # Offload bits are negotiated with the tap, never sent to vhost-net (it
-        # refuses bits it does not know with EOPNOTSUPP).
-        self.vhost_features = self.vhost.offered & self.VHOST_FEATURES
-        self.vhost.set_features(self.vhost_features)
-        self.features = self.vhost_features | self.offloads
+        self.vhost = VhostDevices(self._stack, config.path, 1, self.VHOST_FEATURES, num)
+        self.features = self.vhost.features | config.offloads
         self.hdr_len = vnet_hdr_len(self.features)
-        self.vhost.set_mem_table([self.arena.region()])
-        self.kickfds, self.callfds = [], []
-        for _ in range(2):
-            for fds in (self.kickfds, self.callfds):
-                fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-                push(os.close, fds[-1])
-        self.rxq = SplitVirtqueue(self.arena, rx_rings, rx_bufs, num, RX_BUF_SIZE, True,
-                                  self.kickfds[VHOST_NET_VQ_RX])
-        push(self.rxq.close)
-        self.txq = SplitVirtqueue(self.arena, tx_rings, tx_bufs, num, TX_BUF_SIZE, False,
-                                  self.kickfds[VHOST_NET_VQ_TX])
-        push(self.txq.close)
-        # Per TX buffer: its first 10 bytes, and what follows the hdr_len-byte
-        # header: a packet socket's 10-byte header scatters into a 12-byte layout.
-        self._tx_split = [(b[:10], b[self.hdr_len:]) for b in self.txq.bufs]
+        self.callfds = [self.vhost.eventfd(), self.vhost.eventfd()]
+        tap_fd = self.tap.fileno()
+        self.rxq = self.vhost.vring(0, VHOST_NET_VQ_RX, tap_fd, self.callfds[VHOST_NET_VQ_RX],
+                                    self.arena, 0, rx_bufs, RX_BUF_SIZE, True)
+        self.txq = self.vhost.vring(0, VHOST_NET_VQ_TX, tap_fd, self.callfds[VHOST_NET_VQ_TX],
+                                    self.arena, ring_size, tx_bufs, TX_BUF_SIZE, False)
+        for desc_id in self.rxq.take_free(num):         # every RX buffer to the device
+            self.rxq.add_buf(desc_id, RX_BUF_SIZE)
+        self._layout_tx(tx_bufs, spills)
+        self.vhost.start([[self.arena.region()]], self.tap, self.hdr_len, self.features,
+                         config.mac)
+        self._rx_taken = []                # [(desc id, length)] per packet taken, in order
+        self._rx_pending = 0               # used entries those packets cover
+        self._mrg_rxbuf = self.hdr_len == VIRTIO_NET_HDR_MRG_RXBUF_LEN
+        self._rx_base = self.arena.addr + rx_bufs
+
+    def _layout_tx(self, tx_bufs, spills):
+        """Views and iovecs of the TX buffers and spill areas, made once."""
+        push, num, view = self._stack.callback, self.config.queue_size, self.arena.view
+        # Per TX buffer: the packet socket's 10-byte header, and what follows the
+        # hdr_len-byte header: a 10-byte header scatters into a 12-byte layout.
+        self._tx_split = [(b[:VIRTIO_NET_HDR_LEN], b[self.hdr_len:]) for b in self.txq.bufs]
         push(lambda: [v.release() for pair in self._tx_split for v in pair])
         base = self.arena.addr + tx_bufs
-        self._iov_head = [struct.pack("QQQQ", base + d * TX_BUF_SIZE, 10,
+        self._iov_head = [struct.pack("QQQQ", base + d * TX_BUF_SIZE, VIRTIO_NET_HDR_LEN,
                                       base + d * TX_BUF_SIZE + self.hdr_len,
                                       TX_BUF_SIZE - self.hdr_len)
                           for d in range(num)]
         self._spill_addr = [self.arena.addr + spills + i * SPILL_SIZE for i in range(SPILLS)]
         self._iov_spill = [struct.pack("QQ", a, SPILL_SIZE) for a in self._spill_addr]
-        self._spill_views = [self.arena.view[spills + i * SPILL_SIZE:spills + (i + 1) * SPILL_SIZE]
+        self._spill_views = [view[spills + i * SPILL_SIZE:spills + (i + 1) * SPILL_SIZE]
                              for i in range(SPILLS)]
         push(lambda: [v.release() for v in self._spill_views])
         self._spill_free = list(range(SPILLS))
         self._spill_of = [0] * num          # per chain head: the spill area it uses
-        for index, vq in ((VHOST_NET_VQ_RX, self.rxq), (VHOST_NET_VQ_TX, self.txq)):
-            self.vhost.set_vring(index, vq, self.callfds[index])
-        # The tap produces and consumes the virtio-net header (VHOST_NET_F_VIRTIO_NET_HDR
-        # not negotiated), so its header size must match ours.
-        self.tap.set_sndbuf(INT_MAX)
-        self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
-        while self.rxq.free:                       # every RX buffer to the device
-            self.rxq.add_buf(self.rxq.free.pop(), RX_BUF_SIZE)
-        self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fd)
-        self.vhost.set_backend(VHOST_NET_VQ_TX, self.tap.fd)
-        # Publish the RX buffers and kick both queues once: vhost may already
-        # wait for a kick (DPDK does the same at port start).
-        self.rxq.kick_prepare()
-        self.rxq.notify()
-        self.txq.notify()
-        self._rx_taken = []                # [(desc id, length)] per packet taken, in order
-        self._rx_pending = 0               # used entries those packets cover
-        self._mrg_rxbuf = self.hdr_len == ctypes.sizeof(virtio_net_hdr_mrg_rxbuf)
-        self._rx_base = self.arena.addr + rx_bufs
 
-    def stop(self):
-        """Unbind the backend, close vhost (its worker exits), eventfds, tap, then the arena."""
+    def close(self):
+        """Unbind the backends, close vhost (its worker exits), eventfds, tap, then the
+        arena: the bring-up's mirror."""
         self._stack.close()
 
     def __repr__(self):
-        return f"<VirtioUserPort {self.tap.name} via {self.path} queue_size={self.queue_size}>"
+        return (f"<VirtioUserPort {self.tap.name} via {self.config.path} "
+                f"queue_size={self.config.queue_size}>")
+
+    def describe(self):
+        """The -v lines: the negotiation with vhost-net and the tap."""
+        return [*self.vhost.describe(self.features),
+                describe_tap(self.tap, self.hdr_len, self.features)]
 
     def call_fds(self):
         """(RX, TX) fds to poll: the call eventfds, readable when the device used buffers."""
@@ -1759,7 +2031,7 @@ class VirtioUserPort(Port):
             if len(ids) == 2:                   # head buffer + spill area
                 txq.set_addr(ids[1], txq.buf_addr(ids[1]))
                 self._spill_free.append(self._spill_of[head])
-            txq.free.extend(ids)
+            txq.put_free(ids)
 
     def tx_reserve(self, count):
         """Up to ``count`` slots for frames to come: (descriptor, spill area) pairs.
@@ -1769,12 +2041,11 @@ class VirtioUserPort(Port):
         stays free for the spill area's place in the chain.
         """
         txq, spills = self.txq, self._spill_free
-        if len(txq.free) < 2 * count or len(spills) < count:
+        if txq.num_free() < 2 * count or len(spills) < count:
             self.tx_reclaim()
-        free = txq.free
-        count = min(count, len(free) // 2, len(spills))
-        slots = list(zip(free[len(free) - count:], spills[len(spills) - count:]))
-        del free[len(free) - count:], spills[len(spills) - count:]
+        count = min(count, txq.num_free() // 2, len(spills))
+        slots = list(zip(txq.take_free(count), spills[len(spills) - count:]))
+        del spills[len(spills) - count:]
         return slots
 
     def tx_iov(self, slot):
@@ -1795,7 +2066,7 @@ class VirtioUserPort(Port):
             self._spill_free.append(spill)
             txq.add_chain((head,), length)
         else:
-            extra = txq.free.pop()
+            extra, = txq.take_free(1)
             txq.set_addr(extra, self._spill_addr[spill])
             self._spill_of[head] = spill
             txq.add_chain((head, extra), length)
@@ -1806,7 +2077,7 @@ class VirtioUserPort(Port):
     def tx_cancel(self, slots):
         """Return reserved slots unused."""
         for head, spill in slots:
-            self.txq.free.append(head)
+            self.txq.put_free((head,))
             self._spill_free.append(spill)
 
     def tx_flush(self):
@@ -1815,7 +2086,8 @@ class VirtioUserPort(Port):
 
     def tx_room(self):
         """Whether tx_reserve can succeed now, or a used TX chain will make it succeed."""
-        return (len(self.txq.free) >= 2 and bool(self._spill_free)) or self.txq.used_pending() > 0
+        return ((self.txq.num_free() >= 2 and bool(self._spill_free))
+                or self.txq.used_pending() > 0)
 
     # -- from the kernel (RX virtqueue) --------------------------------------------------
 
@@ -1832,13 +2104,13 @@ class VirtioUserPort(Port):
             return None
         desc_id, length = rxq.peek_used(taken)
         if length < h:
-            rxq._break(f"used len {length} is shorter than the {h}-byte header")
+            rxq.mark_broken(f"used len {length} is shorter than the {h}-byte header")
         entries = [(desc_id, length)]
         if self._mrg_rxbuf:
-            first = rxq.bufs[desc_id]
-            nbufs = first[10] | first[11] << 8
+            at = virtio_net_hdr_mrg_rxbuf.num_buffers.offset
+            nbufs = int.from_bytes(rxq.bufs[desc_id][at:at + 2], sys.byteorder)
             if not 1 <= nbufs <= pending:
-                rxq._break(f"num_buffers {nbufs} but {pending} used entries published")
+                rxq.mark_broken(f"num_buffers {nbufs} but {pending} used entries published")
             entries += [rxq.peek_used(taken + k) for k in range(1, nbufs)]
         self._rx_pending += len(entries)
         self._rx_taken.append(entries)
@@ -1895,19 +2167,18 @@ class TapPort(Port):
     a vhost worker's virtqueues: one system call per packet in Python, and no
     kernel thread of its own.  Holds one packet from the kernel at a time.
 
-    Args: as VirtioUserPort, without ``path`` and ``queue_size``.
+    Args: as VirtioUserPort (``path`` and ``queue_size`` do not apply).
     """
 
-    BACKEND = "tap"
-
-    def __init__(self, tap="tap%d", mac=None, rx_cksum=False, lro=False):
-        self.offloads = self.features = offload_features(rx_cksum, lro)
-        self.hdr_len = ctypes.sizeof(virtio_net_hdr)
-        self.mac = _parse_mac(mac)
-        self.tap = tap if isinstance(tap, Tap) else Tap(tap)
+    def __init__(self, config=None, tap=None, stats=None, **options):
+        self.config = _config(config, options)
+        self.features = self.config.offloads
+        self.hdr_len = VIRTIO_NET_HDR_LEN
+        self.tap = tap or Tap(self.config.tap)
         try:
-            self.stats = PortStats(self.tap.name)
-            self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
+            self.stats = stats or PortStats()
+            self.stats.name = self.tap.name
+            self.tap.set_virtio_net(self.hdr_len, self.features, self.config.mac)
         except BaseException:
             self.tap.close()
             raise
@@ -1926,12 +2197,18 @@ class TapPort(Port):
         self._rx_len = 0                  # bytes of the packet held, 0 if none
         self._rx_taken = False            # handed out by rx_packet, not yet released
 
-    def stop(self):
+    def close(self):
         """Close the tap (it disappears unless persistent)."""
         self.tap.close()
 
     def __repr__(self):
-        return f"<TapPort {self.tap.name} (read/write backend)>"
+        return f"<TapPort {self.tap.name} (read-write)>"
+
+    def describe(self):
+        """The -v lines: features, header and the tap's offloads."""
+        return [f"tap I/O read-write; features {self.features:#x} "
+                f"({feature_names(self.features)})",
+                describe_tap(self.tap, self.hdr_len, self.features)]
 
     def call_fds(self):
         """(RX, TX) fds to poll: the tap fd, readable when the kernel sent something;
@@ -2009,29 +2286,18 @@ class TapPort(Port):
         """Nothing to publish."""
 
 
-class QuietNic:
-    """arp_ignore 8 on the NIC while bridging; ``restore()`` puts the old value back.
-
-    The NIC stays a kernel netdev: its own stack would answer ARP for the
-    addresses that live on the tap, and the outside would learn the NIC's MAC,
-    bypassing the path.  arp_ignore 8 (ip-sysctl.rst: "do not reply for all
-    local addresses") silences it.
-    """
-
-    def __init__(self, iface):
-        self.path = f"/proc/sys/net/ipv4/conf/{iface}/arp_ignore"
-        self.old = _sysctl_swap(self.path, "8")
-
-    def restore(self):
-        if self.old is not None:
-            _sysctl_swap(self.path, self.old)
+########################################################################################
+# Forwarders: a NIC bridged to the kernel
+########################################################################################
 
 
 class _Forwarder:
-    """What Bridge and VhostBridge share: stop(), statistics and the poll loop.
+    """What Bridge and VhostBridge share: the NIC, the poll loop, stop() and statistics.
 
-    Subclasses call ``_attach_nic``, ``_open_wakeup`` / ``_close_wakeup``,
-    set ``tap_stats`` and define ``_step(ready)``.
+    Subclasses call ``_attach_nic`` and ``_open_wakeup`` (undone by
+    ``_close_wakeup``), provide ``name`` and ``tap_stats``, and define
+    ``_poll_fds()`` (fd -> poll events at start) and ``_step(ready)`` (one
+    pass over what poll() reported, which may change ``self._poller``).
     """
 
     def _attach_nic(self, nic, nic_stats):
@@ -2040,7 +2306,7 @@ class _Forwarder:
         mtu = nic.mtu()
         self.nic = nic
         self.nic_stats = nic_stats or PortStats(nic.iface, mtu)
-        self._max_frame = mtu + ETH_HLEN + 4
+        self._max_frame = mtu + ETH_HLEN + VLAN_HLEN
 
     def _open_wakeup(self):
         self._stopping = False
@@ -2059,18 +2325,21 @@ class _Forwarder:
         with contextlib.suppress(OSError):      # full pipe, or closed already
             os.write(self._wake_w, b"x")
 
-    def _loop(self, poller, stats_interval, on_stats):
-        """poll() and ``_step`` what is ready until stop(); ``on_stats(self)`` on time."""
-        next_stats = time.monotonic() + stats_interval if stats_interval else None
+    def run(self, stats_interval=None, on_stats=None):
+        """Forward until stop(); call ``on_stats(self)`` every ``stats_interval`` s."""
+        self._poller = select.poll()
+        for fd, events in self._poll_fds().items():
+            self._poller.register(fd, events)
+        self._poller.register(self._wake_r, select.POLLIN)
+        ticker = _Ticker(stats_interval)
         while not self._stopping:
-            timeout = None
-            if next_stats is not None:
-                timeout = max(0, int((next_stats - time.monotonic()) * 1000))
-            self._step(dict(poller.poll(timeout)))
-            if next_stats is not None and time.monotonic() >= next_stats:
-                next_stats += stats_interval
-                if on_stats:
-                    on_stats(self)
+            ready = dict(self._poller.poll(ticker.timeout()))
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 64)
+            self._step(ready)
+            if ticker.due() and on_stats:
+                on_stats(self)
 
     def refresh_stats(self):
         """Add the packet socket's drop count (read and cleared from the kernel)."""
@@ -2082,24 +2351,6 @@ class _Forwarder:
         return "\n".join([self.nic_stats.report(0), self.tap_stats.report(1)])
 
 
-def _insert_vlan_tag_scattered(views, nbytes, tpid, tci):
-    """insert_vlan_tag for a frame received over ``views`` (memoryviews, the socket's
-    10-byte header first, ``nbytes`` in all): gathered, tagged and written back.
-    Returns the new byte count, or None if the views have no room for the tag."""
-    if sum(map(len, views)) < VLAN_HLEN + nbytes:
-        return None
-    flat = bytearray(VLAN_HLEN)
-    for view in views:
-        flat += view[:VLAN_HLEN + nbytes - len(flat)]
-    insert_vlan_tag(memoryview(flat), VLAN_HLEN, ctypes.sizeof(virtio_net_hdr), tpid, tci)
-    done = 0
-    for view in views:
-        k = min(len(view), len(flat) - done)
-        view[:k] = flat[done:done + k]
-        done += k
-    return len(flat)
-
-
 class Bridge(_Forwarder):
     """Forwards between a NIC (packet socket) and a Port, both ways.
 
@@ -2107,18 +2358,42 @@ class Bridge(_Forwarder):
     wakeup pipe; each wakeup drains everything ready.  Frames are received
     straight into TX ring buffers and sent straight from RX ring buffers:
     Python never copies payload.  ``stop()`` may be called from a signal
-    handler.  ``nic_stats`` may be given (shared memory); ``quiet_nic``
-    makes the NIC's own stack silent on ARP while bridging (QuietNic).
+    handler.  ``nic`` (a PacketSocket) and ``port`` are not owned: close them
+    after ``close()``.  ``nic_stats`` may be given (shared memory);
+    ``quiet_nic`` makes the NIC's own stack silent on ARP while bridging
+    (QuietNic).
     """
 
     def __init__(self, nic, port, nic_stats=None, quiet_nic=True):
         self.port = port
         self._attach_nic(nic, nic_stats)
-        self._quiet = QuietNic(nic.iface) if quiet_nic else None
-        self._open_wakeup()
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
         self._send = _MsgBatch(SEND_BATCH, 1 + MAX_RX_BUFS)
         self._recv = _MsgBatch(RECV_BATCH, 3, PacketSocket.AUXDATA_SPACE)
+        self._open_wakeup()               # what needs undoing last, undone if it fails
+        try:
+            self._quiet = QuietNic(nic.iface) if quiet_nic else None
+        except BaseException:
+            self._close_wakeup()
+            raise
+
+    @property
+    def name(self):
+        """The tap's name."""
+        return self.port.name
+
+    @property
+    def tap_stats(self):
+        """The port's counters."""
+        return self.port.stats
+
+    def __repr__(self):
+        return f"<Bridge {self.nic.iface} <-> {self.port!r}>"
+
+    def describe(self):
+        """The -v lines: how the NIC is served, then the port's negotiation."""
+        return [f"NIC side: recvmmsg/sendmmsg on the packet socket on {self.nic.iface}",
+                *self.port.describe()]
 
     def close(self):
         """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
@@ -2148,8 +2423,8 @@ class Bridge(_Forwarder):
                 flags, n = batch.result(j)
                 tag = PacketSocket.auxdata_vlan(batch.control_data(j))
                 if tag and not flags & MSG_TRUNC:         # no room for the tag: dropped
-                    n = _insert_vlan_tag_scattered(port.tx_views(slots[j]), n, *tag) or 0
-                size = n - 10
+                    n = insert_vlan_tag_scattered(port.tx_views(slots[j]), n, *tag) or 0
+                size = n - VIRTIO_NET_HDR_LEN
                 if flags & MSG_TRUNC or size < ETH_HLEN:
                     dropped += 1
                     port.tx_cancel(slots[j:j + 1])
@@ -2185,7 +2460,7 @@ class Bridge(_Forwarder):
             while n < batch.count and (segs := port.rx_segments()) is not None:
                 addr, length = segs[0]
                 segs[0] = (addr + h, length - h)
-                batch.set_iov(n, [(addr, 10), *segs])
+                batch.set_iov(n, [(addr, VIRTIO_NET_HDR_LEN), *segs])
                 n += 1
             if not n:
                 break
@@ -2200,7 +2475,7 @@ class Bridge(_Forwarder):
                 sent = 1
             else:
                 for k in range(sent):
-                    size = batch.result(k)[1] - 10
+                    size = batch.result(k)[1] - VIRTIO_NET_HDR_LEN
                     nbytes += size
                     if size > max_frame:
                         oversize += 1
@@ -2235,20 +2510,13 @@ class Bridge(_Forwarder):
             moved += self.nic_to_kernel()
         return moved
 
-    def run(self, stats_interval=None, on_stats=None):
-        """Forward until stop(); call ``on_stats(bridge)`` every ``stats_interval`` s."""
-        self._poller = select.poll()
-        for fd in (*self.port.call_fds(), self._wake_r):
-            if fd is not None:
-                self._poller.register(fd, select.POLLIN)
+    def _poll_fds(self):
         self._nic_mask = select.POLLIN
-        self._poller.register(self.nic.fileno(), self._nic_mask)
-        self._loop(self._poller, stats_interval, on_stats)
+        fds = {fd: select.POLLIN for fd in self.port.call_fds() if fd is not None}
+        fds[self.nic.fileno()] = self._nic_mask
+        return fds
 
     def _step(self, ready):
-        if self._wake_r in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_r, 64)
         self.poll_once(ready)
         # Read the NIC only while the port has TX room (else its call wakes
         # us); wait for POLLOUT while a send to the NIC is blocked.
@@ -2257,20 +2525,6 @@ class Bridge(_Forwarder):
         if mask != self._nic_mask:
             self._poller.modify(self.nic.fileno(), mask)
             self._nic_mask = mask
-
-    @property
-    def tap_stats(self):
-        """The port's counters."""
-        return self.port.stats
-
-
-# The two-device path (VhostBridge).  A packet socket's virtio-net header is
-# 10 bytes before Linux 6.4 (PACKET_VNET_HDR_SZ), so neither device negotiates
-# MRG_RXBUF and every buffer holds a whole 64 KB frame.  Buffers are
-# page-rounded: an MTU-sized frame touches one page of its buffer, so memory
-# is committed only where large frames have been.
-VHOST_BUF_SIZE = _page_round(10 + MAX_FRAME)
-NIC_RING_BYTES = 4 << 20        # the packet receive ring: a burst's worth, as SO_RCVBUF was
 
 
 class VhostBridge(_Forwarder):
@@ -2301,25 +2555,21 @@ class VhostBridge(_Forwarder):
     the kernel drops (counted).
 
     ``nic`` is an open PacketSocket (not owned; its ring is removed again on
-    close); ``tap`` a name or template, or an open Tap, which the bridge then
-    owns.  ``nic_stats`` / ``tap_stats`` may be given (shared memory);
-    ``quiet_nic`` as for Bridge.  Other arguments as for VirtioUserPort.
-    ``close()`` releases everything but the NIC socket.
+    close).  ``config`` (or its keyword arguments instead) and ``tap`` as for
+    VirtioUserPort; ``tap_stats`` is its ``stats``; ``nic_stats`` and
+    ``quiet_nic`` as for Bridge.  ``close()`` releases everything but the
+    NIC socket.
     """
 
-    BACKEND = "vhost-net"
     VHOST_FEATURES = 1 << VIRTIO_RING_F_EVENT_IDX     # what we ask of both devices
 
-    def __init__(self, nic, tap="tap%d", path="/dev/vhost-net", queue_size=256, mac=None,
-                 rx_cksum=False, lro=False, nic_stats=None, tap_stats=None, quiet_nic=True):
-        _check_queue_size(queue_size)
-        self.path, self.queue_size = path, queue_size
-        self.mac = _parse_mac(mac)
-        self.features = offload_features(rx_cksum, lro)   # the tap's; _start adds vhost's
-        self.vhost_features = 0
-        self.hdr_len = vnet_hdr_len(self.features)
+    def __init__(self, nic, config=None, tap=None, nic_stats=None, tap_stats=None,
+                 quiet_nic=True, **options):
+        self.config = _config(config, options)
+        self.queue_size = self.config.queue_size
+        self.hdr_len = VIRTIO_NET_HDR_LEN                 # the packet socket's
         self._attach_nic(nic, nic_stats)
-        self.tap_stats = tap_stats or PortStats("?")
+        self.tap_stats = tap_stats or PortStats()
         self._stack = contextlib.ExitStack()
         try:
             self._start(tap, quiet_nic)
@@ -2328,11 +2578,11 @@ class VhostBridge(_Forwarder):
             raise
 
     def _start(self, tap, quiet_nic):
-        push = self._stack.callback
-        self.tap = tap if isinstance(tap, Tap) else Tap(tap)
+        """The bring-up (VhostDevices) of both devices, with this bridge's layout."""
+        push, config, num = self._stack.callback, self.config, self.queue_size
+        self.tap = tap or Tap(config.tap)
         push(self.tap.close)
         self.tap_stats.name = self.tap.name
-        num = self.queue_size
         ring = _page_round(vring_layout(num)[3])
         pool_out, pool_big = 3 * ring, 3 * ring + num * VHOST_BUF_SIZE
         # The arena and the packet ring outlive both vhost fds: made before, closed after.
@@ -2344,31 +2594,21 @@ class VhostBridge(_Forwarder):
         self.nic_ring = PacketRxRing(self.nic, max(num, 1 << slots.bit_length() - 1),
                                      self._max_frame)
         push(self.nic_ring.close)
-        fds = []
-        for _ in range(4):              # the call eventfd all rings share, a kick per ring
-            fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-            push(os.close, fds[-1])
-        self.callfd, kicks = fds[0], fds[1:]
         self._open_wakeup()
         push(self._close_wakeup)
-        self.vhost = VhostNet(self.path)
-        push(self.vhost.close)
-        self.nic_vhost = VhostNet(self.path)
-        push(self.nic_vhost.close)
-        # Only EVENT_IDX is asked of vhost-net (and only with the barrier it needs):
-        # the offload bits are the tap's (TUNSETOFFLOAD), and the packet socket
-        # honours the same header.
-        wanted = self.VHOST_FEATURES if _full_barrier().available else 0
-        self.vhost_features = self.vhost.offered & self.nic_vhost.offered & wanted
-        self.features |= self.vhost_features
-        event_idx = bool(self.vhost_features & 1 << VIRTIO_RING_F_EVENT_IDX)
-        rings = []
-        for k, (pool, writes) in enumerate(((pool_out, True), (pool_big, False),
-                                            (pool_out, False))):
-            rings.append(SplitVirtqueue(self.arena, k * ring, pool, num, VHOST_BUF_SIZE,
-                                        writes, kicks[k], event_idx))
-            push(rings[-1].close)
-        self.tap_rxq, self.tap_txq, self.nic_txq = rings
+        # Only EVENT_IDX is asked of vhost-net: the offload bits are the tap's
+        # (TUNSETOFFLOAD), and the packet socket honours the same header.
+        self.vhost = VhostDevices(self._stack, config.path, 2, self.VHOST_FEATURES, num)
+        self.features = self.vhost.features | config.offloads
+        self.callfd = self.vhost.eventfd()          # one call eventfd all rings share
+        tap_fd, nic_fd, a = self.tap.fileno(), self.nic.fileno(), self.arena
+        self.tap_rxq = self.vhost.vring(0, VHOST_NET_VQ_RX, tap_fd, self.callfd, a, 0, pool_out,
+                                        VHOST_BUF_SIZE, True)
+        self.tap_txq = self.vhost.vring(0, VHOST_NET_VQ_TX, tap_fd, self.callfd, a, ring,
+                                        pool_big, VHOST_BUF_SIZE, False)
+        self.nic_txq = self.vhost.vring(1, VHOST_NET_VQ_TX, nic_fd, self.callfd, a, 2 * ring,
+                                        pool_out, VHOST_BUF_SIZE, False)
+        self.tap_rxq.add_run(0, num)                # the whole pool to the tap RX ring
         # Where tap TX descriptors point: a frame's virtio_net_hdr in its ring slot.
         # A frame too big for its slot goes into the descriptor's own arena buffer.
         # [untagged, retagged]: see PacketRxRing.retag.
@@ -2377,36 +2617,33 @@ class VhostBridge(_Forwarder):
                              self.nic_ring.frame_addrs(hdr - VLAN_HLEN)]
         self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
         self._nic_lost = None                   # a frame whose copy came truncated: dropped
-        self.vhost.set_features(self.vhost_features)
-        self.vhost.set_mem_table([self.arena.region(), self.nic_ring.region()])
-        self.vhost.set_vring(VHOST_NET_VQ_RX, self.tap_rxq, self.callfd)
-        self.vhost.set_vring(VHOST_NET_VQ_TX, self.tap_txq, self.callfd)
-        self.nic_vhost.set_features(self.vhost_features)
-        self.nic_vhost.set_mem_table([self.arena.region()])
-        self.nic_vhost.set_vring(VHOST_NET_VQ_TX, self.nic_txq, self.callfd)
-        self.tap.set_sndbuf(INT_MAX)
-        self.tap.set_virtio_net(self.hdr_len, self.features, self.mac)
-        self.tap_rxq.add_run(0, num)
-        self.vhost.set_backend(VHOST_NET_VQ_RX, self.tap.fileno())
-        self.vhost.set_backend(VHOST_NET_VQ_TX, self.tap.fileno())
-        self.nic_vhost.set_backend(VHOST_NET_VQ_TX, self.nic.fileno())
-        self.tap_rxq.kick_prepare()     # publish the RX buffers; vhost may wait for a kick
-        self.tap_rxq.notify()
+        self.vhost.start([[a.region(), self.nic_ring.region()], [a.region()]], self.tap,
+                         self.hdr_len, self.features, config.mac)
         self._quiet = QuietNic(self.nic.iface) if quiet_nic else None
         if self._quiet:
             push(self._quiet.restore)
 
     @property
     def name(self):
+        """The tap's name."""
         return self.tap.name
 
     def __repr__(self):
-        return (f"<VhostBridge {self.nic.iface} <-> {self.tap.name} via {self.path} "
+        return (f"<VhostBridge {self.nic.iface} <-> {self.tap.name} via {self.config.path} "
                 f"queue_size={self.queue_size}>")
+
+    def describe(self):
+        """The -v lines: how the NIC is served, then the negotiation."""
+        ring = self.nic_ring
+        return [f"NIC side: in through the packet socket's receive ring on {self.nic.iface} "
+                f"({ring.frame_nr} x {ring.frame_size} bytes), out through a second vhost-net "
+                f"device, backend the packet socket; Python moves descriptors only",
+                *self.vhost.describe(self.features),
+                describe_tap(self.tap, self.hdr_len, self.features)]
 
     def close(self):
         """Restore the NIC, unbind and close both devices, then the tap, the packet ring
-        and the arena."""
+        and the arena: the bring-up's mirror."""
         self._stack.close()
 
     def _count(self, rx_stats, tx_stats, lengths):
@@ -2503,8 +2740,8 @@ class VhostBridge(_Forwarder):
             if st & TP_STATUS_COPY and f != self._nic_lost:
                 own = txq.bufs[desc]            # received VLAN_HLEN in: room for a tag
                 with contextlib.suppress(BlockingIOError):
-                    nbytes, _, flags, _ = self.nic.sock.recvmsg_into([own[VLAN_HLEN:]])
-                    if flags & MSG_TRUNC:       # its copy is gone: never receive for f again
+                    nbytes, truncated = self.nic.recv_into(own[VLAN_HLEN:])
+                    if truncated:               # its copy is gone: never receive for f again
                         self._nic_lost = f
                     else:
                         buf, base, hdr, length = own, txq.buf_addr(desc), VLAN_HLEN, nbytes
@@ -2535,7 +2772,7 @@ class VhostBridge(_Forwarder):
         while run := self.tap_txq.get_run():
             first, count, _ = run
             if first != (tail + n) % num:
-                self.tap_txq._break("the tap TX ring used frames out of order")
+                self.tap_txq.mark_broken("the tap TX ring used frames out of order")
             n += count
         if n:
             self.nic_ring.release(tail, n)
@@ -2579,35 +2816,50 @@ class VhostBridge(_Forwarder):
             self._nic_wait = not held
         return moved
 
-    def run(self, stats_interval=None, on_stats=None):
-        """Forward until stop(); call ``on_stats(bridge)`` every ``stats_interval`` s."""
-        self._poller = select.poll()
-        self._poller.register(self.callfd, select.POLLIN)
-        self._poller.register(self._wake_r, select.POLLIN)
+    def _poll_fds(self):
         # The packet ring polls readable while a frame is the user's (packet_poll):
         # level-triggered, so a frame that came before the poll is not missed.
         self._nic_wait = True
-        self._poller.register(self.nic.fileno(), select.POLLIN)
-        self._loop(self._poller, stats_interval, on_stats)
+        return {self.callfd: select.POLLIN, self.nic.fileno(): select.POLLIN}
 
     def _step(self, ready):
         # The call eventfd is read before the rings: a buffer used after the
         # read signals again, so no wakeup is lost.
-        for fd in (self.callfd, self._wake_r):
-            if fd in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(fd, 64)
+        if self.callfd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.callfd, 8)
         waited = self._nic_wait
         self.poll_once()
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
 
 
+def open_bridge(config, nic, stack, tap=None, nic_stats=None, tap_stats=None, quiet_nic=True):
+    """The forwarder ``config`` asks for, between ``nic`` (a PacketSocket) and a tap
+    (``tap``, an opened Tap, or a new one): a VhostBridge for NIC I/O vhost-net,
+    else a Bridge over a VirtioUserPort or a TapPort.  Every forwarder is built
+    here; its clean-up, and its port's, goes on ``stack``."""
+    if config.nic_io == "vhost-net":
+        bridge = VhostBridge(nic, config, tap, nic_stats, tap_stats, quiet_nic)
+    else:
+        port_class = VirtioUserPort if config.tap_io == "vhost-net" else TapPort
+        port = port_class(config, tap, tap_stats)
+        stack.callback(port.close)
+        bridge = Bridge(nic, port, nic_stats, quiet_nic)
+    stack.callback(bridge.close)
+    return bridge
+
+
+########################################################################################
+# Queue pairs: a worker process per pair
+########################################################################################
+
+
 class QueuePairs:
     """N queue pairs, each bridged by its own worker process (DPDK's ``queues=N``).
 
     Queue pair i is tap queue i (IFF_MULTI_QUEUE), packet socket i of one
-    PACKET_FANOUT group on the NIC and, with the vhost-net backend, its own
+    PACKET_FANOUT group on the NIC and, with tap I/O vhost-net, its own
     /dev/vhost-net: its own kernel worker thread.  Threads would be serialised
     by Python's GIL, and vhost accepts ioctls only from the process that owns
     the device, so every worker process opens its own vhost fd after it
@@ -2618,11 +2870,7 @@ class QueuePairs:
 
     Args:
         iface: the NIC.
-        queues: number of queue pairs, 1 to MAX_TAP_QUEUES.
-        backend: "vhost-net" or "tap".
-        nic_backend: "vhost-net" (a VhostBridge per pair; the default with the
-            vhost-net backend) or "socket" (a Bridge per pair).
-        path, tap, queue_size, mac, rx_cksum, lro: as for VirtioUserPort.
+        config: a Config (``config.queues`` pairs), or its keyword arguments instead.
         refresh: seconds between updates of each worker's socket drop counter.
 
     Raises:
@@ -2630,28 +2878,19 @@ class QueuePairs:
         everything created is released.
     """
 
-    def __init__(self, iface, queues, backend="vhost-net", path="/dev/vhost-net", tap="tap%d",
-                 queue_size=256, mac=None, rx_cksum=False, lro=False, refresh=1.0,
-                 nic_backend=None):
-        if not 1 <= queues <= MAX_TAP_QUEUES:
-            raise VhostPathError(f"queues must be from 1 to {MAX_TAP_QUEUES} (the tap's "
-                                 f"limit), not {queues}")
-        self.queues, self.backend, self.refresh = queues, backend, refresh
-        self.nic_backend = _nic_backend(backend, nic_backend)
-        self._port_args = dict(tap=None, mac=mac, rx_cksum=rx_cksum, lro=lro)
-        if backend == "vhost-net":
-            self._port_args.update(path=path, queue_size=queue_size)
+    def __init__(self, iface, config=None, refresh=1.0, **options):
+        self.config = _config(config, options)
+        self.queues, self.refresh = self.config.queues, refresh
         self.pids, self.status = [], {}
-        self._stopping = False
         self._stack = contextlib.ExitStack()
         try:
-            self._start(iface, tap)
+            self._start(iface)
         except BaseException:
             self._stack.close()
             raise
 
-    def _start(self, iface, tap_name):
-        push = self._stack.callback
+    def _start(self, iface):
+        push, tap_name = self._stack.callback, self.config.tap
         multi = self.queues > 1
         flags_file = f"/sys/class/net/{tap_name}/tun_flags"
         if multi and os.path.exists(flags_file):
@@ -2672,16 +2911,7 @@ class QueuePairs:
         for _ in range(self.queues):
             nics.append(PacketSocket(iface, group))
             push(nics[-1].close)
-        mtu = nics[0].mtu()
-        size = ctypes.sizeof(PortStats)
-        shared = mmap.mmap(-1, 2 * size * self.queues, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-        self.nic_stats = [PortStats.from_buffer(shared, 2 * i * size)
-                          for i in range(self.queues)]
-        self.port_stats = [PortStats.from_buffer(shared, (2 * i + 1) * size)
-                           for i in range(self.queues)]
-        for nic_st, port_st in zip(self.nic_stats, self.port_stats):
-            nic_st.name, nic_st.mtu = iface, mtu
-            port_st.name, port_st.mtu = self.name, None
+        self._share_stats(iface, nics[0].mtu())
         self.quiet = QuietNic(iface)
         push(self.quiet.restore)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -2701,12 +2931,27 @@ class QueuePairs:
             obj.close()
         self._wait_ready(ready_r)
 
+    def _share_stats(self, iface, mtu):
+        """Every pair's counters, in memory the workers share with this process."""
+        size = ctypes.sizeof(PortStats)
+        shared = mmap.mmap(-1, 2 * size * self.queues, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.nic_stats = [PortStats.from_buffer(shared, 2 * i * size)
+                          for i in range(self.queues)]
+        self.tap_stats = [PortStats.from_buffer(shared, (2 * i + 1) * size)
+                          for i in range(self.queues)]
+        for nic_st, tap_st in zip(self.nic_stats, self.tap_stats):
+            nic_st.name, nic_st.mtu = iface, mtu
+            tap_st.name, tap_st.mtu = self.name, None
+
     def _wait_ready(self, ready_r):
         """Collect one "ok" (or "error <why>") per worker; notice a worker that died."""
         got = b""
         while got.count(b"\n") < self.queues:
             if select.select([ready_r], [], [], 1.0)[0]:
-                got += os.read(ready_r, 4096)
+                chunk = os.read(ready_r, 4096)
+                if not chunk:
+                    break                        # every worker closed its end
+                got += chunk
                 continue
             for pid in self.pids:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -2714,9 +2959,12 @@ class QueuePairs:
                     self.status[pid] = status
                     raise VhostPathError(f"queue worker {pid} died during set-up "
                                          f"(wait status {status})")
-        for line in got.decode().splitlines():
+        lines = got.decode().splitlines()
+        for line in lines:
             if line != "ok":
                 raise VhostPathError(line.partition(" ")[2])
+        if len(lines) < self.queues:
+            raise VhostPathError("a queue worker died during set-up")
 
     def _worker(self, index, taps, nics, ready_w, parent):
         """Queue pair ``index`` in a forked child. Never returns."""
@@ -2730,7 +2978,7 @@ class QueuePairs:
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, on_signal)
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            _libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
             if os.getppid() != parent:            # the parent died before prctl
                 return
             for k, (tap, nic) in enumerate(zip(taps, nics)):
@@ -2738,19 +2986,9 @@ class QueuePairs:
                     tap.close()
                     nic.close()
             with contextlib.ExitStack() as stack:
-                if self.nic_backend == "vhost-net":
-                    bridge = VhostBridge(nics[index], **dict(self._port_args, tap=taps[index]),
-                                         nic_stats=self.nic_stats[index],
-                                         tap_stats=self.port_stats[index], quiet_nic=False)
-                else:
-                    if self.backend == "vhost-net":
-                        port = VirtioUserPort(**dict(self._port_args, tap=taps[index]))
-                    else:
-                        port = TapPort(**dict(self._port_args, tap=taps[index]))
-                    stack.callback(port.stop)
-                    port.stats = self.port_stats[index]
-                    bridge = Bridge(nics[index], port, self.nic_stats[index], quiet_nic=False)
-                stack.callback(bridge.close)
+                bridge = open_bridge(self.config, nics[index], stack, taps[index],
+                                     self.nic_stats[index], self.tap_stats[index],
+                                     quiet_nic=False)
                 os.write(ready_w, b"ok\n")
                 told = True
                 bridge.run(self.refresh, type(bridge).refresh_stats)
@@ -2770,41 +3008,37 @@ class QueuePairs:
             os._exit(status)
 
     def run(self, stats_interval=None, on_stats=None):
-        """Supervise until every worker has exited; stop all when one fails.
+        """Supervise until every worker has exited; stop all when one fails.  Calls
+        ``on_stats(self)`` every ``stats_interval`` seconds.
 
         Returns True if every worker exited cleanly after stop().
         """
         poller = select.poll()
         pidfds = {}
-        for pid in self.pids:
-            fd = os.pidfd_open(pid)
-            pidfds[fd] = pid
-            poller.register(fd, select.POLLIN)
         try:
-            next_stats = time.monotonic() + stats_interval if stats_interval else None
+            for pid in self.pids:
+                fd = os.pidfd_open(pid)
+                pidfds[fd] = pid
+                poller.register(fd, select.POLLIN)
+            ticker = _Ticker(stats_interval)
             while any(s is None for s in self.status.values()):
-                timeout = None
-                if next_stats is not None:
-                    timeout = max(0, int((next_stats - time.monotonic()) * 1000))
-                for fd, _ in poller.poll(timeout):
+                for fd, _ in poller.poll(ticker.timeout()):
                     pid = pidfds[fd]
                     poller.unregister(fd)
                     self.status[pid] = os.waitpid(pid, 0)[1]
                     if self.status[pid] != 0:
                         self.stop()
-                if next_stats is not None and time.monotonic() >= next_stats:
-                    next_stats += stats_interval
-                    if on_stats:
-                        on_stats(self)
+                if ticker.due() and on_stats:
+                    on_stats(self)
         finally:
             for fd in pidfds:
                 os.close(fd)
         return all(s == 0 for s in self.status.values())
 
     def stop(self):
-        """Ask every worker to stop (SIGTERM); safe from a signal handler."""
+        """Ask run() to return: every worker is asked to stop (SIGTERM); safe from a
+        signal handler."""
         import signal
-        self._stopping = True
         for pid, status in self.status.items():
             if status is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -2812,11 +3046,9 @@ class QueuePairs:
 
     def _reap(self):
         """Stop and wait for workers still running (set-up failure or close())."""
-        import signal
+        self.stop()
         for pid, status in self.status.items():
             if status is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
                 self.status[pid] = os.waitpid(pid, 0)[1]
 
     def close(self):
@@ -2825,15 +3057,12 @@ class QueuePairs:
 
     def totals(self):
         """(NIC, tap) PortStats summed over the queue pairs."""
-        nic, tap = PortStats(*self._names(0)), PortStats(*self._names(1))
-        for n, t in zip(self.nic_stats, self.port_stats):
+        nic = PortStats(self.nic_stats[0].name, self.nic_stats[0].mtu)
+        tap = PortStats(self.name)
+        for n, t in zip(self.nic_stats, self.tap_stats):
             nic.add(n)
             tap.add(t)
         return nic, tap
-
-    def _names(self, which):
-        st = (self.nic_stats, self.port_stats)[which][0]
-        return st.name, st.mtu
 
     def report(self):
         """Totals per port, testpmd style, then one line per queue pair."""
@@ -2841,7 +3070,7 @@ class QueuePairs:
         lines = [nic.report(0), tap.report(1)]
         if self.queues > 1:
             lines += [f"  queue {i}: {n.summary()} | {t.summary()}"
-                      for i, (n, t) in enumerate(zip(self.nic_stats, self.port_stats))]
+                      for i, (n, t) in enumerate(zip(self.nic_stats, self.tap_stats))]
         return "\n".join(lines)
 
 
@@ -2869,128 +3098,17 @@ def _ipv4_address(iface):
     return socket.inet_ntoa(out[20:24])
 
 
-def _check_port_options(args, iface=None):
-    """Checks shared by the bridge and the demo (``iface``: the bridge's NIC); resolves
-    the defaults.  Returns a warning to print, or None.  Raises VhostPathError.
-    """
-    if not sys.platform.startswith("linux"):
-        raise VhostPathError("vhostpath runs on Linux only (it needs /dev/vhost-net, "
-                             f"tun/tap and AF_PACKET); this is {sys.platform}")
-    try:
-        _check_queue_size(args.queue_size)
-    except ValueError as e:
-        raise VhostPathError(f"--queue-size: {e}") from None
-    if args.mac is not None:
-        _parse_mac(args.mac)
-    # Both offloads default on: the NIC, or the kernel's software GSO and checksum
-    # where the NIC lacks them, completes what the kernel hands over.
-    if args.rx_cksum is None:
-        args.rx_cksum = True
-    if args.lro is None:
-        args.lro = args.rx_cksum
-    if args.lro and not args.rx_cksum:
-        raise VhostPathError("--lro needs rx checksum offload: drop --no-rx-cksum")
-    caps = _capabilities()
-    if not caps & (1 << CAP_NET_ADMIN) or not caps & (1 << CAP_NET_RAW):
-        raise VhostPathError("permission denied: run as root (needs CAP_NET_ADMIN and "
-                             "CAP_NET_RAW to create the tap and open a packet socket)")
-    if iface is not None:
-        try:
-            socket.if_nametoindex(iface)
-        except OSError:
-            raise VhostPathError(f"--iface {iface}: no such network interface") from None
-        if args.tap == iface:
-            raise VhostPathError(f"--tap {args.tap} is the NIC itself")
-    tap = args.tap
-    if "%" not in tap and os.path.exists(f"/sys/class/net/{tap}") \
-            and not os.path.exists(f"/sys/class/net/{tap}/tun_flags"):
-        raise VhostPathError(f"--tap {tap}: a network interface of that name exists "
-                             "and is not a tap device")
-    missing = f"{args.path} does not exist: load the vhost-net driver with 'modprobe vhost_net'"
-    if args.backend == "vhost-net" and not os.path.exists(args.path):
-        raise VhostPathError(missing)
-    warning = None
-    if args.backend == "auto":
-        args.backend = "vhost-net" if os.path.exists(args.path) else "tap"
-        if args.backend == "tap":
-            if args.nic_backend == "vhost-net":
-                raise VhostPathError(f"--nic-backend vhost-net: {missing}")
-            warning = (f"warning: {missing}. Falling back to the tap backend: this process "
-                       "moves every packet with read()/write() on the tap, with no vhost "
-                       "kernel thread, so throughput is lower")
-    args.nic_backend = _nic_backend(args.backend, args.nic_backend)
-    return warning
-
-
-def _open_bridge(args, nic, stack):
-    """The bridge for the chosen backends; its clean-up goes on ``stack``."""
-    if args.nic_backend == "vhost-net":
-        bridge = VhostBridge(nic, args.tap, args.path, args.queue_size, args.mac,
-                             rx_cksum=args.rx_cksum, lro=args.lro)
-        stack.callback(bridge.close)
-        return bridge
-    if args.backend == "tap":
-        port = TapPort(args.tap, args.mac, rx_cksum=args.rx_cksum, lro=args.lro)
-    else:
-        port = VirtioUserPort(args.path, args.tap, args.queue_size, args.mac,
-                              rx_cksum=args.rx_cksum, lro=args.lro)
-    stack.callback(port.stop)
-    bridge = Bridge(nic, port)
-    stack.callback(bridge.close)
-    return bridge
-
-
-def _port_description(name, args):
-    how = "named by the kernel" if "%" in args.tap else "as asked"
-    if args.backend == "tap":
-        text = f"{name} created ({how}), through the tap backend (read/write)"
-    else:
-        text = f"{name} created ({how}), through {args.path}, queue size {args.queue_size}"
-    if getattr(args, "queues", 1) > 1:
-        if args.backend == "tap":
-            each = "a process"
-        elif args.nic_backend == "socket":
-            each = "a vhost-net kernel thread"
-        else:
-            each = "two vhost-net kernel threads"
-        text += f", {args.queues} queue pairs ({each} each)"
-    return text
-
-
-def _bridge_details(bridge):
-    """The -v lines: how the NIC is served, features, header, tap flags and offloads,
-    memory barrier."""
-    if isinstance(bridge, VhostBridge):
-        port = bridge
-        ring = bridge.nic_ring
-        lines = [f"NIC side: in through the packet socket's receive ring on {bridge.nic.iface} "
-                 f"({ring.frame_nr} x {ring.frame_size} bytes), out through a second vhost-net "
-                 f"device, backend the packet socket; Python moves descriptors only"]
-    else:
-        port = bridge.port
-        lines = [f"NIC side: recvmmsg/sendmmsg on the packet socket on {bridge.nic.iface}"]
-    offloads = tap_offloads(port.features)
-    names = " ".join(n for f, n in ((TUN_F_CSUM, "CSUM"), (TUN_F_TSO4, "TSO4"),
-                                    (TUN_F_TSO6, "TSO6")) if offloads & f) or "none"
-    if port.BACKEND == "vhost-net":
-        lines.append(f"vhost-net offered {port.vhost.offered:#x} "
-                     f"({feature_names(port.vhost.offered)})")
-        lines.append(f"negotiated {port.features:#x} ({feature_names(port.features)}); "
-                     f"vhost-net got {port.vhost_features:#x}, the rest is the tap's")
-        barrier = "mfence/dmb" if _full_barrier().available else "unavailable: kick always"
-        lines.append(f"full memory barrier for the kick decision: {barrier}")
-    else:
-        lines.append(f"backend tap (read/write); features {port.features:#x} "
-                     f"({feature_names(port.features)})")
-    lines.append(f"virtio-net header {port.hdr_len} bytes; tap flags {port.tap.flags():#x}; "
-                 f"tap offloads {offloads:#x} ({names})")
-    return lines
-
-
 def _add_port_options(p):
-    p.add_argument("--backend", choices=("auto", "vhost-net", "tap"), default="auto",
-                   help="vhost-net, the tap read/write fallback, or auto: vhost-net when "
-                        "--path exists, else tap with a warning (default %(default)s)")
+    """The options of a path to the kernel; each is a Config keyword of the same name."""
+    p.add_argument("--tap-io", choices=("auto", *Config.TAP_IO), default="auto",
+                   help="how frames cross between the rings and the tap: vhost-net (a "
+                        "kernel thread), read-write (this process), or auto: vhost-net when "
+                        "--path exists, else read-write with a warning (default %(default)s)")
+    p.add_argument("--nic-io", choices=Config.NIC_IO,
+                   help="how frames cross between the NIC and the rings: vhost-net (the "
+                        "packet socket's receive ring in, a second vhost-net device out; "
+                        "Python moves descriptors only) or socket (recvmmsg/sendmmsg in this "
+                        "process) (default: vhost-net with --tap-io vhost-net, else socket)")
     p.add_argument("--path", default="/dev/vhost-net", help="vhost-net device (default %(default)s)")
     p.add_argument("--queue-size", type=int, default=256,
                    help="virtqueue entries, a power of two from 64 (default %(default)s; "
@@ -3006,12 +3124,6 @@ def _add_port_options(p):
                    help="rx checksum offload: packets from the kernel may carry partial "
                         "checksums (VIRTIO_NET_F_GUEST_CSUM), completed on the way out "
                         "(default: on)")
-    p.add_argument("--nic-backend", choices=("vhost-net", "socket"),
-                   help="how frames cross between the NIC and the rings: vhost-net, a second "
-                        "vhost-net device whose backend is the NIC's packet socket (the "
-                        "kernel moves the frames, this process only descriptors); socket, "
-                        "recvmmsg/sendmmsg in this process (default: vhost-net with the "
-                        "vhost-net backend, else socket)")
     p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
 
 
@@ -3033,72 +3145,143 @@ def _build_parser():
     return p
 
 
-def _stats_line(bridge):
-    bridge.refresh_stats()
-    return (f"{time.strftime('%H:%M:%S')} {bridge.nic_stats.summary()} | "
-            f"{bridge.tap_stats.summary()}")
+def _preflight(args, iface=None):
+    """What the host must offer (Linux, privileges, the NIC, a free tap name, the
+    vhost-net device); resolves ``--tap-io auto``.  Returns a warning to print, or
+    None.  Raises VhostPathError."""
+    if not sys.platform.startswith("linux"):
+        raise VhostPathError("vhostpath runs on Linux only (it needs /dev/vhost-net, "
+                             f"tun/tap and AF_PACKET); this is {sys.platform}")
+    caps = _capabilities()
+    if not caps & (1 << CAP_NET_ADMIN) or not caps & (1 << CAP_NET_RAW):
+        raise VhostPathError("permission denied: run as root (needs CAP_NET_ADMIN and "
+                             "CAP_NET_RAW to create the tap and open a packet socket)")
+    if iface is not None:
+        try:
+            socket.if_nametoindex(iface)
+        except OSError:
+            raise VhostPathError(f"--iface {iface}: no such network interface") from None
+        if args.tap == iface:
+            raise VhostPathError(f"--tap {args.tap} is the NIC itself")
+    tap = args.tap
+    if "%" not in tap and os.path.exists(f"/sys/class/net/{tap}") \
+            and not os.path.exists(f"/sys/class/net/{tap}/tun_flags"):
+        raise VhostPathError(f"--tap {tap}: a network interface of that name exists "
+                             "and is not a tap device")
+    missing = f"{args.path} does not exist: load the vhost-net driver with 'modprobe vhost_net'"
+    if args.tap_io == "vhost-net" and not os.path.exists(args.path):
+        raise VhostPathError(missing)
+    if args.tap_io != "auto":
+        return None
+    if os.path.exists(args.path):
+        args.tap_io = "vhost-net"
+        return None
+    if args.nic_io == "vhost-net":
+        raise VhostPathError(f"--nic-io vhost-net: {missing}")
+    args.tap_io = "read-write"
+    return (f"warning: {missing}. Falling back to --tap-io read-write: this process moves "
+            "every packet with read()/write() on the tap, with no vhost kernel thread, so "
+            "throughput is lower")
+
+
+def _config_from_args(args):
+    """The Config of the parsed options; both offloads default on (the NIC, or the
+    kernel's software GSO and checksum where the NIC lacks them, completes
+    what the kernel hands over).  A ConfigError names the option."""
+    if args.rx_cksum is None:
+        args.rx_cksum = True
+    if args.lro is None:
+        args.lro = args.rx_cksum
+    options = {name: getattr(args, name) for name in Config.OPTIONS if hasattr(args, name)}
+    try:
+        return Config(**options)
+    except ConfigError as e:
+        raise VhostPathError(f"--{e.option.replace('_', '-')}: {e.why}") from None
+
+
+def _port_description(name, config):
+    how = "named by the kernel" if "%" in config.tap else "as asked"
+    if config.tap_io == "read-write":
+        text = f"{name} created ({how}), through read()/write() on the tap"
+    else:
+        text = f"{name} created ({how}), through {config.path}, queue size {config.queue_size}"
+    if config.queues > 1:
+        if config.tap_io == "read-write":
+            each = "a process"
+        elif config.nic_io == "socket":
+            each = "a vhost-net kernel thread"
+        else:
+            each = "two vhost-net kernel threads"
+        text += f", {config.queues} queue pairs ({each} each)"
+    return text
+
+
+def _stats_line(nic, tap):
+    return f"{time.strftime('%H:%M:%S')} {nic.summary()} | {tap.summary()}"
 
 
 def _say(msg):
     print(f"vhostpath: {msg}", file=sys.stderr, flush=True)
 
 
-def _bridge_main(args):
+def _on_signals(handler):
+    """SIGINT and SIGTERM call ``handler()``."""
     import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: handler())
+
+
+def _bridge_main(args):
     if args.stats is not None and args.stats <= 0:
         raise VhostPathError("--stats: the period must be positive")
-    warning = _check_port_options(args, args.iface)
+    warning = _preflight(args, args.iface)
+    config = _config_from_args(args)
     if warning:
         _say(warning)
-    if not 1 <= args.queues <= MAX_TAP_QUEUES:
-        raise VhostPathError(f"--queues must be from 1 to {MAX_TAP_QUEUES} (the tap's "
-                             f"limit), not {args.queues}")
     address = _ipv4_address(args.iface)
     if address:
         _say(f"warning: {args.iface} still has IPv4 address {address}: the kernel will "
              f"see its traffic twice (remove it with 'ip addr flush dev {args.iface}')")
-    if args.queues > 1:
-        return _queues_main(args)
+    if config.queues > 1:
+        return _queues_main(args, config)
     with contextlib.ExitStack() as stack:
         nic = PacketSocket(args.iface)
         stack.callback(nic.close)
-        bridge = _open_bridge(args, nic, stack)
-        for sig in (signal.SIGINT, signal.SIGTERM):     # before anyone is told we run
-            signal.signal(sig, lambda *_: bridge.stop())
-        name = bridge.tap_stats.name
-        print(f"{_port_description(name, args)}, bridging {args.iface} <-> {name}", flush=True)
+        bridge = open_bridge(config, nic, stack)
+        _on_signals(bridge.stop)                     # before anyone is told we run
+        print(f"{_port_description(bridge.name, config)}, bridging {args.iface} <-> "
+              f"{bridge.name}", flush=True)
         if args.verbose:
-            for line in _bridge_details(bridge):
+            for line in bridge.describe():
                 _say(line)
-        on_stats = (lambda b: print(_stats_line(b), flush=True)) if args.stats else None
+
+        def on_stats(b):
+            b.refresh_stats()
+            print(_stats_line(b.nic_stats, b.tap_stats), flush=True)
         bridge.run(args.stats, on_stats)
         print(bridge.report(), flush=True)
+    return 0
 
 
-def _queues_main(args):
+def _queues_main(args, config):
     """--queues N > 1: a QueuePairs supervisor in this process."""
-    import signal
     with contextlib.ExitStack() as stack:
         # Workers must not inherit a half-set-up parent's signal handlers: the
         # defaults until they are forked; ours right after.
-        pairs = QueuePairs(args.iface, args.queues, args.backend, args.path, args.tap,
-                           args.queue_size, args.mac, args.rx_cksum, args.lro,
-                           refresh=min(args.stats or 1.0, 1.0), nic_backend=args.nic_backend)
+        pairs = QueuePairs(args.iface, config, refresh=min(args.stats or 1.0, 1.0))
         stack.callback(pairs.close)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: pairs.stop())
-        print(f"{_port_description(pairs.name, args)}, bridging {args.iface} <-> {pairs.name}",
-              flush=True)
+        _on_signals(pairs.stop)
+        print(f"{_port_description(pairs.name, config)}, bridging {args.iface} <-> "
+              f"{pairs.name}", flush=True)
         if args.verbose:
             for i, pid in enumerate(pairs.pids):
                 _say(f"queue pair {i}: worker process {pid}")
 
         def on_stats(p):
-            nic, tap = p.totals()
-            print(f"{time.strftime('%H:%M:%S')} {nic.summary()} | {tap.summary()}", flush=True)
-            for i, (n, t) in enumerate(zip(p.nic_stats, p.port_stats)):
+            print(_stats_line(*p.totals()), flush=True)
+            for i, (n, t) in enumerate(zip(p.nic_stats, p.tap_stats)):
                 print(f"  queue {i}: {n.summary()} | {t.summary()}", flush=True)
-        ok = pairs.run(args.stats, on_stats if args.stats else None)
+        ok = pairs.run(args.stats, on_stats)
         print(pairs.report(), flush=True)
     if not ok:
         raise VhostPathError("a queue worker failed; all stopped")
@@ -3151,8 +3334,9 @@ def _demo_peer(ready_w, nbytes):
     """
     status = 1
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)     # die with the demo, whatever happens
+        import signal
+        libc = _libc()
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # die with the demo, always
         with open(f"/run/netns/{DEMO_NS}") as ns:
             if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns")
@@ -3193,12 +3377,46 @@ def _demo_echo(nbytes):
         time.monotonic() - start
 
 
+def _demo_outside(stack):
+    """The outside host: namespace DEMO_NS behind a veth pair whose near end plays
+    the NIC; removed by ``stack``."""
+    _ip("netns", "add", DEMO_NS)
+    stack.callback(_ip, "netns", "del", DEMO_NS)
+    _ip("link", "add", DEMO_NIC, "type", "veth", "peer", "name", DEMO_PEER, "netns", DEMO_NS)
+    # Deleted explicitly: a namespace's devices go asynchronously after 'netns del'.
+    stack.callback(_ip, "link", "del", DEMO_NIC)
+    for cmd in (("link", "set", DEMO_NIC, "up"), ("-n", DEMO_NS, "link", "set", "lo", "up"),
+                ("-n", DEMO_NS, "addr", "add", f"{DEMO_OUTSIDE_IP}/24", "dev", DEMO_PEER),
+                ("-n", DEMO_NS, "link", "set", DEMO_PEER, "up")):
+        _ip(*cmd)
+
+
+def _demo_start_peer(stack, nbytes):
+    """Fork the outside host's process (_demo_peer) once it listens; returns the
+    file its lines come on.  ``stack`` kills and reaps it."""
+    import signal
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()                     # before any thread exists: fork and threads do not mix
+    if pid == 0:
+        os.close(ready_r)
+        _demo_peer(ready_w, nbytes)
+    os.close(ready_w)
+    stack.callback(os.waitpid, pid, 0)
+    stack.callback(os.kill, pid, signal.SIGKILL)     # done or not, it must go
+    peer = os.fdopen(ready_r)
+    stack.callback(peer.close)
+    if peer.readline() != "ready\n":
+        raise VhostPathError("the outside host did not start")
+    return peer
+
+
 def _demo_main(args):
     """Build an outside host, bridge it, ping and transfer through the path, clean up."""
     import shutil
     import signal
     import threading
-    warning = _check_port_options(args)
+    warning = _preflight(args)
+    config = _config_from_args(args)
     if shutil.which("ip") is None:
         raise VhostPathError("demo needs the 'ip' command (package iproute2)")
     if os.path.exists(f"/run/netns/{DEMO_NS}") or os.path.exists(f"/sys/class/net/{DEMO_NIC}"):
@@ -3214,46 +3432,24 @@ def _demo_main(args):
         print(f"demo: {msg}", flush=True)
     if warning:
         _say(warning)
-    ok = False
     with contextlib.ExitStack() as stack:
-        _ip("netns", "add", DEMO_NS)
-        stack.callback(_ip, "netns", "del", DEMO_NS)
-        _ip("link", "add", DEMO_NIC, "type", "veth", "peer", "name", DEMO_PEER,
-            "netns", DEMO_NS)
-        # Deleted explicitly: a namespace's devices go asynchronously after 'netns del'.
-        stack.callback(_ip, "link", "del", DEMO_NIC)
-        for cmd in (("link", "set", DEMO_NIC, "up"), ("-n", DEMO_NS, "link", "set", "lo", "up"),
-                    ("-n", DEMO_NS, "addr", "add", f"{DEMO_OUTSIDE_IP}/24", "dev", DEMO_PEER),
-                    ("-n", DEMO_NS, "link", "set", DEMO_PEER, "up")):
-            _ip(*cmd)
+        _demo_outside(stack)
         step(f"outside host {DEMO_OUTSIDE_IP} in namespace {DEMO_NS}, behind veth "
              f"{DEMO_PEER}; its near end {DEMO_NIC} plays the NIC")
-        # The peer is forked before any thread exists (fork and threads do not mix).
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(ready_r)
-            _demo_peer(ready_w, args.bytes)
-        os.close(ready_w)
-        stack.callback(os.waitpid, pid, 0)
-        stack.callback(os.kill, pid, signal.SIGKILL)     # done or not, it must go
-        peer = os.fdopen(ready_r)
-        stack.callback(peer.close)
-        if peer.readline() != "ready\n":
-            raise VhostPathError("the outside host did not start")
+        peer = _demo_start_peer(stack, args.bytes)
         nic = PacketSocket(DEMO_NIC)
         stack.callback(nic.close)
-        bridge = _open_bridge(args, nic, stack)
-        tap = bridge.tap_stats.name
+        bridge = open_bridge(config, nic, stack)
+        tap = bridge.name
         _ip("addr", "add", f"{DEMO_KERNEL_IP}/24", "dev", tap)
         _ip("link", "set", tap, "up")
         worker = threading.Thread(target=bridge.run, name="bridge", daemon=True)
         worker.start()
         stack.callback(worker.join, 10)
         stack.callback(bridge.stop)
-        step(f"{_port_description(tap, args)}, bridging {DEMO_NIC} <-> {tap}; "
+        step(f"{_port_description(tap, config)}, bridging {DEMO_NIC} <-> {tap}; "
              f"the kernel side is {DEMO_KERNEL_IP} on {tap}")
-        for line in _bridge_details(bridge):
+        for line in bridge.describe():
             step(line)
         replies = _ping(DEMO_OUTSIDE_IP)
         step(f"ping {DEMO_OUTSIDE_IP} (outside) from the kernel side: {replies}/3 replies")
@@ -3283,6 +3479,11 @@ def _build_demo_parser():
     p.add_argument("--bytes", type=int, default=4 << 20,
                    help="TCP bytes to send and get echoed (default %(default)s)")
     return p
+
+
+########################################################################################
+# main
+########################################################################################
 
 
 def main(argv=None):

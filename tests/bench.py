@@ -3,7 +3,7 @@
     sudo python3 tests/bench.py [--suite offloads|peers|queues|profile] [--seconds 10]
 
 "peers" is the reference: kernel direct, DPDK testpmd, a naive Python bridge and
-every vhostpath mode (both NIC backends), TCP, 64-byte rates, RTT and CPU.
+every vhostpath mode (both NIC I/O modes), TCP, 64-byte rates, RTT and CPU.
 
 Each setup carries iperf3 TCP traffic both ways between the kernel side
 (1.1.1.1) and the outside host (1.1.1.2, namespace "outside"):
@@ -177,11 +177,11 @@ def peer_naive():
     return Running(line.split()[1], proc.pid, stop)
 
 
-def peer_vhostpath(*args):
+def peer_vhostpath(*args, tool=topo.TOOL):
     def start():
-        tool = topo.Tool("--iface", "veth0", "--queue-size", "1024", *args)
+        tool_run = topo.Tool("--iface", "veth0", "--queue-size", "1024", *args, tool=tool)
         topo.configure_tap("tap0")
-        return Running("tap0", tool.pid, tool.stop)
+        return Running("tap0", tool_run.pid, tool_run.stop)
     return start
 
 
@@ -192,8 +192,8 @@ PEERS = [
     ("vhostpath --no-lro --no-rx-cksum", peer_vhostpath("--no-lro", "--no-rx-cksum"), True),
     ("vhostpath --rx-cksum --no-lro", peer_vhostpath("--rx-cksum", "--no-lro"), True),
     ("vhostpath (defaults: --lro)", peer_vhostpath(), True),
-    ("vhostpath --nic-backend socket", peer_vhostpath("--nic-backend", "socket"), True),
-    ("vhostpath --backend tap", peer_vhostpath("--backend", "tap"), True),
+    ("vhostpath --nic-io socket", peer_vhostpath("--nic-io", "socket"), True),
+    ("vhostpath --tap-io read-write", peer_vhostpath("--tap-io", "read-write"), True),
 ]   # (name, start, survives the outside's offloads)
 
 
@@ -351,7 +351,10 @@ SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4),
           "peers": (peers_suite, 2), "profile": (profile_suite, 2)}     # (run, vCPUs)
 
 
-def in_guest(suite, seconds, only=None, rounds=1):
+def in_guest(suite, seconds, only=None, rounds=1, baseline=None):
+    if baseline:            # another vhostpath.py (the commit before) beside this one
+        PEERS.append((f"vhostpath (defaults) of {baseline}", peer_vhostpath(tool=baseline),
+                      True))
     rows = SUITES[suite][0](seconds, only, **({"rounds": rounds} if suite == "peers" else {}))
     if suite in ("peers", "profile"):
         table = peers_table(rows) if suite == "peers" else rows
@@ -397,19 +400,24 @@ def main():
     p.add_argument("--rounds", type=int, default=1,
                    help="peers: measure every setup this many times, interleaved, and "
                         "report medians (default %(default)s)")
+    p.add_argument("--baseline", metavar="FILE",
+                   help="peers: also run this vhostpath.py with its defaults (e.g. a copy of "
+                        "the commit before), for a before/after in one boot")
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.chdir(ROOT)
     only = args.only.split(",") if args.only else None
     if args.in_guest:
-        return in_guest(args.suite, args.seconds, only, args.rounds)
+        return in_guest(args.suite, args.seconds, only, args.rounds, args.baseline)
     from tests import guest
     if args.suite == "peers":
         ensure_dpdk()
     cpus = SUITES[args.suite][1]
     rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest --suite {args.suite} "
                              f"--seconds {args.seconds} --rounds {args.rounds}"
-                             + (f" --only '{args.only}'" if args.only else ""),
+                             + (f" --only '{args.only}'" if args.only else "")
+                             + (f" --baseline {os.path.abspath(args.baseline)}"
+                                if args.baseline else ""),
                              cwd=ROOT, echo=False, cpus=cpus)
     table = files.get("bench.md", b"").decode()
     rounds = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""

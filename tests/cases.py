@@ -1,76 +1,89 @@
-"""Test cases shared by the host tier (tap backend) and the guest tier (vhost-net).
+"""Test cases shared by the host tier (--tap-io read-write) and the guest tier (vhost-net).
 
-Mixins: a test module combines them with unittest.TestCase and sets BACKEND.
+Mixins: a test module combines them with unittest.TestCase and sets TAP_IO.
+Every test builds what it needs (OutsideCase: the outside host) and removes it,
+so tests do not depend on their order.
 """
 
+import contextlib
+import errno
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import vhostpath as vp
 from tests import topo
 
 MB = 1 << 20
 
 
-def vhost_threads_per_pair(backend, args):
+def vhost_threads_per_pair(tap_io, args):
     """vhost worker threads of one queue pair: one per vhost-net device, i.e. the tap's,
-    and the NIC's unless --nic-backend socket."""
-    if backend != "vhost-net":
+    and the NIC's unless --nic-io socket."""
+    if tap_io != "vhost-net":
         return 0
-    nic = args[args.index("--nic-backend") + 1] if "--nic-backend" in args else "vhost-net"
+    nic = args[args.index("--nic-io") + 1] if "--nic-io" in args else "vhost-net"
     return 2 if nic == "vhost-net" else 1
 
 
-class BridgeCase:
-    """The command-line tool bridging veth0 (the NIC) and tap0, end to end."""
+def through(tap_io):
+    """What the tool's first line says of ``tap_io``, as a regular expression."""
+    return (r"through /dev/vhost-net, queue size \d+" if tap_io == "vhost-net"
+            else r"through read\(\)/write\(\) on the tap")
 
-    BACKEND = "vhost-net"   # --backend
-    ARGS = ()               # further tool options
+
+class OutsideCase:
+    """The one outside-host fixture: veth0 (the NIC) and the outside namespace behind
+    it, made for each test and removed after it."""
+
     OFFLOADS = True         # the outside veth's checksum/TSO offloads
     GRO = False             # GRO on both veth ends
+
+    def setUp(self):
+        super().setUp()
+        topo.make_outside(offloads=self.OFFLOADS, gro=self.GRO)
+        self.addCleanup(topo.remove_outside)
+
+
+class BridgeCase(OutsideCase):
+    """The command-line tool bridging veth0 (the NIC) and tap0, end to end; each test
+    starts its own tool."""
+
+    TAP_IO = "vhost-net"    # --tap-io
+    ARGS = ()               # further tool options
     LRO = False             # whether ARGS make the kernel hand over 64 KB segments
 
-    @classmethod
-    def setUpClass(cls):
-        topo.make_outside(offloads=cls.OFFLOADS, gro=cls.GRO)
-        cls.errors_before = (topo.checksum_errors(), topo.checksum_errors(ns=topo.NS))
-        cls.tool = topo.Tool("--iface", "veth0", "--backend", cls.BACKEND, *cls.ARGS)
+    def setUp(self):
+        super().setUp()
+        self.errors_before = (topo.checksum_errors(), topo.checksum_errors(ns=topo.NS))
+        self.tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, *self.ARGS)
+        self.addCleanup(self.tool.kill)
         topo.configure_tap("tap0")
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.tool.kill()
-        topo.remove_outside()
-
-    def test_1_tap_named_by_the_kernel(self):
-        through = (r"through /dev/vhost-net, queue size \d+" if self.BACKEND == "vhost-net"
-                   else r"through the tap backend \(read/write\)")
+    def test_end_to_end(self):
+        """Named tap0 by the kernel; ping both ways; 20 MB sha256-checked TCP each way;
+        no checksum error on either side; statistics that account for every frame;
+        tap0 gone after SIGINT."""
         self.assertRegex(self.tool.first_line, r"^tap0 created \(named by the kernel\), "
-                         + through + r"(, \d+ queue pairs \([\w -]+\))?, bridging veth0 <-> tap0$")
-
-    def test_2_ping_both_ways(self):
+                         + through(self.TAP_IO)
+                         + r"(, \d+ queue pairs \([\w -]+\))?, bridging veth0 <-> tap0$")
         self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
         self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS), 3)
-
-    def test_3_tcp_outside_to_kernel(self):
-        sent, received = topo.tcp_transfer("in", 20 * MB)
-        self.assertEqual(sent, received)
-        self.assertTrue(sent.startswith(f"{20 * MB} "))
-
-    def test_4_tcp_kernel_to_outside(self):
-        sent, received = topo.tcp_transfer("out", 20 * MB)
-        self.assertEqual(sent, received)
-        self.assertTrue(sent.startswith(f"{20 * MB} "))
-
-    def test_5_no_checksum_errors_on_either_side(self):
+        for direction in ("in", "out"):
+            sent, received = topo.tcp_transfer(direction, 20 * MB)
+            self.assertEqual(sent, received, direction)
+            self.assertTrue(sent.startswith(f"{20 * MB} "), direction)
         self.assertEqual(topo.checksum_errors(), self.errors_before[0])
         self.assertEqual(topo.checksum_errors(ns=topo.NS), self.errors_before[1])
-
-    def test_6_statistics_show_the_traffic(self):
         rc, out, err = self.tool.stop(signal.SIGINT)
         self.assertEqual(rc, 0, err)
+        self.check_statistics(out)
+        self.assertNotIn("tap0", topo.interfaces())
+
+    def check_statistics(self, out):
         ports = topo.report_counters(out)
         self.assertEqual(set(ports), {"veth0", "tap0"}, out)
         nic, tap = ports["veth0"], ports["tap0"]
@@ -79,7 +92,7 @@ class BridgeCase:
                               (tap, "TX-bytes")):
             self.assertGreater(counters[key], 20 * MB, key)
         # Every frame is accounted for: delivered, or dropped where it was refused
-        # (the tap backend's write() fails while the tap is still down).
+        # (read-write tap I/O: write() fails while the tap is still down).
         self.assertEqual(nic["TX-packets"] + nic["TX-dropped"], tap["RX-packets"])
         self.assertEqual(nic["RX-packets"], tap["TX-packets"] + tap["TX-dropped"])
         self.assertEqual(nic["TX-dropped"], 0)
@@ -93,14 +106,13 @@ class BridgeCase:
             self.assertGreater(nic["RX-over-MTU"], 0, out)
         else:
             self.assertEqual(nic["RX-over-MTU"], 0, out)
-        self.assertNotIn("tap0", topo.interfaces())
 
 
 class VlanCase:
     """With BridgeCase, where the kernel has 802.1Q interfaces (8021q; the guest's has):
-    tagged traffic crosses both ways.  Runs between BridgeCase's tests 5 and 6."""
+    tagged traffic crosses both ways."""
 
-    def test_5a_vlan_tags_cross_both_ways(self):
+    def test_vlan_tags_cross_both_ways(self):
         # The kernel takes a tag off before any packet socket sees the frame; the
         # bridge must put it back, header offsets (GSO, partial checksums) moved too.
         topo.add_vlans()
@@ -116,27 +128,21 @@ class VlanCase:
         self.assertEqual((topo.checksum_errors(), topo.checksum_errors(ns=topo.NS)), errors)
 
 
-class ShutdownCase:
+class ShutdownCase(OutsideCase):
     """SIGINT and SIGTERM: report printed, tap gone, vhost threads gone, NIC restored."""
 
-    BACKEND = "vhost-net"
+    TAP_IO = "vhost-net"
     ARGS = ()
-
-    def setUp(self):
-        topo.make_outside()
-
-    def tearDown(self):
-        topo.remove_outside()
 
     def check_signal(self, sig):
         arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
         with open(arp_ignore) as f:
             original = f.read().strip()
-        tool = topo.Tool("--iface", "veth0", "--backend", self.BACKEND, *self.ARGS)
+        tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, *self.ARGS)
         try:
             self.assertIn("tap0", topo.interfaces())
             self.assertEqual(len(topo.vhost_threads(tool.pid)),
-                             vhost_threads_per_pair(self.BACKEND, self.ARGS))
+                             vhost_threads_per_pair(self.TAP_IO, self.ARGS))
             with open(arp_ignore) as f:
                 self.assertEqual(f.read().strip(), "8")
             rc, out, err = tool.stop(sig)
@@ -160,7 +166,7 @@ class ShutdownCase:
 class DemoCase:
     """`vhostpath demo`: works, and leaves nothing behind, also when interrupted."""
 
-    BACKEND_LINE = ""        # what the demo must say about the backend
+    THROUGH_LINE = ""        # what the demo must say of how frames reach the tap
 
     def leftovers(self, before):
         left = topo.interfaces() - before
@@ -173,7 +179,7 @@ class DemoCase:
         r = subprocess.run([sys.executable, topo.TOOL, "demo"], capture_output=True,
                            text=True, timeout=600)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        self.assertIn(self.BACKEND_LINE, r.stdout)
+        self.assertIn(self.THROUGH_LINE, r.stdout)
         self.assertIn("from the kernel side: 3/3 replies", r.stdout)
         self.assertIn("from the outside host: 3/3 replies", r.stdout)
         self.assertIn("sha256 matches", r.stdout)
@@ -205,47 +211,36 @@ class DemoCase:
         self.check_interrupted(signal.SIGTERM)
 
 
-class QueuesCase:
+class QueuesCase(OutsideCase):
     """--queues N: N workers (and their vhost threads), flows spread, integrity, clean stop."""
 
-    BACKEND = "vhost-net"
+    TAP_IO = "vhost-net"
     ARGS = ()
     QUEUES = 2
+    OFFLOADS = False
 
-    @classmethod
-    def setUpClass(cls):
-        topo.make_outside(offloads=False)
-        cls.tool = topo.Tool("--iface", "veth0", "--backend", cls.BACKEND,
-                             "--queues", str(cls.QUEUES), *cls.ARGS)
+    def test_queue_pairs_end_to_end(self):
+        """N workers, each with its tap queue and vhost threads; 8 parallel flows each way
+        spread over at least 2 queues; 20 MB sha256-checked each way; after SIGINT
+        per-queue statistics that add up, and no worker, thread or tap left."""
+        tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO,
+                         "--queues", str(self.QUEUES), *self.ARGS)
+        self.addCleanup(tool.kill)
         topo.configure_tap("tap0")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tool.kill()
-        topo.remove_outside()
-
-    def test_1_one_worker_tap_queue_and_vhost_threads_per_pair(self):
-        self.assertIn(f"{self.QUEUES} queue pairs", self.tool.first_line)
-        workers = topo.children(self.tool.pid)
+        self.assertIn(f"{self.QUEUES} queue pairs", tool.first_line)
+        workers = topo.children(tool.pid)
         self.assertEqual(len(workers), self.QUEUES)
         self.assertEqual(topo.tap_queues("tap0"), self.QUEUES)
         threads = [len(topo.vhost_threads(pid)) for pid in workers]
-        self.assertEqual(threads, [vhost_threads_per_pair(self.BACKEND, self.ARGS)] * self.QUEUES)
-        self.assertEqual(topo.vhost_threads(self.tool.pid), [])
-
-    def test_2_parallel_flows_both_ways(self):
+        self.assertEqual(threads, [vhost_threads_per_pair(self.TAP_IO, self.ARGS)] * self.QUEUES)
+        self.assertEqual(topo.vhost_threads(tool.pid), [])
         self.assertGreater(topo.iperf3(8, 3), 0)
         self.assertGreater(topo.iperf3(8, 3, reverse=True), 0)
-
-    def test_3_tcp_integrity_both_ways(self):
         for direction in ("in", "out"):
             sent, received = topo.tcp_transfer(direction, 20 * MB)
             self.assertEqual(sent, received, direction)
             self.assertTrue(sent.startswith(f"{20 * MB} "))
-
-    def test_4_stop_reports_per_queue_and_leaves_nothing(self):
-        workers = topo.children(self.tool.pid)
-        rc, out, err = self.tool.stop(signal.SIGINT)
+        rc, out, err = tool.stop(signal.SIGINT)
         self.assertEqual(rc, 0, err)
         per_queue = topo.queue_counters(out)
         self.assertEqual(len(per_queue), self.QUEUES, out)
@@ -261,26 +256,26 @@ class QueuesCase:
             self.assertEqual(topo.vhost_threads(pid), [])
 
 
-class QueuesShutdownCase:
-    """Stopping the parent of --queues 2 by SIGTERM or SIGKILL leaves no worker and no tap."""
+class QueuesShutdownCase(OutsideCase):
+    """Stopping the parent of --queues 2 by SIGTERM or SIGKILL, or losing a worker,
+    leaves no worker and no tap, and the NIC's arp_ignore as it was."""
 
-    BACKEND = "vhost-net"
+    TAP_IO = "vhost-net"
 
     def setUp(self):
-        topo.make_outside()
+        super().setUp()
         with open("/proc/sys/net/ipv4/conf/veth0/arp_ignore") as f:
             self.arp_ignore = f.read().strip()
 
-    def tearDown(self):
-        topo.remove_outside()
-
-    def check(self, sig):
-        tool = topo.Tool("--iface", "veth0", "--backend", self.BACKEND, "--queues", "2")
+    def check(self, pid_to_kill, sig):
+        """Start --queues 2, send ``sig`` to ``pid_to_kill(tool, workers)``; return the
+        tool's exit status and stderr once everything is gone."""
+        tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--queues", "2")
         try:
             workers = topo.children(tool.pid)
             self.assertEqual(len(workers), 2)
-            tool.proc.send_signal(sig)
-            tool.proc.wait(timeout=60)
+            os.kill(pid_to_kill(tool, workers), sig)
+            _, err = tool.proc.communicate(timeout=60)
         finally:
             tool.kill()
         topo.wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), 60,
@@ -290,10 +285,114 @@ class QueuesShutdownCase:
             self.assertEqual(topo.vhost_threads(pid), [])
         with open("/proc/sys/net/ipv4/conf/veth0/arp_ignore") as f:
             self.assertEqual(f.read().strip(), self.arp_ignore)
-        return tool.proc.returncode
+        return tool.proc.returncode, err.decode()
 
     def test_sigterm(self):
-        self.assertEqual(self.check(signal.SIGTERM), 0)
+        self.assertEqual(self.check(lambda tool, _: tool.pid, signal.SIGTERM)[0], 0)
 
     def test_sigkill_of_the_parent(self):
-        self.assertEqual(self.check(signal.SIGKILL), -signal.SIGKILL)
+        self.assertEqual(self.check(lambda tool, _: tool.pid, signal.SIGKILL)[0],
+                         -signal.SIGKILL)
+
+    def test_a_failing_worker_stops_the_others(self):
+        rc, err = self.check(lambda _, workers: workers[1], signal.SIGKILL)
+        self.assertEqual(rc, 1)
+        self.assertEqual(err.strip().splitlines()[-1],
+                         "vhostpath: a queue worker failed; all stopped")
+
+
+class UnwindCase(OutsideCase):
+    """Set-up failing at each of its steps (a fault injected at the n-th call of each
+    step a clean build makes), or refused by the kernel, leaves no fd, tap, thread,
+    vhost thread, packet ring or arp_ignore change behind."""
+
+    TAP_IO = "vhost-net"
+    NIC_IO = None
+    STEPS = (("Arena", "__init__"), ("PacketRxRing", "__init__"), ("VhostNet", "__init__"),
+             ("VhostDevices", "eventfd"), ("SplitVirtqueue", "__init__"),
+             ("VhostNet", "set_features"), ("VhostNet", "set_mem_table"),
+             ("VhostNet", "set_vring"), ("Tap", "set_virtio_net"), ("Tap", "set_sndbuf"),
+             ("VhostNet", "set_backend"), ("QuietNic", "__init__"), ("_MsgBatch", "__init__"))
+    ARP_IGNORE = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
+
+    def setUp(self):
+        super().setUp()
+        self.nic = vp.PacketSocket("veth0")
+        self.addCleanup(self.nic.close)
+
+    def config(self, **options):
+        return vp.Config(tap_io=self.TAP_IO, nic_io=self.NIC_IO, queue_size=64, **options)
+
+    def snapshot(self):
+        topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost threads exit")
+        with open(self.ARP_IGNORE) as f:
+            arp_ignore = f.read().strip()
+        return (sorted(os.listdir("/proc/self/fd")), topo.interfaces(),
+                threading.active_count(), arp_ignore)
+
+    def build(self, config, built=lambda: None):
+        """open_bridge and its teardown; ``built()`` runs in between."""
+        with contextlib.ExitStack() as stack:
+            vp.open_bridge(config, self.nic, stack)
+            built()
+
+    def check_unwound(self, before, config):
+        self.assertEqual(self.snapshot(), before)
+        # The NIC socket was given back as it was: it takes a receive ring again.
+        vp.PacketRxRing(self.nic, 64, 1514).close()
+
+    @contextlib.contextmanager
+    def patched(self, cls_name, name, wrapper):
+        cls = getattr(vp, cls_name)
+        real = cls.__dict__[name]
+        setattr(cls, name, wrapper(real))
+        try:
+            yield
+        finally:
+            setattr(cls, name, real)
+
+    def count_calls(self, config):
+        """How often a clean set-up calls each step (its teardown not counted)."""
+        counts = dict.fromkeys(self.STEPS, 0)
+        setting_up = [True]
+        with contextlib.ExitStack() as patches:
+            for step in self.STEPS:
+                def wrapper(real, step=step):
+                    def counted(*args, **kw):
+                        counts[step] += setting_up[0]
+                        return real(*args, **kw)
+                    return counted
+                patches.enter_context(self.patched(*step, wrapper))
+            self.build(config, lambda: setting_up.__setitem__(0, False))
+        return {step: n for step, n in counts.items() if n}
+
+    def test_each_step_failing_unwinds(self):
+        config = self.config()
+        before = self.snapshot()
+        counts = self.count_calls(config)
+        self.assertGreaterEqual(len(counts), 3, counts)
+        self.check_unwound(before, config)
+        for step, n in counts.items():
+            for k in range(n):
+                def wrapper(real, k=k):
+                    calls = [0]
+
+                    def failing(*args, **kw):
+                        calls[0] += 1
+                        if calls[0] == k + 1:
+                            raise OSError(errno.EIO, "injected")
+                        return real(*args, **kw)
+                    return failing
+                with self.subTest(step=f"{'.'.join(step)}, call {k + 1} of {n}"):
+                    with self.patched(*step, wrapper):
+                        with self.assertRaisesRegex(OSError, "injected"):
+                            self.build(config)
+                    self.check_unwound(before, config)
+
+    def test_tap_in_use_unwinds(self):
+        with vp.Tap("vpbusy0"):
+            before = self.snapshot()
+            with self.assertRaises(OSError) as cm:
+                self.build(self.config(tap="vpbusy0"))
+            self.assertEqual(cm.exception.errno, errno.EBUSY)
+            self.check_unwound(before, None)

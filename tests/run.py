@@ -1,7 +1,9 @@
-"""The test command: the host tier here, then the guest tier against real /dev/vhost-net.
+"""The test command: the unit and host tiers here, then the guest tier against real
+/dev/vhost-net.
 
-    sudo python3 tests/run.py             # both tiers; installs the guest's Debian packages
-    sudo python3 tests/run.py --host      # host tier only (no vhost-net needed)
+    sudo python3 tests/run.py             # every tier; installs the guest's Debian packages
+    sudo python3 tests/run.py --host      # unit and host tiers only (no vhost-net needed)
+    python3 tests/run.py --unit           # unit tier only: no root, no network
 
 The guest tier boots Debian's kernel under QEMU (tests/guest.py) twice: once
 with 2 vCPUs for test_vhost.py, once with 4 for test_vhost_mq.py (--queues up to
@@ -22,6 +24,17 @@ SUMMARY = "/mnt/results/summary.json"
 BOOTS = [("test_vhost", 2), ("test_vhost_mq", 4)]     # (module, vCPUs): one guest boot each
 
 
+class _Counting(unittest.TextTestResult):
+    """Counts passes itself: an error in a fixture (setUpClass) is a failure that
+    ran no test, so passed is not testsRun minus the problems."""
+
+    passed = 0
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self.passed += 1
+
+
 def run_tier(pattern, names=None):
     """Run one tier's modules; return (passed, failed, skipped)."""
     loader = unittest.TestLoader()
@@ -29,10 +42,10 @@ def run_tier(pattern, names=None):
         suite = loader.loadTestsFromNames(names)
     else:
         suite = loader.discover(HERE, pattern=pattern, top_level_dir=ROOT)
-    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)
+    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2,
+                                     resultclass=_Counting).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
-    return result.testsRun - failed - skipped, failed, skipped
+    return result.passed, failed, len(result.skipped)
 
 
 def in_guest(names):
@@ -77,7 +90,8 @@ def guest_tier(names):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--host", action="store_true", help="host tier only")
+    p.add_argument("--unit", action="store_true", help="unit tier only")
+    p.add_argument("--host", action="store_true", help="unit and host tiers only")
     p.add_argument("--guest", action="store_true", help="guest tier only")
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("tests", nargs="*", help="dotted test names (e.g. tests.test_vhost.TestPort)")
@@ -85,6 +99,10 @@ def main():
     os.chdir(ROOT)
     if args.in_guest:
         return in_guest(args.tests)
+    if args.unit:
+        passed, failed, skipped = run_tier("test_unit.py")
+        print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+        return 0 if failed == 0 and passed > 0 else 1
     if os.geteuid() != 0:
         print("tests/run.py: run as root (tap devices, namespaces, QEMU)", file=sys.stderr)
         return 2
@@ -95,12 +113,13 @@ def main():
         print(f"tests/run.py: {e}", file=sys.stderr)
     passed = failed = skipped = 0
     if not args.guest:
-        host_names = [t for t in args.tests if "test_host" in t]
-        if host_names or not args.tests:
-            p_, f_, s_ = run_tier("test_host*.py", host_names)
-            passed, failed, skipped = passed + p_, failed + f_, skipped + s_
+        for tier in ("test_unit", "test_host"):       # the unit tier first
+            names = [t for t in args.tests if tier in t]
+            if names or not args.tests:
+                p_, f_, s_ = run_tier(f"{tier}.py", names)
+                passed, failed, skipped = passed + p_, failed + f_, skipped + s_
     if not args.host:
-        guest_names = [t for t in args.tests if "test_host" not in t]
+        guest_names = [t for t in args.tests if "test_host" not in t and "test_unit" not in t]
         if guest_names or not args.tests:
             p_, f_ = guest_tier(guest_names)
             passed, failed = passed + p_, failed + f_

@@ -6,7 +6,6 @@ failure.  Each test builds what it needs and removes it.
 
 import os
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -16,7 +15,7 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import BridgeCase, DemoCase, ShutdownCase, VlanCase
+from tests.cases import BridgeCase, DemoCase, OutsideCase, ShutdownCase, UnwindCase, VlanCase
 OUR_MAC = bytes.fromhex("020000000002")
 
 
@@ -115,15 +114,11 @@ class TestVirtioUserPort(unittest.TestCase):
             self.assertEqual(max(len(c) for c in port.txq.chains if c), 2)
 
 
-class TestVhostBridgeLibrary(unittest.TestCase):
+class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
     """VhostBridge used as a library: two devices, traffic, stop from another thread,
     close leaves nothing (no fd, no vhost thread, no tap, arp_ignore restored)."""
 
-    def setUp(self):
-        topo.make_outside(offloads=False)
-
-    def tearDown(self):
-        topo.remove_outside()
+    OFFLOADS = False
 
     def test_bridge_in_a_thread_and_close(self):
         import threading
@@ -137,7 +132,7 @@ class TestVhostBridgeLibrary(unittest.TestCase):
         try:
             self.assertEqual(bridge.name, "tap0")
             self.assertEqual(bridge.hdr_len, 10)
-            self.assertEqual(bridge.vhost_features, 1 << vp.VIRTIO_RING_F_EVENT_IDX)
+            self.assertEqual(bridge.vhost.features, 1 << vp.VIRTIO_RING_F_EVENT_IDX)
             self.assertTrue(all(vq.event_idx for vq in (bridge.tap_rxq, bridge.tap_txq,
                                                         bridge.nic_txq)))
             self.assertEqual((bridge.nic_ring.frame_nr, bridge.nic_ring.frame_size), (2048, 2048))
@@ -173,7 +168,7 @@ class TestVhostBridgeLibrary(unittest.TestCase):
             self.assertEqual(f.read().strip(), original)
 
 
-class TestVhostBridgeFlood(unittest.TestCase):
+class TestVhostBridgeFlood(OutsideCase, unittest.TestCase):
     """64-byte floods (pktgen) each way through 64-entry rings, where the interrupt
     moderation is busiest (RX interrupts off while a TX ring is more than a quarter
     full): once a flood ends, nothing is left on any ring, every frame vhost took
@@ -181,11 +176,11 @@ class TestVhostBridgeFlood(unittest.TestCase):
     path still carries a ping."""
 
     FRAMES = 30000
+    OFFLOADS = False
 
     def setUp(self):
         import threading
-        topo.make_outside(offloads=False)
-        self.addCleanup(topo.remove_outside)
+        super().setUp()
         self.nic = vp.PacketSocket("veth0")
         self.addCleanup(self.nic.close)
         self.bridge = vp.VhostBridge(self.nic, queue_size=64)
@@ -237,6 +232,70 @@ class TestVhostBridgeFlood(unittest.TestCase):
         self.flood(False)
 
 
+class TestUnwindVhostBridge(UnwindCase, unittest.TestCase):
+    """VhostBridge's bring-up (two devices, the packet ring) unwound at every step."""
+
+    def test_device_missing_unwinds(self):
+        before = self.snapshot()
+        with self.assertRaises(FileNotFoundError):
+            self.build(self.config(path="/nonexistent/vhost-net"))
+        self.check_unwound(before, None)
+
+    def test_ring_mapping_refused_unwinds(self):
+        ring = vp.PacketRxRing(self.nic, 64, 1514)      # the socket's one receive ring
+        before = self.snapshot()
+        try:
+            with self.assertRaisesRegex(vp.VhostPathError, "cannot map a packet receive ring"):
+                self.build(self.config())
+            self.assertEqual(self.snapshot(), before)
+        finally:
+            ring.close()
+
+
+class TestUnwindVirtioUserPort(UnwindCase, unittest.TestCase):
+    """A Bridge over a VirtioUserPort (--nic-io socket) unwound at every step."""
+    NIC_IO = "socket"
+
+
+class TestRingBroken(OutsideCase, unittest.TestCase):
+    """A device that publishes an impossible used index stops the bridge with a
+    RingBrokenError that says what it saw; close() then leaves nothing."""
+
+    def test_a_broken_ring_stops_the_bridge(self):
+        import threading
+        fds_before = sorted(os.listdir("/proc/self/fd"))
+        nic = vp.PacketSocket("veth0")
+        self.addCleanup(nic.close)
+        bridge = vp.VhostBridge(nic, queue_size=64)
+        errors = []
+
+        def run():
+            try:
+                bridge.run()
+            except vp.RingBrokenError as e:
+                errors.append(e)
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            # Play the device: used->idx 200 entries on, on a 64-entry ring.
+            struct.pack_into("=H", bridge.arena.view, bridge.tap_rxq.used_addr + 2
+                             - bridge.arena.addr, 200)
+            os.write(bridge.callfd, (1).to_bytes(8, sys.byteorder))
+            worker.join(30)
+        finally:
+            if worker.is_alive():
+                bridge.stop()
+                worker.join(30)
+        self.assertEqual([str(e) for e in errors], [
+            "virtqueue broken: used->idx moved by 200 entries, more than the ring's 64"])
+        self.assertTrue(bridge.tap_rxq.broken)
+        bridge.close()
+        nic.close()
+        self.assertNotIn("tap0", topo.interfaces())
+        topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost threads exit")
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
+
+
 class TestBridgeDefaults(BridgeCase, VlanCase, unittest.TestCase):
     """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
     LRO = True
@@ -274,20 +333,20 @@ class TestBridgeLroOutsideTsoGro(BridgeCase, VlanCase, unittest.TestCase):
 
 
 class TestBridgeSocketNic(BridgeCase, VlanCase, unittest.TestCase):
-    """--nic-backend socket (recvmmsg/sendmmsg here, MRG_RXBUF) with the defaults."""
-    ARGS = ("--nic-backend", "socket")
+    """--nic-io socket (recvmmsg/sendmmsg here, MRG_RXBUF) with the defaults."""
+    ARGS = ("--nic-io", "socket")
     LRO = True
 
 
 class TestBridgeSocketNicOffloadsOff(BridgeCase, VlanCase, unittest.TestCase):
-    """--nic-backend socket with no offload anywhere."""
-    ARGS = ("--nic-backend", "socket", "--no-lro", "--no-rx-cksum")
+    """--nic-io socket with no offload anywhere."""
+    ARGS = ("--nic-io", "socket", "--no-lro", "--no-rx-cksum")
     OFFLOADS = False
 
 
-class TestBridgeTapBackend(BridgeCase, VlanCase, unittest.TestCase):
-    """The tap read/write fallback, chosen explicitly where vhost-net exists."""
-    BACKEND = "tap"
+class TestBridgeReadWrite(BridgeCase, VlanCase, unittest.TestCase):
+    """--tap-io read-write, the fallback, chosen explicitly where vhost-net exists."""
+    TAP_IO = "read-write"
     LRO = True
 
 
@@ -296,23 +355,17 @@ class TestShutdown(ShutdownCase, unittest.TestCase):
 
 
 class TestShutdownSocketNic(ShutdownCase, unittest.TestCase):
-    ARGS = ("--nic-backend", "socket")
+    ARGS = ("--nic-io", "socket")
 
 
 class TestDemo(DemoCase, unittest.TestCase):
-    BACKEND_LINE = "through /dev/vhost-net, queue size 256, bridging vpdemo0 <-> tap0"
+    THROUGH_LINE = "through /dev/vhost-net, queue size 256, bridging vpdemo0 <-> tap0"
 
 
-class TestCliWithVhost(unittest.TestCase):
+class TestCliWithVhost(OutsideCase, unittest.TestCase):
     """Command-line behaviour that needs a real /dev/vhost-net."""
 
-    def setUp(self):
-        topo.make_outside()
-
-    def tearDown(self):
-        topo.remove_outside()
-
-    def test_auto_backend_picks_vhost_net(self):
+    def test_auto_tap_io_picks_vhost_net(self):
         tool = topo.Tool("--iface", "veth0")
         rc, _, err = tool.stop()
         self.assertEqual(rc, 0, err)
@@ -358,7 +411,7 @@ class TestCliWithVhost(unittest.TestCase):
         self.assertIn("tap offloads 0x7 (CSUM TSO4 TSO6)", err)
 
     def test_verbose_socket_nic_shows_mergeable_buffers(self):
-        tool = topo.Tool("--iface", "veth0", "-v", "--nic-backend", "socket")
+        tool = topo.Tool("--iface", "veth0", "-v", "--nic-io", "socket")
         rc, _, err = tool.stop()
         self.assertEqual(rc, 0, err)
         self.assertIn("NIC side: recvmmsg/sendmmsg on the packet socket on veth0", err)
@@ -368,7 +421,7 @@ class TestCliWithVhost(unittest.TestCase):
 
     def test_verbose_and_periodic_stats(self):
         tool = topo.Tool("--iface", "veth0", "-v", "--stats", "0.2", "--mac",
-                         "02:00:00:00:00:07", "--no-rx-cksum", "--nic-backend", "socket")
+                         "02:00:00:00:00:07", "--no-rx-cksum", "--nic-io", "socket")
         with open("/sys/class/net/tap0/address") as f:
             self.assertEqual(f.read().strip(), "02:00:00:00:00:07")
         line = tool.readline(timeout=30)

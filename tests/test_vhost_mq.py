@@ -15,7 +15,7 @@ class TestQueues4(QueuesCase, unittest.TestCase):
 
 class TestQueues2SocketNic(QueuesCase, unittest.TestCase):
     QUEUES = 2
-    ARGS = ("--nic-backend", "socket")
+    ARGS = ("--nic-io", "socket")
 
 
 class TestQueuesShutdown(QueuesShutdownCase, unittest.TestCase):

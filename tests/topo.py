@@ -218,9 +218,9 @@ def readline(stream, deadline):
 class Tool:
     """vhostpath started as a user would, with its output captured."""
 
-    def __init__(self, *args, timeout=60, user=None, python=sys.executable):
+    def __init__(self, *args, timeout=60, user=None, python=sys.executable, tool=TOOL):
         kw = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
-        self.proc = subprocess.Popen([python, TOOL, *args], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, tool, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, **kw)
         self.first_line = readline(self.proc.stdout, time.monotonic() + timeout)
         if self.first_line is None or "created" not in self.first_line:
