@@ -21,9 +21,9 @@ reads and writes the tap.  Either way a frame's VLAN tag, which the kernel
 takes off before a packet socket sees the frame, is put back on the way to
 the tap.
 
-Requirements: Linux, Python >= 3.10, root (CAP_NET_ADMIN and CAP_NET_RAW), and
-the ``vhost_net`` module (``modprobe vhost_net``).  Nothing outside the
-standard library.
+Requirements: Linux 4.18 or later, CPython 3.6 or later, root (CAP_NET_ADMIN
+and CAP_NET_RAW), and the ``vhost_net`` module (``modprobe vhost_net``).
+Nothing outside the standard library.
 
 Command line::
 
@@ -58,7 +58,7 @@ __all__ = [
     "VhostPathError", "RingBrokenError", "ConfigError",
     "vnet_hdr_len", "offload_features", "tap_offloads", "feature_names",
     "Arena", "SplitVirtqueue", "vring_layout",
-    "Tap", "VhostNet", "PacketSocket", "PacketRxRing", "QuietNic", "VhostDevices",
+    "Tap", "VhostNet", "attach_filter", "PacketSocket", "PacketRxRing", "QuietNic", "VhostDevices",
     "insert_vlan_tag", "insert_vlan_tag_scattered",
     "Config", "PortStats", "Port", "VirtioUserPort", "TapPort",
     "Bridge", "VhostBridge", "open_bridge", "QueuePairs",
@@ -194,8 +194,18 @@ PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20
 
-# asm-generic/socket.h
+# asm-generic/socket.h, linux/filter.h, linux/bpf_common.h: classic BPF socket filters
 SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
+BPF_LD, BPF_JMP, BPF_RET = 0x00, 0x05, 0x06
+BPF_W, BPF_ABS, BPF_JEQ, BPF_K = 0x00, 0x20, 0x10, 0x00
+SKF_AD_OFF = -0x1000
+SKF_AD_PKTTYPE = 4
+PACKET_OUTGOING = 4                     # linux/if_packet.h: sll_pkttype, skb->pkt_type
+
+# linux/eventfd.h: O_CLOEXEC and O_NONBLOCK of asm-generic/fcntl.h (x86, arm64)
+EFD_CLOEXEC = 0o2000000
+EFD_NONBLOCK = 0o4000
 
 # linux/capability.h: bits of CapEff in /proc/self/status
 CAP_NET_ADMIN = 12
@@ -362,6 +372,17 @@ class tpacket_auxdata(ctypes.Structure):
                 ("tp_vlan_tpid", ctypes.c_uint16)]
 
 
+class sock_filter(ctypes.Structure):
+    """linux/filter.h: one classic BPF instruction."""
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class sock_fprog(ctypes.Structure):
+    """linux/filter.h: SO_ATTACH_FILTER argument."""
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(sock_filter))]
+
+
 class tpacket_req(ctypes.Structure):
     """linux/if_packet.h: PACKET_RX_RING geometry for TPACKET_V1/V2."""
     _fields_ = [("tp_block_size", ctypes.c_uint), ("tp_block_nr", ctypes.c_uint),
@@ -445,6 +466,18 @@ def _libc():
     if _libc_handle is None:
         _libc_handle = ctypes.CDLL(None, use_errno=True)
     return _libc_handle
+
+
+def _eventfd():
+    """A non-blocking, close-on-exec eventfd(2): os.eventfd where Python has it (3.10+),
+    else the C library's."""
+    if hasattr(os, "eventfd"):
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    fd = _libc().eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"eventfd: {os.strerror(e)}")
+    return fd
 
 
 class _Ticker:
@@ -1282,12 +1315,32 @@ def _reported_tag(status, tpid, tci):
     return (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q), tci
 
 
+# A classic BPF program that drops what this host sends (skb->pkt_type
+# PACKET_OUTGOING) and accepts the rest whole: PACKET_IGNORE_OUTGOING's work on
+# kernels without it (before Linux 4.20).
+DROP_OUTGOING = [
+    (BPF_LD | BPF_W | BPF_ABS, 0, 0, (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF),
+    (BPF_JMP | BPF_JEQ | BPF_K, 0, 1, PACKET_OUTGOING),     # outgoing: on to the drop
+    (BPF_RET | BPF_K, 0, 0, 0),
+    (BPF_RET | BPF_K, 0, 0, 0xFFFFFFFF),
+]
+
+
+def attach_filter(sock, program):
+    """SO_ATTACH_FILTER: the classic BPF ``program`` ((code, jt, jf, k) tuples) decides
+    which frames reach ``sock``; the kernel copies it."""
+    insns = (sock_filter * len(program))(*(sock_filter(*insn) for insn in program))
+    prog = sock_fprog(len(program), insns)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
+
+
 class PacketSocket:
     """An AF_PACKET/SOCK_RAW socket on a NIC: every frame in, every frame out.
 
     PACKET_VNET_HDR puts a 10-byte virtio_net_hdr in front of each frame, so
     GSO super-frames and partial checksums (veth does both by default) cross
-    intact.  Promiscuous, all protocols, own transmissions not looped back.
+    intact.  Promiscuous, all protocols, own transmissions not looped back
+    (PACKET_IGNORE_OUTGOING, Linux 4.20; before it, a DROP_OUTGOING filter).
     A frame's VLAN tag, which the kernel takes off before a packet socket
     sees it, comes in its PACKET_AUXDATA control message (``auxdata_vlan``).
     Sockets given the same ``fanout_group`` (a 16-bit id) share the NIC's
@@ -1309,7 +1362,7 @@ class PacketSocket:
         self.sock = socket.socket(AF_PACKET, socket.SOCK_RAW, 0)
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            ignore_outgoing = self._ignore_outgoing()
             self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             with contextlib.suppress(OSError):   # SO_RCVBUFFORCE needs CAP_NET_ADMIN
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
@@ -1319,12 +1372,24 @@ class PacketSocket:
             if fanout_group is not None:
                 # One group spreads flows over its sockets by a symmetric flow hash; the
                 # group's own hook, not the socket's, must ignore outgoing frames.
-                flags = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+                flags = PACKET_FANOUT_HASH | ignore_outgoing
                 self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, fanout_group | flags << 16)
             self.sock.setblocking(False)
         except BaseException:
             self.sock.close()
             raise
+
+    def _ignore_outgoing(self):
+        """Keep this host's own transmissions out; returns the fanout flag that does the
+        same for a fanout group (0 where the filter does it for the socket)."""
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT:
+                raise
+            attach_filter(self.sock, DROP_OUTGOING)     # Linux < 4.20: no option, no flag
+            return 0
+        return PACKET_FANOUT_FLAG_IGNORE_OUTGOING
 
     @classmethod
     def auxdata_vlan(cls, control):
@@ -1600,7 +1665,7 @@ class VhostDevices:
 
     def eventfd(self):
         """A non-blocking eventfd, closed with the stack."""
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        fd = _eventfd()
         self._stack.callback(os.close, fd)
         return fd
 
@@ -2411,7 +2476,10 @@ class Bridge(_Forwarder):
         """
         port, h, batch, max_frame = self.port, self.port.hdr_len, self._recv, self._max_frame
         fd, done, nbytes, oversize, dropped = self.nic.fileno(), 0, 0, 0, 0
-        while slots := port.tx_reserve(batch.count):
+        while True:
+            slots = port.tx_reserve(batch.count)
+            if not slots:
+                break
             for j, ids in enumerate(slots):
                 batch.set_iov_bytes(j, port.tx_iov(ids))
             try:
@@ -2457,7 +2525,10 @@ class Bridge(_Forwarder):
         self._nic_blocked = False
         while True:
             n = 0
-            while n < batch.count and (segs := port.rx_segments()) is not None:
+            while n < batch.count:
+                segs = port.rx_segments()
+                if segs is None:
+                    break
                 addr, length = segs[0]
                 segs[0] = (addr + h, length - h)
                 batch.set_iov(n, [(addr, VIRTIO_NET_HDR_LEN), *segs])
@@ -2664,7 +2735,10 @@ class VhostBridge(_Forwarder):
         """Offer what the tap device received on the NIC TX ring; return how many.
         A ring that needs a kick is added to ``kicks``."""
         moved = 0
-        while run := self.tap_rxq.get_run(min_len=self.hdr_len):   # each has its header
+        while True:
+            run = self.tap_rxq.get_run(min_len=self.hdr_len)      # each has its header
+            if run is None:
+                break
             first, count, lengths = run
             self.nic_txq.add_run(first, count, lengths)
             self._count(self.tap_stats, self.nic_stats, lengths)
@@ -2675,7 +2749,10 @@ class VhostBridge(_Forwarder):
 
     def _recycle(self, kicks):
         """Offer the buffers the NIC TX ring has sent to the tap RX ring again."""
-        while run := self.nic_txq.get_run():
+        while True:
+            run = self.nic_txq.get_run()
+            if run is None:
+                break
             self.tap_rxq.add_run(*run[:2])
         if self.tap_rxq.kick_prepare():
             kicks.append(self.tap_rxq)
@@ -2769,7 +2846,10 @@ class VhostBridge(_Forwarder):
     def _release(self):
         """Give the frames the tap device has used back to the kernel, in ring order."""
         tail, n, num = self._nic_tail, 0, self.queue_size
-        while run := self.tap_txq.get_run():
+        while True:
+            run = self.tap_txq.get_run()
+            if run is None:
+                break
             first, count, _ = run
             if first != (tail + n) % num:
                 self.tap_txq.mark_broken("the tap TX ring used frames out of order")
@@ -2882,6 +2962,7 @@ class QueuePairs:
         self.config = _config(config, options)
         self.queues, self.refresh = self.config.queues, refresh
         self.pids, self.status = [], {}
+        self._status_pipes = {}                 # read end of a worker's status pipe -> pid
         self._stack = contextlib.ExitStack()
         try:
             self._start(iface)
@@ -2914,22 +2995,26 @@ class QueuePairs:
         self._share_stats(iface, nics[0].mtu())
         self.quiet = QuietNic(iface)
         push(self.quiet.restore)
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         push(self._reap)
         parent = os.getpid()
         for i in range(self.queues):
+            # Worker i alone holds the write end of its status pipe: its line says
+            # whether set-up worked, and end of file says it exited (pidfd_open, its
+            # alternative, needs Linux 5.3 and Python 3.9).
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
             pid = os.fork()
             if pid == 0:
-                os.close(ready_r)
-                self._worker(i, taps, nics, ready_w, parent)
+                os.close(status_r)
+                self._worker(i, taps, nics, status_w, parent)
+            os.close(status_w)
+            push(os.close, status_r)
             self.pids.append(pid)
             self.status[pid] = None
-        os.close(ready_w)
-        push(os.close, ready_r)
+            self._status_pipes[status_r] = pid
         # The workers own the queues now: the tap lives exactly as long as they do.
         for obj in taps + nics:
             obj.close()
-        self._wait_ready(ready_r)
+        self._wait_ready()
 
     def _share_stats(self, iface, mtu):
         """Every pair's counters, in memory the workers share with this process."""
@@ -2943,31 +3028,27 @@ class QueuePairs:
             nic_st.name, nic_st.mtu = iface, mtu
             tap_st.name, tap_st.mtu = self.name, None
 
-    def _wait_ready(self, ready_r):
-        """Collect one "ok" (or "error <why>") per worker; notice a worker that died."""
-        got = b""
-        while got.count(b"\n") < self.queues:
-            if select.select([ready_r], [], [], 1.0)[0]:
-                chunk = os.read(ready_r, 4096)
-                if not chunk:
-                    break                        # every worker closed its end
-                got += chunk
-                continue
-            for pid in self.pids:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    self.status[pid] = status
-                    raise VhostPathError(f"queue worker {pid} died during set-up "
-                                         f"(wait status {status})")
-        lines = got.decode().splitlines()
-        for line in lines:
+    def _wait_ready(self):
+        """One line per worker on its status pipe: "ok", or "error <why>"; end of file
+        first: the worker died."""
+        pending = dict(self._status_pipes)
+        got = dict.fromkeys(pending, b"")
+        while pending:
+            for fd in select.select(list(pending), [], [])[0]:
+                chunk = os.read(fd, 4096)
+                got[fd] += chunk
+                if not chunk or b"\n" in got[fd]:
+                    del pending[fd]
+        for fd, pid in self._status_pipes.items():
+            line = got[fd].decode().partition("\n")[0]
+            if not line:
+                raise VhostPathError(f"queue worker {pid} died during set-up")
             if line != "ok":
                 raise VhostPathError(line.partition(" ")[2])
-        if len(lines) < self.queues:
-            raise VhostPathError("a queue worker died during set-up")
 
-    def _worker(self, index, taps, nics, ready_w, parent):
-        """Queue pair ``index`` in a forked child. Never returns."""
+    def _worker(self, index, taps, nics, status_w, parent):
+        """Queue pair ``index`` in a forked child, telling ``status_w`` how set-up went.
+        Never returns."""
         import signal
         status, bridge, told = 1, None, False
 
@@ -2985,11 +3066,13 @@ class QueuePairs:
                 if k != index:
                     tap.close()
                     nic.close()
+            for fd in self._status_pipes:         # the workers' before this one
+                os.close(fd)
             with contextlib.ExitStack() as stack:
                 bridge = open_bridge(self.config, nics[index], stack, taps[index],
                                      self.nic_stats[index], self.tap_stats[index],
                                      quiet_nic=False)
-                os.write(ready_w, b"ok\n")
+                os.write(status_w, b"ok\n")
                 told = True
                 bridge.run(self.refresh, type(bridge).refresh_stats)
                 bridge.refresh_stats()
@@ -2999,7 +3082,7 @@ class QueuePairs:
         except BaseException as e:
             msg = _describe_oserror(e, taps[index].name) if isinstance(e, OSError) else str(e)
             if not told:
-                os.write(ready_w, f"error queue {index}: {msg}\n".encode())
+                os.write(status_w, f"error queue {index}: {msg}\n".encode())
             else:
                 print(f"vhostpath: queue {index}: {msg}", file=sys.stderr, flush=True)
         finally:
@@ -3014,25 +3097,18 @@ class QueuePairs:
         Returns True if every worker exited cleanly after stop().
         """
         poller = select.poll()
-        pidfds = {}
-        try:
-            for pid in self.pids:
-                fd = os.pidfd_open(pid)
-                pidfds[fd] = pid
-                poller.register(fd, select.POLLIN)
-            ticker = _Ticker(stats_interval)
-            while any(s is None for s in self.status.values()):
-                for fd, _ in poller.poll(ticker.timeout()):
-                    pid = pidfds[fd]
-                    poller.unregister(fd)
-                    self.status[pid] = os.waitpid(pid, 0)[1]
-                    if self.status[pid] != 0:
-                        self.stop()
-                if ticker.due() and on_stats:
-                    on_stats(self)
-        finally:
-            for fd in pidfds:
-                os.close(fd)
+        for fd in self._status_pipes:
+            poller.register(fd, select.POLLIN)      # end of file: the worker exited
+        ticker = _Ticker(stats_interval)
+        while any(s is None for s in self.status.values()):
+            for fd, _ in poller.poll(ticker.timeout()):
+                pid = self._status_pipes[fd]
+                poller.unregister(fd)
+                self.status[pid] = os.waitpid(pid, 0)[1]
+                if self.status[pid] != 0:
+                    self.stop()
+            if ticker.due() and on_stats:
+                on_stats(self)
         return all(s == 0 for s in self.status.values())
 
     def stop(self):
@@ -3098,6 +3174,16 @@ def _ipv4_address(iface):
     return socket.inet_ntoa(out[20:24])
 
 
+def _add_switch(p, option, help):
+    """``option`` and ``--no-...`` setting one value, None when neither is given
+    (argparse.BooleanOptionalAction, which Python 3.8 and older lack)."""
+    dest = option[2:].replace("-", "_")
+    p.add_argument(option, dest=dest, action="store_const", const=True,
+                   help=f"{help}; --no-{option[2:]} turns it off")
+    p.add_argument("--no-" + option[2:], dest=dest, action="store_const", const=False,
+                   help=argparse.SUPPRESS)
+
+
 def _add_port_options(p):
     """The options of a path to the kernel; each is a Config keyword of the same name."""
     p.add_argument("--tap-io", choices=("auto", *Config.TAP_IO), default="auto",
@@ -3116,14 +3202,12 @@ def _add_port_options(p):
     p.add_argument("--tap", default="tap%d",
                    help="tap name, or a template the kernel completes (default %(default)s)")
     p.add_argument("--mac", help="MAC address for the tap (default: the kernel's random one)")
-    p.add_argument("--lro", action=argparse.BooleanOptionalAction,
-                   help="large receive: the kernel hands over 64 KB TCP segments "
-                        "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out "
-                        "(default: on, unless --no-rx-cksum)")
-    p.add_argument("--rx-cksum", action=argparse.BooleanOptionalAction,
-                   help="rx checksum offload: packets from the kernel may carry partial "
-                        "checksums (VIRTIO_NET_F_GUEST_CSUM), completed on the way out "
-                        "(default: on)")
+    _add_switch(p, "--lro", "large receive: the kernel hands over 64 KB TCP segments "
+                            "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out "
+                            "(default: on, unless --no-rx-cksum)")
+    _add_switch(p, "--rx-cksum", "rx checksum offload: packets from the kernel may carry "
+                                 "partial checksums (VIRTIO_NET_F_GUEST_CSUM), completed on "
+                                 "the way out (default: on)")
     p.add_argument("-v", "--verbose", action="store_true", help="print set-up details")
 
 
@@ -3300,7 +3384,8 @@ DEMO_PORT = 5201
 def _ip(*args):
     """Run iproute2's ip; a failure is a VhostPathError with its message."""
     import subprocess
-    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    r = subprocess.run(["ip", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True)
     if r.returncode:
         raise VhostPathError(f"ip {' '.join(args)}: {r.stderr.strip()}")
 
@@ -3315,8 +3400,8 @@ def _ping(address, count=3, timeout=5.0):
             csum = ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF
             s.sendto(body[:2] + struct.pack("!H", csum) + body[4:], (address, 0))
             deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                if not select.select([s], [], [], left)[0]:
+            while time.monotonic() < deadline:
+                if not select.select([s], [], [], deadline - time.monotonic())[0]:
                     break
                 reply = s.recv(2048)
                 icmp = reply[(reply[0] & 15) * 4:]
@@ -3340,14 +3425,17 @@ def _demo_peer(ready_w, nbytes):
         with open(f"/run/netns/{DEMO_NS}") as ns:
             if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns")
-        with socket.create_server((DEMO_OUTSIDE_IP, DEMO_PORT)) as srv:
+        with socket.socket() as srv:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((DEMO_OUTSIDE_IP, DEMO_PORT))
+            srv.listen()
             os.write(ready_w, b"ready\n")
             srv.settimeout(60)
             conn, _ = srv.accept()
             with conn:
                 conn.settimeout(60)
                 buf = bytearray(1 << 16)
-                while n := conn.recv_into(buf):
+                for n in iter(lambda: conn.recv_into(buf), 0):
                     conn.sendall(memoryview(buf)[:n])
         os.write(ready_w, b"pings %d\n" % _ping(DEMO_KERNEL_IP))
         status = 0
@@ -3369,7 +3457,7 @@ def _demo_echo(nbytes):
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         total, buf = 0, bytearray(1 << 16)
-        while n := conn.recv_into(buf):
+        for n in iter(lambda: conn.recv_into(buf), 0):
             got.update(memoryview(buf)[:n])
             total += n
         sender.join(60)

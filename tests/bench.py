@@ -219,9 +219,11 @@ def pktgen_kpps(inbound, dev, count=200000):
     before = topo.counter(recv_dev, "rx_packets", recv_ns)
     elapsed = topo.pktgen(inbound, dev, count)
     last = -1
-    while (now := topo.counter(recv_dev, "rx_packets", recv_ns)) != last:   # tail drained
+    now = topo.counter(recv_dev, "rx_packets", recv_ns)
+    while now != last:                      # until the tail has drained
         last = now
         time.sleep(0.5)
+        now = topo.counter(recv_dev, "rx_packets", recv_ns)
     return (last - before) / elapsed / 1000
 
 
@@ -351,8 +353,8 @@ SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4),
           "peers": (peers_suite, 2), "profile": (profile_suite, 2)}     # (run, vCPUs)
 
 
-def in_guest(suite, seconds, only=None, rounds=1, baseline=None):
-    if baseline:            # another vhostpath.py (the commit before) beside this one
+def in_guest(suite, seconds, only=None, rounds=1, baselines=()):
+    for baseline in baselines:      # other vhostpath.py files (commits before) beside this one
         PEERS.append((f"vhostpath (defaults) of {baseline}", peer_vhostpath(tool=baseline),
                       True))
     rows = SUITES[suite][0](seconds, only, **({"rounds": rounds} if suite == "peers" else {}))
@@ -400,9 +402,9 @@ def main():
     p.add_argument("--rounds", type=int, default=1,
                    help="peers: measure every setup this many times, interleaved, and "
                         "report medians (default %(default)s)")
-    p.add_argument("--baseline", metavar="FILE",
+    p.add_argument("--baseline", metavar="FILE", action="append", default=[],
                    help="peers: also run this vhostpath.py with its defaults (e.g. a copy of "
-                        "the commit before), for a before/after in one boot")
+                        "the commit before), for a before/after in one boot; repeatable")
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.chdir(ROOT)
@@ -416,8 +418,8 @@ def main():
     rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest --suite {args.suite} "
                              f"--seconds {args.seconds} --rounds {args.rounds}"
                              + (f" --only '{args.only}'" if args.only else "")
-                             + (f" --baseline {os.path.abspath(args.baseline)}"
-                                if args.baseline else ""),
+                             + "".join(f" --baseline {os.path.abspath(b)}"
+                                       for b in args.baseline),
                              cwd=ROOT, echo=False, cpus=cpus)
     table = files.get("bench.md", b"").decode()
     rounds = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import vhostpath as vp
 from tests import topo
@@ -176,8 +175,7 @@ class DemoCase:
 
     def test_demo_succeeds_and_leaves_nothing(self):
         before = topo.interfaces()
-        r = subprocess.run([sys.executable, topo.TOOL, "demo"], capture_output=True,
-                           text=True, timeout=600)
+        r = topo.run([sys.executable, topo.TOOL, "demo"], timeout=600)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn(self.THROUGH_LINE, r.stdout)
         self.assertIn("from the kernel side: 3/3 replies", r.stdout)
@@ -191,9 +189,7 @@ class DemoCase:
         proc = subprocess.Popen([sys.executable, topo.TOOL, "demo", "--bytes", str(64 << 20)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 300
-            while "bridging" not in (line := topo.readline(proc.stdout, deadline) or "EOF"):
-                self.assertNotEqual(line, "EOF", "demo ended before bridging")
+            topo.read_until(proc.stdout, "bridging", 300, "bridging line from the demo")
             proc.send_signal(sig)
             out, err = proc.communicate(timeout=120)
         finally:

@@ -10,6 +10,8 @@ only: vhostpath.py never needs any of this.
 """
 
 import glob
+import gzip
+import lzma
 import os
 import shlex
 import shutil
@@ -23,13 +25,16 @@ PACKAGES = {                      # Debian package -> a file that shows it is in
     "gcc": "/usr/bin/gcc",        # host tier: the ABI cross-check
     "linux-libc-dev": "/usr/include/linux/vhost.h",
     "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
-    "linux-image-amd64": None,    # checked by find_kernel()
     "busybox-static": "/bin/busybox",
     "iproute2": "/usr/sbin/ip",
     "iputils-ping": "/usr/bin/ping",
     "ethtool": "/usr/sbin/ethtool",
     "iperf3": "/usr/bin/iperf3",
 }
+
+# The guest kernels, by series: Debian bookworm's default (6.1) and its 6.12, each
+# installed from its package when missing and chosen by name, never as "the newest".
+KERNELS = {"6.1": "linux-image-amd64", "6.12": "linux-image-6.12-amd64"}
 
 # Load order matters: busybox insmod does not resolve dependencies.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
@@ -82,10 +87,8 @@ class GuestError(Exception):
 
 
 def missing_packages():
-    need = [p for p, f in PACKAGES.items() if f is not None and not os.path.exists(f)]
-    if find_kernel() is None:
-        need.append("linux-image-amd64")
-    return need
+    need = [p for p, f in PACKAGES.items() if not os.path.exists(f)]
+    return need + [package for series, package in KERNELS.items() if find_kernel(series) is None]
 
 
 def ensure_packages():
@@ -104,9 +107,10 @@ def ensure_packages():
         raise GuestError(f"still missing after install: {missing_packages()}")
 
 
-def find_kernel():
-    """(vmlinuz, module dir) of the newest installed Debian kernel that ships vhost_net."""
-    for vmlinuz in sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
+def find_kernel(series="6.1"):
+    """(vmlinuz, module dir) of the newest installed Debian kernel of ``series`` (a key
+    of KERNELS) that ships vhost_net, or None."""
+    for vmlinuz in sorted(glob.glob(f"/boot/vmlinuz-{series}.*"), reverse=True):
         version = vmlinuz.split("vmlinuz-", 1)[1]
         moddir = f"/lib/modules/{version}"
         if glob.glob(f"{moddir}/kernel/drivers/vhost/vhost_net.ko*"):
@@ -133,6 +137,19 @@ def _cpio_newc(entries):
     return bytes(out)
 
 
+def _module(path):
+    """A kernel module's bytes: busybox insmod takes them uncompressed (6.12's are .ko.xz)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.endswith(".gz"):
+        return gzip.decompress(data)
+    if not path.endswith(".ko"):
+        raise GuestError(f"{path}: a compression this harness cannot undo")
+    return data
+
+
 def build_initramfs(moddir, path):
     """Write the initramfs: /init, static busybox, /dev/console and the modules in order."""
     with open("/bin/busybox", "rb") as f:
@@ -144,11 +161,10 @@ def build_initramfs(moddir, path):
                ("init", stat.S_IFREG | 0o755, INIT.encode())]
     order = []
     for name in MODULES:
-        found = glob.glob(f"{moddir}/kernel/**/{name}.ko", recursive=True)
+        found = glob.glob(f"{moddir}/kernel/**/{name}.ko*", recursive=True)
         if not found:
             continue                  # built into this kernel
-        with open(found[0], "rb") as f:
-            entries.append((f"modules/{name}.ko", stat.S_IFREG | 0o644, f.read()))
+        entries.append((f"modules/{name}.ko", stat.S_IFREG | 0o644, _module(found[0])))
         order.append(name)
     if "vhost_net" not in order or "9p" not in order:
         raise GuestError(f"{moddir} lacks vhost_net or 9p modules (found {order})")
@@ -157,8 +173,9 @@ def build_initramfs(moddir, path):
         f.write(_cpio_newc(entries))
 
 
-def run(command, timeout=3000, cpus=2, memory_mb=3072, cwd=None, echo=True):
-    """Boot the guest, run ``command`` (a shell string) there.
+def run(command, timeout=3000, cpus=2, memory_mb=3072, cwd=None, echo=True, kernel="6.1"):
+    """Boot the guest with the Debian kernel of series ``kernel``, run ``command`` (a
+    shell string) there.
 
     Returns (exit status, console text, {name: bytes} of the files the command
     wrote to /mnt/results).
@@ -167,10 +184,12 @@ def run(command, timeout=3000, cpus=2, memory_mb=3072, cwd=None, echo=True):
     before ``timeout`` seconds: a guest that did not run is never a pass.
     """
     ensure_packages()
-    kernel = find_kernel()
-    if kernel is None:
-        raise GuestError("no Debian kernel with vhost_net.ko under /boot")
-    vmlinuz, moddir = kernel
+    found = find_kernel(kernel)
+    if found is None:
+        raise GuestError(f"no Debian {kernel} kernel with vhost_net under /boot "
+                         f"(package {KERNELS[kernel]})")
+    vmlinuz, moddir = found
+    print(f"guest: booting {os.path.basename(vmlinuz)}, {cpus} vCPUs", flush=True)
     cwd = cwd or os.getcwd()
     work = tempfile.mkdtemp(prefix="vhostpath-guest-")
     try:

@@ -5,15 +5,24 @@
     sudo python3 tests/run.py --host      # unit and host tiers only (no vhost-net needed)
     python3 tests/run.py --unit           # unit tier only: no root, no network
 
-The guest tier boots Debian's kernel under QEMU (tests/guest.py) twice: once
-with 2 vCPUs for test_vhost.py, once with 4 for test_vhost_mq.py (--queues up to
-4).  A guest that cannot boot, a missing /dev/vhost-net, or a skipped guest test
-counts as a failure.  The last line is "N passed, N failed".
+The unit and host tiers run once under each CPython from 3.6 to 3.13 found on
+PATH or under pyenv's versions directory (the tool is copied onto systems with
+whatever Python they have); the guest tier runs under this interpreter.
+
+The guest tier boots Debian's kernels under QEMU (tests/guest.py) three times
+(BOOTS): 6.1 with 2 vCPUs for test_vhost.py, 6.1 with 4 for test_vhost_mq.py
+(--queues up to 4), and 6.12 with 2 for the core tests of test_vhost.py.  A
+guest that cannot boot, a missing /dev/vhost-net, or a skipped guest test counts
+as a failure.  The last line is "N passed, N failed".
 """
 
 import argparse
+import glob
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import unittest
 
@@ -21,7 +30,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT]
 SUMMARY = "/mnt/results/summary.json"
-BOOTS = [("test_vhost", 2), ("test_vhost_mq", 4)]     # (module, vCPUs): one guest boot each
+# One guest boot each: (Debian kernel series, vCPUs, module, its tests run there or
+# None for all).  Debian's 6.12 runs the core tests: ping, sha256-checked transfers
+# both ways with offloads on and off (either NIC I/O), the library, clean shutdown.
+BOOTS = [("6.1", 2, "test_vhost", None), ("6.1", 4, "test_vhost_mq", None),
+         ("6.12", 2, "test_vhost", ["TestVirtioUserPort", "TestBridgeDefaults",
+                                    "TestBridgeOffloadsOff", "TestBridgeSocketNic",
+                                    "TestShutdown", "TestShutdownSocketNic"])]
 
 
 class _Counting(unittest.TextTestResult):
@@ -48,6 +63,45 @@ def run_tier(pattern, names=None):
     return result.passed, failed, len(result.skipped)
 
 
+def pythons():
+    """{(3, minor): interpreter} of the CPythons 3.6 to 3.13 on PATH or under pyenv's
+    versions directory, this one first for its version."""
+    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates = [sys.executable, *(shutil.which(f"python3.{m}") for m in range(6, 14)),
+                  *sorted(glob.glob(os.path.join(pyenv, "versions", "3.*", "bin", "python3")))]
+    found = {}
+    for exe in filter(None, candidates):
+        r = subprocess.run([exe, "-c", "import platform, sys; print(platform.python_implementation(), "
+                                       "*sys.version_info[:2])"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           universal_newlines=True)
+        impl, *version = r.stdout.split() or ["?"]
+        version = tuple(map(int, version))
+        if r.returncode == 0 and impl == "CPython" and (3, 6) <= version <= (3, 13):
+            found.setdefault(version, exe)
+    return dict(sorted(found.items()))
+
+
+def tiers_per_python(names):
+    """The unit and host tiers under every Python of pythons(); (passed, failed)."""
+    passed = failed = 0
+    ran = []
+    for version, exe in pythons().items():
+        shown = ".".join(map(str, version))
+        print(f"== unit and host tiers under Python {shown} ({exe})", flush=True)
+        r = subprocess.run([exe, "tests/run.py", "--here", *names], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True)
+        sys.stdout.write(r.stdout)
+        m = re.search(r"^(\d+) passed, (\d+) failed", r.stdout, re.M)
+        p_, f_ = (int(m.group(1)), int(m.group(2))) if m else (0, 1)
+        if r.returncode and not f_:
+            f_ = 1                                # it died before its summary
+        passed, failed = passed + p_, failed + f_
+        ran.append(f"{shown}: {p_} passed, {f_} failed")
+    print("unit and host tiers ran under Python " + "; ".join(ran), flush=True)
+    return passed, failed
+
+
 def in_guest(names):
     """Inside the guest: the named vhost tests, with skips counted as failures."""
     if not os.path.exists("/dev/vhost-net"):
@@ -60,18 +114,23 @@ def in_guest(names):
     return 0 if failed + skipped == 0 else 1
 
 
-def guest_tier(names):
-    """One guest boot per module of BOOTS that ``names`` select; (passed, failed)."""
+def guest_tier(names, kernel=None):
+    """The boots of BOOTS (those of ``kernel`` if given) with the tests ``names`` select,
+    or their own; (passed, failed)."""
     from tests import guest
     passed = failed = 0
-    for module, cpus in BOOTS:
-        selected = [n for n in names if n.split(".")[1] == module] if names \
-            else [f"tests.{module}"]
+    for series, cpus, module, tests in BOOTS:
+        if kernel and series != kernel or names and not kernel and series != "6.1":
+            continue
+        if names:
+            selected = [n for n in names if n.split(".")[1] == module]
+        else:
+            selected = [f"tests.{module}.{t}" for t in tests] if tests else [f"tests.{module}"]
         if not selected:
             continue
         command = " ".join([sys.executable, "tests/run.py", "--in-guest", *selected])
         try:
-            _, _, files = guest.run(command, cwd=ROOT, cpus=cpus)
+            _, _, files = guest.run(command, cwd=ROOT, cpus=cpus, kernel=series)
         except guest.GuestError as e:
             print(f"guest tier: FAILED, the guest could not run: {e}", flush=True)
             failed += 1
@@ -93,7 +152,10 @@ def main():
     p.add_argument("--unit", action="store_true", help="unit tier only")
     p.add_argument("--host", action="store_true", help="unit and host tiers only")
     p.add_argument("--guest", action="store_true", help="guest tier only")
+    p.add_argument("--kernel", choices=("6.1", "6.12"),
+                   help="guest tier: only the boots of this kernel (with test names: 6.1)")
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--here", action="store_true", help=argparse.SUPPRESS)   # this Python only
     p.add_argument("tests", nargs="*", help="dotted test names (e.g. tests.test_vhost.TestPort)")
     args = p.parse_args()
     os.chdir(ROOT)
@@ -106,22 +168,29 @@ def main():
     if os.geteuid() != 0:
         print("tests/run.py: run as root (tap devices, namespaces, QEMU)", file=sys.stderr)
         return 2
-    from tests import guest
-    try:
-        guest.ensure_packages()
-    except guest.GuestError as e:
-        print(f"tests/run.py: {e}", file=sys.stderr)
+    if not args.here:
+        from tests import guest
+        try:
+            guest.ensure_packages()
+        except guest.GuestError as e:
+            print(f"tests/run.py: {e}", file=sys.stderr)
     passed = failed = skipped = 0
-    if not args.guest:
+    if args.here:
         for tier in ("test_unit", "test_host"):       # the unit tier first
             names = [t for t in args.tests if tier in t]
             if names or not args.tests:
                 p_, f_, s_ = run_tier(f"{tier}.py", names)
                 passed, failed, skipped = passed + p_, failed + f_, skipped + s_
+        print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+        return 0 if failed == 0 and passed > 0 else 1
+    if not args.guest:
+        names = [t for t in args.tests if "test_host" in t or "test_unit" in t]
+        if names or not args.tests:
+            passed, failed = tiers_per_python(names)
     if not args.host:
         guest_names = [t for t in args.tests if "test_host" not in t and "test_unit" not in t]
         if guest_names or not args.tests:
-            p_, f_ = guest_tier(guest_names)
+            p_, f_ = guest_tier(guest_names, args.kernel)
             passed, failed = passed + p_, failed + f_
     print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return 0 if failed == 0 and passed > 0 else 1

@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,9 @@ CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST
              "PACKET_VERSION", "TPACKET_V1", "TPACKET_V2", "TPACKET_ALIGNMENT", "TPACKET2_HDRLEN",
              "TP_STATUS_KERNEL", "TP_STATUS_USER", "TP_STATUS_COPY", "TP_STATUS_VLAN_VALID",
              "TP_STATUS_VLAN_TPID_VALID", "ETH_P_8021Q", "ETH_ALEN", "PACKET_AUXDATA",
-             "PACKET_IGNORE_OUTGOING",
+             "PACKET_IGNORE_OUTGOING", "PACKET_OUTGOING", "SO_ATTACH_FILTER", "SO_RCVBUFFORCE",
+             "BPF_LD", "BPF_JMP", "BPF_RET", "BPF_W", "BPF_ABS", "BPF_JEQ", "BPF_K",
+             "SKF_AD_OFF", "SKF_AD_PKTTYPE", "EFD_CLOEXEC", "EFD_NONBLOCK",
              "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET"]
 STRUCTS = {
     "vhost_vring_state": "struct vhost_vring_state",
@@ -63,17 +66,20 @@ STRUCTS = {
     "tpacket2_hdr": "struct tpacket2_hdr",
     "tpacket_auxdata": "struct tpacket_auxdata",
     "cmsghdr": "struct cmsghdr",
+    "sock_filter": "struct sock_filter",
+    "sock_fprog": "struct sock_fprog",
 }
 
 
 def _abi_program():
     lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <sys/socket.h>",
+             "#include <sys/eventfd.h>",
              "#include <linux/if.h>", "#include <linux/if_arp.h>",
              "#include <linux/if_ether.h>", "#include <linux/if_packet.h>",
              "#include <linux/if_tun.h>", "#include <linux/sockios.h>",
              "#include <linux/capability.h>", "#include <linux/vhost.h>",
              "#include <linux/virtio_config.h>", "#include <linux/virtio_ring.h>",
-             "#include <linux/virtio_net.h>",
+             "#include <linux/virtio_net.h>", "#include <linux/filter.h>",
              "int main(void) {"]
     for name in IOCTLS + CONSTANTS:
         lines.append(f'  printf("{name} %lld\\n", (long long)({name}));')
@@ -99,7 +105,7 @@ class TestABI(unittest.TestCase):
             with open(src, "w") as f:
                 f.write(_abi_program())
             subprocess.run(["gcc", "-o", exe, src], check=True)
-            out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+            out = topo.run([exe], check=True).stdout
         cls.c = dict(line.rsplit(" ", 1) for line in out.splitlines())
 
     def test_ioctl_numbers_and_constants(self):
@@ -314,9 +320,42 @@ class TestPacketRxRing(OutsideCase, unittest.TestCase):
         self.assertGreater(len(self.nic.sock.recv(65536)), 14)
 
 
+class TestDropOutgoingFilter(OutsideCase, unittest.TestCase):
+    """DROP_OUTGOING, PacketSocket's fallback where PACKET_IGNORE_OUTGOING is missing
+    (Linux < 4.20): a packet socket with it sees what arrives on the NIC and nothing
+    the host sends; one without it sees both."""
+
+    OFFLOADS = False
+
+    def kinds_seen(self, sock):
+        """{sll_pkttype: frames} of what ``sock`` holds now."""
+        seen = {}
+        while True:
+            try:
+                _, addr = sock.recvfrom(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return seen
+            seen[addr[2]] = seen.get(addr[2], 0) + 1
+
+    def test_outgoing_frames_dropped_incoming_kept(self):
+        topo.configure_tap("veth0")             # the kernel answers on the NIC itself
+        socks = []
+        for program in (None, vp.DROP_OUTGOING):
+            sock = socket.socket(vp.AF_PACKET, socket.SOCK_RAW, socket.htons(vp.ETH_P_ALL))
+            self.addCleanup(sock.close)
+            if program:
+                vp.attach_filter(sock, program)
+            sock.bind(("veth0", vp.ETH_P_ALL))
+            socks.append(sock)
+        self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS), 3)
+        plain, filtered = (self.kinds_seen(sock) for sock in socks)
+        self.assertGreaterEqual(plain.get(vp.PACKET_OUTGOING, 0), 3, plain)   # the replies
+        self.assertEqual(filtered.get(vp.PACKET_OUTGOING, 0), 0, filtered)
+        self.assertGreaterEqual(filtered.get(socket.PACKET_HOST, 0), 3, filtered)
+
+
 def _run_tool(*args, **kw):
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
-                          timeout=60, **kw)
+    return topo.run([sys.executable, TOOL, *args], timeout=60, **kw)
 
 
 class TestCliErrors(unittest.TestCase):
@@ -333,13 +372,13 @@ class TestCliErrors(unittest.TestCase):
     def test_not_linux(self):
         code = ("import sys; sys.platform = 'darwin'; sys.path.insert(0, %r); "
                 "import vhostpath; sys.exit(vhostpath.main(['--iface', 'lo']))" % ROOT)
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        r = topo.run([sys.executable, "-c", code])
         self.assertFails(r, "Linux only", "darwin")
 
     def test_not_root(self):
-        exe = topo.unprivileged_python()
-        r = subprocess.run([exe, TOOL, "--iface", "lo"], user=65534, group=65534,
-                           extra_groups=[], capture_output=True, text=True, timeout=60)
+        with topo.readable_copy() as tool:         # the checkout may be root's alone
+            r = topo.run([topo.unprivileged_python(), tool, "--iface", "lo"], timeout=60,
+                         preexec_fn=topo.as_user(topo.NOBODY))
         self.assertFails(r, "permission denied", "root", "CAP_NET_ADMIN")
 
     def test_vhost_net_missing(self):

@@ -121,7 +121,7 @@ class TestUsedRingChecks(unittest.TestCase):
     def runs(self, vq, **kw):
         """Every run get_run gives, as (first id, [lengths])."""
         out = []
-        while run := vq.get_run(**kw):
+        for run in iter(lambda: vq.get_run(**kw), None):
             first, count, lengths = run
             self.assertEqual(len(lengths), count)
             out.append((first, lengths.tolist()))

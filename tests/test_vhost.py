@@ -8,7 +8,6 @@ import os
 import select
 import socket
 import struct
-import subprocess
 import sys
 import time
 import unittest
@@ -17,6 +16,7 @@ import vhostpath as vp
 from tests import topo
 from tests.cases import BridgeCase, DemoCase, OutsideCase, ShutdownCase, UnwindCase, VlanCase
 OUR_MAC = bytes.fromhex("020000000002")
+MB = 1 << 20
 
 
 def _csum(data):
@@ -296,6 +296,27 @@ class TestRingBroken(OutsideCase, unittest.TestCase):
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
 
 
+class TestOldestAndNewestPython(OutsideCase, unittest.TestCase):
+    """The tool copied onto an older or a newer system: started under the oldest and
+    the newest CPython found (tests/run.py's pythons()), it forwards a sha256-checked
+    transfer both ways and stops cleanly."""
+
+    def test_transfers_both_ways(self):
+        from tests.run import pythons
+        found = pythons()
+        for version in sorted({min(found), max(found)}):
+            with self.subTest(python=version):
+                tool = topo.Tool("--iface", "veth0", python=found[version])
+                self.addCleanup(tool.kill)
+                topo.configure_tap("tap0")
+                for direction in ("in", "out"):
+                    sent, received = topo.tcp_transfer(direction, 4 * MB)
+                    self.assertEqual(sent, received, direction)
+                    self.assertTrue(sent.startswith(f"{4 * MB} "), direction)
+                rc, _, err = tool.stop()
+                self.assertEqual(rc, 0, err)
+
+
 class TestBridgeDefaults(BridgeCase, VlanCase, unittest.TestCase):
     """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
     LRO = True
@@ -373,9 +394,9 @@ class TestCliWithVhost(OutsideCase, unittest.TestCase):
         self.assertNotIn("warning", err)
 
     def test_non_root_fails_clearly(self):
-        r = subprocess.run([topo.unprivileged_python(), topo.TOOL, "--iface", "veth0"],
-                           user=65534, group=65534, extra_groups=[], capture_output=True,
-                           text=True, timeout=60)
+        with topo.readable_copy() as tool:         # the checkout may be root's alone
+            r = topo.run([topo.unprivileged_python(), tool, "--iface", "veth0"], timeout=60,
+                         preexec_fn=topo.as_user(topo.NOBODY))
         self.assertEqual(r.returncode, 1)
         self.assertEqual(r.stderr.strip().splitlines(),
                          ["vhostpath: permission denied: run as root (needs CAP_NET_ADMIN "
@@ -391,8 +412,8 @@ class TestCliWithVhost(OutsideCase, unittest.TestCase):
 
     def test_existing_tap_in_use_fails_clearly(self):
         with vp.Tap("vpbusy0"):
-            r = subprocess.run([sys.executable, topo.TOOL, "--iface", "veth0", "--tap",
-                                "vpbusy0"], capture_output=True, text=True, timeout=60)
+            r = topo.run([sys.executable, topo.TOOL, "--iface", "veth0", "--tap", "vpbusy0"],
+                         timeout=60)
         self.assertEqual(r.returncode, 1)
         self.assertIn("vpbusy0 is already in use", r.stderr)
 

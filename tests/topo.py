@@ -6,12 +6,15 @@
     tap0 <-vhost-net-> vhostpath <-AF_PACKET-> veth0 ===== veth1
 """
 
+import contextlib
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,11 +24,46 @@ NS = "outside"
 KERNEL_IP, OUTSIDE_IP = "1.1.1.1", "1.1.1.2"
 
 
+def run(cmd, **kw):
+    """subprocess.run with stdout and stderr captured as text (capture_output and text=
+    need Python 3.7; the tests run on 3.6 too)."""
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, **kw)
+
+
+def as_user(uid):
+    """A preexec_fn that runs the child as ``uid``, in group ``uid`` and no other
+    (subprocess's user=, group= and extra_groups= need Python 3.9)."""
+    def demote():
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    return demote
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def readable_copy():
+    """A copy of vhostpath.py that any user may read and run, removed afterwards: the
+    checkout may sit where only root can read (under /root, mode 700)."""
+    folder = tempfile.mkdtemp(prefix="vhostpath-copy-")
+    try:
+        os.chmod(folder, 0o755)
+        copy = os.path.join(folder, "vhostpath.py")
+        shutil.copy(TOOL, copy)
+        os.chmod(copy, 0o644)
+        yield copy
+    finally:
+        shutil.rmtree(folder)
+
+
 def sh(*cmd, check=True, timeout=120, ns=None):
     """Run a command (optionally in the outside namespace); return its stdout."""
     if ns:
         cmd = ("ip", "netns", "exec", ns, *cmd)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    r = run(cmd, timeout=timeout)
     if check and r.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
     return r.stdout
@@ -35,8 +73,7 @@ def unprivileged_python():
     """A Python interpreter that uid 65534 may execute (pyenv under /root may not be)."""
     for exe in (sys.executable, "/usr/bin/python3"):
         try:
-            r = subprocess.run([exe, "-c", "pass"], user=65534, group=65534, extra_groups=[],
-                               capture_output=True)
+            r = run([exe, "-c", "pass"], preexec_fn=as_user(NOBODY))
         except PermissionError:
             continue
         if r.returncode == 0:
@@ -116,8 +153,21 @@ def _scan_proc(name, match):
 
 
 def vhost_threads(pid):
-    """Kernel vhost worker threads serving process ``pid`` (named vhost-<pid>)."""
-    return _scan_proc("comm", lambda text: text.strip() == f"vhost-{pid}")
+    """vhost worker threads serving process ``pid``, named vhost-<pid>: kernel threads
+    before Linux 6.4, threads of the process itself since (vhost_task)."""
+    found = _scan_proc("comm", lambda text: text.strip() == f"vhost-{pid}")
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip() == f"vhost-{pid}":
+                    found.append(int(tid))
+        except OSError:
+            pass
+    return found
 
 
 def children(pid):
@@ -142,10 +192,7 @@ def iperf3(parallel, seconds, reverse=False):
     server = subprocess.Popen(["ip", "netns", "exec", NS, "iperf3", "-s", "-1", "--forceflush"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while "listening" not in (line := readline(server.stdout, deadline) or "EOF"):
-            if line == "EOF":
-                raise AssertionError("iperf3 server did not start")
+        read_until(server.stdout, "listening", 60, "the iperf3 server to start")
         out = sh("iperf3", "-c", OUTSIDE_IP, "-P", str(parallel), "-t", str(seconds), "-J",
                  *(["-R"] if reverse else []), timeout=seconds + 120)
         return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
@@ -200,6 +247,18 @@ def wait_until(predicate, timeout, what):
         time.sleep(0.05)
 
 
+def read_until(stream, needle, timeout, what):
+    """Lines from ``stream`` until one holds ``needle``; AssertionError naming ``what``
+    at end of file or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = readline(stream, deadline)
+        if line is None:
+            raise AssertionError(f"no {what} within {timeout} s")
+        if needle in line:
+            return line
+
+
 def readline(stream, deadline):
     """One line from a pipe, or None at EOF or once ``deadline`` (monotonic) passes."""
     fd = stream.fileno()
@@ -219,7 +278,7 @@ class Tool:
     """vhostpath started as a user would, with its output captured."""
 
     def __init__(self, *args, timeout=60, user=None, python=sys.executable, tool=TOOL):
-        kw = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
+        kw = {"preexec_fn": as_user(user)} if user is not None else {}
         self.proc = subprocess.Popen([python, tool, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, **kw)
         self.first_line = readline(self.proc.stdout, time.monotonic() + timeout)

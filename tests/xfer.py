@@ -10,7 +10,10 @@ import sys
 
 
 def recv(port):
-    with socket.create_server(("0.0.0.0", int(port))) as srv:
+    with socket.socket() as srv:                # socket.create_server needs Python 3.8
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", int(port)))
+        srv.listen()
         print("ready", flush=True)
         srv.settimeout(120)
         conn, _ = srv.accept()
@@ -18,7 +21,7 @@ def recv(port):
             conn.settimeout(120)
             digest, total = hashlib.sha256(), 0
             buf = bytearray(1 << 16)
-            while n := conn.recv_into(buf):
+            for n in iter(lambda: conn.recv_into(buf), 0):
                 digest.update(memoryview(buf)[:n])
                 total += n
     print(total, digest.hexdigest(), flush=True)
