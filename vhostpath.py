@@ -1409,6 +1409,19 @@ class PacketSocket:
         nbytes, _, flags, _ = self.sock.recvmsg_into([buf])
         return nbytes, bool(flags & MSG_TRUNC)
 
+    def error(self):
+        """The socket's pending error (SO_ERROR), cleared by reading: ENETDOWN once the
+        NIC went down or away.  0 if none."""
+        return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+    def present(self):
+        """Whether the NIC is still here under its name (not removed, renamed or moved
+        to another network namespace)."""
+        try:
+            return socket.if_nametoindex(self.iface) == self.ifindex
+        except OSError:
+            return False
+
     def mtu(self):
         """The NIC's MTU (from sysfs)."""
         with open(f"/sys/class/net/{self.iface}/mtu") as f:
@@ -1635,7 +1648,7 @@ class VhostDevices:
     1. ``count`` devices are opened (VHOST_SET_OWNER) and agree on what all
        of them offer of ``wanted`` (``features``); EVENT_IDX only where the
        full barrier exists (see _Barrier).
-    2. The caller makes its rings of ``num`` entries with ``vring`` (they
+    2. The caller makes its rings of ``num`` entries in ``arena`` with ``vring`` (they
        need the agreed EVENT_IDX; each gets its kick eventfd) and fills the
        rings the device writes: plain memory, read by vhost only once a
        backend is set and the ring kicked.
@@ -1649,8 +1662,8 @@ class VhostDevices:
     worker threads exit) before the rings, eventfds, tap and arena go.
     """
 
-    def __init__(self, stack, path, count, wanted, num):
-        self._stack, self.num = stack, num
+    def __init__(self, stack, path, count, wanted, arena, num):
+        self._stack, self.arena, self.num = stack, arena, num
         self.devices = []
         for _ in range(count):
             self.devices.append(VhostNet(path))
@@ -1669,19 +1682,18 @@ class VhostDevices:
         self._stack.callback(os.close, fd)
         return fd
 
-    def vring(self, device, index, backend, callfd, arena, ring_offset, buf_offset,
-              buf_size, device_writes):
-        """A split virtqueue in ``arena`` (SplitVirtqueue's arguments), to be vring
-        ``index`` of device number ``device``, moving frames to or from the fd
-        ``backend`` and signalling ``callfd``."""
-        vq = SplitVirtqueue(arena, ring_offset, buf_offset, self.num, buf_size, device_writes,
+    def vring(self, device, index, backend, callfd, ring, bufs, buf_size, device_writes):
+        """Vring ``index`` of device number ``device``, moving frames to or from the fd
+        ``backend`` and signalling ``callfd``: a split virtqueue at ``ring`` in the
+        arena, over buffers of ``buf_size`` bytes from ``bufs`` (SplitVirtqueue)."""
+        vq = SplitVirtqueue(self.arena, ring, bufs, self.num, buf_size, device_writes,
                             self.eventfd(), bool(self.features & 1 << VIRTIO_RING_F_EVENT_IDX))
         self._stack.callback(vq.close)
         self._vrings.append((self.devices[device], index, vq, callfd, backend))
         return vq
 
     def start(self, tables, tap, hdr_len, features, mac):
-        """Steps 3: ``tables`` holds each device's memory regions; ``tap`` takes
+        """Step 3: ``tables`` holds each device's memory regions; ``tap`` takes
         ``hdr_len``, the offloads of ``features`` and ``mac``."""
         for device, regions in zip(self.devices, tables):
             device.set_features(self.features)
@@ -2021,15 +2033,18 @@ class VirtioUserPort(Port):
         spills = tx_bufs + num * TX_BUF_SIZE
         self.arena = Arena(spills + SPILLS * SPILL_SIZE)
         push(self.arena.close)
-        self.vhost = VhostDevices(self._stack, config.path, 1, self.VHOST_FEATURES, num)
+        self.vhost = VhostDevices(self._stack, config.path, 1, self.VHOST_FEATURES,
+                                  self.arena, num)
         self.features = self.vhost.features | config.offloads
         self.hdr_len = vnet_hdr_len(self.features)
         self.callfds = [self.vhost.eventfd(), self.vhost.eventfd()]
         tap_fd = self.tap.fileno()
         self.rxq = self.vhost.vring(0, VHOST_NET_VQ_RX, tap_fd, self.callfds[VHOST_NET_VQ_RX],
-                                    self.arena, 0, rx_bufs, RX_BUF_SIZE, True)
+                                    ring=0, bufs=rx_bufs, buf_size=RX_BUF_SIZE,
+                                    device_writes=True)
         self.txq = self.vhost.vring(0, VHOST_NET_VQ_TX, tap_fd, self.callfds[VHOST_NET_VQ_TX],
-                                    self.arena, ring_size, tx_bufs, TX_BUF_SIZE, False)
+                                    ring=ring_size, bufs=tx_bufs, buf_size=TX_BUF_SIZE,
+                                    device_writes=False)
         for desc_id in self.rxq.take_free(num):         # every RX buffer to the device
             self.rxq.add_buf(desc_id, RX_BUF_SIZE)
         self._layout_tx(tx_bufs, spills)
@@ -2356,11 +2371,14 @@ class TapPort(Port):
 ########################################################################################
 
 
+_POLL_FAULTS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
 class _Forwarder:
     """What Bridge and VhostBridge share: the NIC, the poll loop, stop() and statistics.
 
     Subclasses call ``_attach_nic`` and ``_open_wakeup`` (undone by
-    ``_close_wakeup``), provide ``name`` and ``tap_stats``, and define
+    ``_close_wakeup``), provide ``name``, ``tap`` and ``tap_stats``, and define
     ``_poll_fds()`` (fd -> poll events at start) and ``_step(ready)`` (one
     pass over what poll() reported, which may change ``self._poller``).
     """
@@ -2391,9 +2409,15 @@ class _Forwarder:
             os.write(self._wake_w, b"x")
 
     def run(self, stats_interval=None, on_stats=None):
-        """Forward until stop(); call ``on_stats(self)`` every ``stats_interval`` s."""
+        """Forward until stop(); call ``on_stats(self)`` every ``stats_interval`` s.
+
+        Raises VhostPathError when the NIC or the tap is gone, RingBrokenError when
+        a device broke a ring.
+        """
         self._poller = select.poll()
-        for fd, events in self._poll_fds().items():
+        fds = self._poll_fds()
+        fds.setdefault(self.tap.fileno(), 0)        # its errors only: the tap deleted
+        for fd, events in fds.items():
             self._poller.register(fd, events)
         self._poller.register(self._wake_r, select.POLLIN)
         ticker = _Ticker(stats_interval)
@@ -2402,9 +2426,27 @@ class _Forwarder:
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 64)
+            self._check_faults(ready)
             self._step(ready)
             if ticker.due() and on_stats:
                 on_stats(self)
+
+    def _check_faults(self, ready):
+        """An error or hang-up poll() reported on the tap or the NIC socket: the tap
+        deleted (tun reports POLLERR on a detached fd), or the NIC gone, which
+        ends the bridge; or the NIC down (ENETDOWN), which is read and so cleared:
+        the kernel hooks the socket in again when the link comes back.  An error
+        that is neither would wake poll() for ever: it ends the bridge too."""
+        if ready.get(self.tap.fileno(), 0) & _POLL_FAULTS:
+            raise VhostPathError(f"{self.name} was deleted (or its queue detached): stopping")
+        if ready.get(self.nic.fileno(), 0) & _POLL_FAULTS:
+            err = self.nic.error()
+            if not self.nic.present():
+                raise VhostPathError(f"{self.nic.iface} is gone (removed, renamed or moved to "
+                                     "another network namespace): stopping")
+            if not err:
+                raise VhostPathError(f"{self.nic.iface}: the packet socket reports an error "
+                                     "it does not name: stopping")
 
     def refresh_stats(self):
         """Add the packet socket's drop count (read and cleared from the kernel)."""
@@ -2448,6 +2490,11 @@ class Bridge(_Forwarder):
         return self.port.name
 
     @property
+    def tap(self):
+        """The port's tap."""
+        return self.port.tap
+
+    @property
     def tap_stats(self):
         """The port's counters."""
         return self.port.stats
@@ -2471,7 +2518,7 @@ class Bridge(_Forwarder):
 
         Up to RECV_BATCH frames per recvmmsg(2), scattered straight into the
         slots the port reserved (header, first buffer, then whole buffers).
-        A frame that came with a VLAN tag gets it back (_insert_vlan_tag_scattered).
+        A frame that came with a VLAN tag gets it back (insert_vlan_tag_scattered).
         Counters are summed in locals and stored once per call.
         """
         port, h, batch, max_frame = self.port, self.port.hdr_len, self._recv, self._max_frame
@@ -2484,9 +2531,11 @@ class Bridge(_Forwarder):
                 batch.set_iov_bytes(j, port.tx_iov(ids))
             try:
                 got = batch.recvmmsg(fd, len(slots))
-            except BlockingIOError:
+            except OSError as e:             # none queued, or the NIC went down (read)
                 port.tx_cancel(slots)
-                break
+                if e.errno in (errno.EAGAIN, errno.ENETDOWN):
+                    break
+                raise
             for j in range(got):
                 flags, n = batch.result(j)
                 tag = PacketSocket.auxdata_vlan(batch.control_data(j))
@@ -2669,16 +2718,20 @@ class VhostBridge(_Forwarder):
         push(self._close_wakeup)
         # Only EVENT_IDX is asked of vhost-net: the offload bits are the tap's
         # (TUNSETOFFLOAD), and the packet socket honours the same header.
-        self.vhost = VhostDevices(self._stack, config.path, 2, self.VHOST_FEATURES, num)
+        self.vhost = VhostDevices(self._stack, config.path, 2, self.VHOST_FEATURES,
+                                  self.arena, num)
         self.features = self.vhost.features | config.offloads
         self.callfd = self.vhost.eventfd()          # one call eventfd all rings share
-        tap_fd, nic_fd, a = self.tap.fileno(), self.nic.fileno(), self.arena
-        self.tap_rxq = self.vhost.vring(0, VHOST_NET_VQ_RX, tap_fd, self.callfd, a, 0, pool_out,
-                                        VHOST_BUF_SIZE, True)
-        self.tap_txq = self.vhost.vring(0, VHOST_NET_VQ_TX, tap_fd, self.callfd, a, ring,
-                                        pool_big, VHOST_BUF_SIZE, False)
-        self.nic_txq = self.vhost.vring(1, VHOST_NET_VQ_TX, nic_fd, self.callfd, a, 2 * ring,
-                                        pool_out, VHOST_BUF_SIZE, False)
+        tap_fd, nic_fd = self.tap.fileno(), self.nic.fileno()
+        self.tap_rxq = self.vhost.vring(0, VHOST_NET_VQ_RX, tap_fd, self.callfd, ring=0,
+                                        bufs=pool_out, buf_size=VHOST_BUF_SIZE,
+                                        device_writes=True)
+        self.tap_txq = self.vhost.vring(0, VHOST_NET_VQ_TX, tap_fd, self.callfd, ring=ring,
+                                        bufs=pool_big, buf_size=VHOST_BUF_SIZE,
+                                        device_writes=False)
+        self.nic_txq = self.vhost.vring(1, VHOST_NET_VQ_TX, nic_fd, self.callfd, ring=2 * ring,
+                                        bufs=pool_out, buf_size=VHOST_BUF_SIZE,
+                                        device_writes=False)
         self.tap_rxq.add_run(0, num)                # the whole pool to the tap RX ring
         # Where tap TX descriptors point: a frame's virtio_net_hdr in its ring slot.
         # A frame too big for its slot goes into the descriptor's own arena buffer.
@@ -2688,7 +2741,8 @@ class VhostBridge(_Forwarder):
                              self.nic_ring.frame_addrs(hdr - VLAN_HLEN)]
         self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
         self._nic_lost = None                   # a frame whose copy came truncated: dropped
-        self.vhost.start([[a.region(), self.nic_ring.region()], [a.region()]], self.tap,
+        arena = self.arena.region()
+        self.vhost.start([[arena, self.nic_ring.region()], [arena]], self.tap,
                          self.hdr_len, self.features, config.mac)
         self._quiet = QuietNic(self.nic.iface) if quiet_nic else None
         if self._quiet:

@@ -197,22 +197,6 @@ PEERS = [
 ]   # (name, start, survives the outside's offloads)
 
 
-def cpu_seconds(pid):
-    """User + system CPU of ``pid``, its children and its vhost worker threads."""
-    if pid is None:
-        return 0.0
-    total = 0
-    for p in [pid, *topo.children(pid)]:
-        for t in [p, *topo.vhost_threads(p)]:
-            try:
-                with open(f"/proc/{t}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-                total += int(fields[11]) + int(fields[12])
-            except OSError:
-                pass
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def pktgen_kpps(inbound, dev, count=200000):
     """64-byte UDP from pktgen; kpps that arrive at the other end."""
     recv_dev, recv_ns = (dev, None) if inbound else ("veth1", topo.NS)
@@ -269,19 +253,19 @@ def _peers_round(seconds, only):
             run = None
             try:
                 run = start()
-                cpu0 = cpu_seconds(run.pid)
+                cpu0 = topo.cpu_seconds(run.pid)
                 tcp_in = topo.iperf3(1, seconds, reverse=True)
                 tcp_out = topo.iperf3(1, seconds)
-                cpu_tcp = cpu_seconds(run.pid) - cpu0
+                cpu_tcp = topo.cpu_seconds(run.pid) - cpu0
                 row = {"name": name, "offloads": offloads, "in": tcp_in, "out": tcp_out,
                        "cpu_gb": cpu_tcp / ((tcp_in + tcp_out) * seconds / 8e3)}
                 if not offloads:
                     row["pps_in"] = pktgen_kpps(True, run.dev)
                     row["pps_out"] = pktgen_kpps(False, run.dev)
                     row["rtt"] = rtt_ms()
-                    cpu0 = cpu_seconds(run.pid)
+                    cpu0 = topo.cpu_seconds(run.pid)
                     time.sleep(10)                  # idle: no traffic for 10 s
-                    row["idle"] = (cpu_seconds(run.pid) - cpu0) / 10 * 100
+                    row["idle"] = (topo.cpu_seconds(run.pid) - cpu0) / 10 * 100
                 rows.append(row)
             except Exception as e:                 # a peer that fails is reported, not fatal
                 rows.append({"name": name, "offloads": offloads, "error": str(e)[:80]})
@@ -294,9 +278,11 @@ def _peers_round(seconds, only):
 
 def peers_table(rows):
     def ratio(row, key, ref):
-        if key not in row or not ref or key not in ref:
+        if key not in row:
             return "-"
-        return f"{row[key]:.0f} ({row[key] / ref[key]:.2f}x)" if ref[key] else f"{row[key]:.0f}"
+        if not ref or not ref.get(key):             # no kernel direct row to compare with
+            return f"{row[key]:.0f}"
+        return f"{row[key]:.0f} ({row[key] / ref[key]:.2f}x)"
     out = []
     for offloads in (False, True):
         ref = next((r for r in rows if r["offloads"] == offloads and "error" not in r

@@ -392,3 +392,54 @@ class UnwindCase(OutsideCase):
                 self.build(self.config(tap="vpbusy0"))
             self.assertEqual(cm.exception.errno, errno.EBUSY)
             self.check_unwound(before, None)
+
+
+class LinkLossCase(OutsideCase):
+    """The NIC or the tap going away ends the tool within seconds, with a one-line
+    message, exit status 1 and nothing left; the NIC going down and up does not end
+    it, costs no CPU meanwhile, and traffic flows again after."""
+
+    TAP_IO = "vhost-net"
+    ARGS = ()
+
+    def start(self):
+        tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, *self.ARGS)
+        self.addCleanup(tool.kill)
+        topo.configure_tap("tap0")
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+        return tool
+
+    def check_gone(self, delete, message):
+        tool = self.start()
+        delete()
+        try:
+            _, err = tool.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.fail(f"vhostpath still runs 30 s after: {message}")
+        self.assertEqual(tool.proc.returncode, 1, err)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(message, lines[0])
+        self.assertNotIn("tap0", topo.interfaces())
+        self.assertEqual(topo.vhost_threads(tool.pid), [])
+
+    def test_nic_deleted(self):
+        self.check_gone(lambda: topo.sh("ip", "link", "del", "veth0"),
+                        "veth0 is gone (removed, renamed or moved to another network namespace)")
+
+    def test_tap_deleted(self):
+        self.check_gone(lambda: topo.sh("ip", "link", "del", "tap0"), "tap0 was deleted")
+
+    def test_nic_down_and_up(self):
+        tool = self.start()
+        topo.sh("ip", "link", "set", "veth0", "down")
+        before = topo.cpu_seconds(tool.pid)
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP, count=2), 0)
+        used = topo.cpu_seconds(tool.pid) - before
+        self.assertLess(used, 0.5, "CPU seconds while the NIC was down")
+        topo.sh("ip", "link", "set", "veth0", "up")
+        topo.wait_until(lambda: topo.ping(topo.OUTSIDE_IP, count=1) == 1, 30,
+                        "ping through the path once the NIC is back up")
+        self.assertIsNone(tool.proc.poll())
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)

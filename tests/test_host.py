@@ -17,8 +17,8 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import (BridgeCase, DemoCase, OutsideCase, QueuesCase, QueuesShutdownCase,
-                         ShutdownCase, UnwindCase)
+from tests.cases import (BridgeCase, DemoCase, LinkLossCase, OutsideCase, QueuesCase,
+                         QueuesShutdownCase, ShutdownCase, UnwindCase)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -472,6 +472,11 @@ class TestReadWriteQueuesShutdown(QueuesShutdownCase, unittest.TestCase):
 
 class TestUnwindReadWrite(UnwindCase, unittest.TestCase):
     """A Bridge over a TapPort (--tap-io read-write) unwound at every step."""
+    TAP_IO = "read-write"
+
+
+class TestLinkLossReadWrite(LinkLossCase, unittest.TestCase):
+    """NIC and tap lost under --tap-io read-write."""
     TAP_IO = "read-write"
 
 

@@ -14,7 +14,8 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import BridgeCase, DemoCase, OutsideCase, ShutdownCase, UnwindCase, VlanCase
+from tests.cases import (BridgeCase, DemoCase, LinkLossCase, OutsideCase, ShutdownCase,
+                         UnwindCase, VlanCase)
 OUR_MAC = bytes.fromhex("020000000002")
 MB = 1 << 20
 
@@ -255,6 +256,10 @@ class TestUnwindVhostBridge(UnwindCase, unittest.TestCase):
 class TestUnwindVirtioUserPort(UnwindCase, unittest.TestCase):
     """A Bridge over a VirtioUserPort (--nic-io socket) unwound at every step."""
     NIC_IO = "socket"
+
+
+class TestLinkLoss(LinkLossCase, unittest.TestCase):
+    """NIC and tap lost under the defaults (VhostBridge)."""
 
 
 class TestRingBroken(OutsideCase, unittest.TestCase):
