@@ -207,6 +207,10 @@ PACKET_OUTGOING = 4                     # linux/if_packet.h: sll_pkttype, skb->p
 EFD_CLOEXEC = 0o2000000
 EFD_NONBLOCK = 0o4000
 
+# linux/netlink.h, linux/rtnetlink.h
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 1
+
 # linux/capability.h: bits of CapEff in /proc/self/status
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
@@ -2414,22 +2418,49 @@ class _Forwarder:
         Raises VhostPathError when the NIC or the tap is gone, RingBrokenError when
         a device broke a ring.
         """
-        self._poller = select.poll()
-        fds = self._poll_fds()
-        fds.setdefault(self.tap.fileno(), 0)        # its errors only: the tap deleted
-        for fd, events in fds.items():
-            self._poller.register(fd, events)
-        self._poller.register(self._wake_r, select.POLLIN)
-        ticker = _Ticker(stats_interval)
-        while not self._stopping:
-            ready = dict(self._poller.poll(ticker.timeout()))
-            if self._wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 64)
-            self._check_faults(ready)
-            self._step(ready)
-            if ticker.due() and on_stats:
-                on_stats(self)
+        # rtnetlink's link group tells of every link change: a NIC that went down
+        # and is then removed sets no socket error at its removal.
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_ROUTE) as links:
+            links.bind((0, RTMGRP_LINK))
+            links.setblocking(False)
+            self._poller = select.poll()
+            fds = self._poll_fds()
+            fds.setdefault(self.tap.fileno(), 0)    # its errors only: the tap deleted
+            fds[links.fileno()] = select.POLLIN
+            for fd, events in fds.items():
+                self._poller.register(fd, events)
+            self._poller.register(self._wake_r, select.POLLIN)
+            ticker = _Ticker(stats_interval)
+            while not self._stopping:
+                ready = dict(self._poller.poll(ticker.timeout()))
+                if self._wake_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                if links.fileno() in ready:
+                    self._check_links(links)
+                self._check_faults(ready)
+                self._step(ready)
+                if ticker.due() and on_stats:
+                    on_stats(self)
+
+    def _check_links(self, links):
+        """A link changed somewhere (the messages are read and dropped; ENOBUFS, an
+        overflow, says the same): the NIC must still be here."""
+        while True:
+            try:
+                links.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+        self._require_nic()
+
+    def _require_nic(self):
+        if not self.nic.present():
+            raise VhostPathError(f"{self.nic.iface} is gone (removed, renamed or moved to "
+                                 "another network namespace): stopping")
 
     def _check_faults(self, ready):
         """An error or hang-up poll() reported on the tap or the NIC socket: the tap
@@ -2441,9 +2472,7 @@ class _Forwarder:
             raise VhostPathError(f"{self.name} was deleted (or its queue detached): stopping")
         if ready.get(self.nic.fileno(), 0) & _POLL_FAULTS:
             err = self.nic.error()
-            if not self.nic.present():
-                raise VhostPathError(f"{self.nic.iface} is gone (removed, renamed or moved to "
-                                     "another network namespace): stopping")
+            self._require_nic()
             if not err:
                 raise VhostPathError(f"{self.nic.iface}: the packet socket reports an error "
                                      "it does not name: stopping")
