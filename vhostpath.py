@@ -28,8 +28,8 @@ Nothing outside the standard library.
 Command line::
 
     sudo python3 vhostpath.py demo            # the whole path on this host, then removed
-    sudo python3 vhostpath.py --iface eth1    # bridge a NIC: --queues N, --no-lro, ...
-    sudo ip addr add 1.1.1.1/24 dev tap0 && sudo ip link set tap0 up
+    sudo python3 vhostpath.py --iface eth1 --address 192.0.2.1/24   # eth1 <-> tap0, up
+    sudo python3 vhostpath.py cleanup --iface eth1   # after a SIGKILL: eth1 put back
 
 Library::
 
@@ -207,9 +207,19 @@ PACKET_OUTGOING = 4                     # linux/if_packet.h: sll_pkttype, skb->p
 EFD_CLOEXEC = 0o2000000
 EFD_NONBLOCK = 0o4000
 
-# linux/netlink.h, linux/rtnetlink.h
+# linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h, linux/if.h
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 1
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR = 16, 17, 18, 20
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_OPERSTATE, IFLA_NET_NS_FD = 1, 3, 4, 16, 28
+IFLA_NEW_NETNSID = 45                   # in RTM_DELLINK of a link moved to another namespace
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 1 << 15, 1 << 14
+NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
+IF_OPER_UNKNOWN, IF_OPER_UP = 0, 6      # RFC 2863 operstate; UNKNOWN: a device without one
+IFF_UP = 0x1
 
 # linux/capability.h: bits of CapEff in /proc/self/status
 CAP_NET_ADMIN = 12
@@ -324,6 +334,32 @@ class ifreq(ctypes.Structure):
     _fields_ = [("ifr_name", ctypes.c_char * IFNAMSIZ), ("ifr_ifru", _ifru)]
 
 
+class nlmsghdr(ctypes.Structure):
+    """linux/netlink.h: the header of every netlink message."""
+    _fields_ = [("nlmsg_len", ctypes.c_uint32), ("nlmsg_type", ctypes.c_uint16),
+                ("nlmsg_flags", ctypes.c_uint16), ("nlmsg_seq", ctypes.c_uint32),
+                ("nlmsg_pid", ctypes.c_uint32)]
+
+
+class ifinfomsg(ctypes.Structure):
+    """linux/rtnetlink.h: the body of RTM_NEWLINK / _DELLINK / _GETLINK."""
+    _fields_ = [("ifi_family", ctypes.c_uint8), ("__ifi_pad", ctypes.c_uint8),
+                ("ifi_type", ctypes.c_uint16), ("ifi_index", ctypes.c_int32),
+                ("ifi_flags", ctypes.c_uint32), ("ifi_change", ctypes.c_uint32)]
+
+
+class ifaddrmsg(ctypes.Structure):
+    """linux/if_addr.h: the body of RTM_NEWADDR."""
+    _fields_ = [("ifa_family", ctypes.c_uint8), ("ifa_prefixlen", ctypes.c_uint8),
+                ("ifa_flags", ctypes.c_uint8), ("ifa_scope", ctypes.c_uint8),
+                ("ifa_index", ctypes.c_uint32)]
+
+
+class rtattr(ctypes.Structure):
+    """linux/rtnetlink.h: an attribute's header; its data follows, padded to 4 bytes."""
+    _fields_ = [("rta_len", ctypes.c_uint16), ("rta_type", ctypes.c_uint16)]
+
+
 class packet_mreq(ctypes.Structure):
     """linux/if_packet.h: PACKET_ADD_MEMBERSHIP argument."""
     _fields_ = [
@@ -423,6 +459,7 @@ TUNGETIFF = _IOR(TUN_TYPE, 210, ctypes.c_uint)
 TUNSETSNDBUF = _IOW(TUN_TYPE, 212, ctypes.c_int)
 TUNGETVNETHDRSZ = _IOR(TUN_TYPE, 215, ctypes.c_int)
 TUNSETVNETHDRSZ = _IOW(TUN_TYPE, 216, ctypes.c_int)
+TUNSETCARRIER = _IOW(TUN_TYPE, 226, ctypes.c_int)      # Linux 5.0
 
 ########################################################################################
 # Errors and syscall helpers
@@ -1149,6 +1186,213 @@ class SplitVirtqueue:
 
 
 ########################################################################################
+# rtnetlink: links and addresses, and the link changes the kernel announces
+########################################################################################
+
+NETNS_DIR = "/run/netns"                 # where iproute2 keeps named network namespaces
+
+
+def _setns(fd):
+    """setns(2) into the network namespace ``fd`` (this thread only): os.setns where
+    Python has it (3.12+), else the C library's."""
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+    elif _libc().setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+def _netns_fd(name):
+    """An fd of the named network namespace (``ip netns add NAME``)."""
+    try:
+        return os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VhostPathError(f"no network namespace {name} (create it with 'ip netns add "
+                             f"{name}')") from None
+
+
+def _socket_in_netns(name, *args):
+    """socket.socket(*args) made in the named network namespace (None: this one); a
+    socket stays in the namespace it was made in.  This thread returns to its own."""
+    if name is None:
+        return socket.socket(*args)
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        there = _netns_fd(name)
+        try:
+            _setns(there)
+            try:
+                return socket.socket(*args)
+            finally:
+                _setns(here)
+        finally:
+            os.close(there)
+    finally:
+        os.close(here)
+
+
+class Link:
+    """A link as RTM_NEWLINK describes it: ``index``, ``name``, ``flags`` (IFF_*),
+    ``mtu``, ``operstate`` (IF_OPER_*) and ``address`` (bytes); or ``gone``
+    from this namespace (RTM_DELLINK), ``moved`` to another one if so."""
+
+    def __init__(self, kind, body):
+        info = ifinfomsg.from_buffer_copy(body)
+        attrs = Rtnl.attributes(body[ctypes.sizeof(ifinfomsg):])
+        self.gone = kind == RTM_DELLINK
+        self.moved = self.gone and IFLA_NEW_NETNSID in attrs
+        self.index, self.flags = info.ifi_index, info.ifi_flags
+        self.name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
+        self.mtu = struct.unpack("I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else None
+        self.operstate = attrs.get(IFLA_OPERSTATE, bytes([IF_OPER_UNKNOWN]))[0]
+        self.address = attrs.get(IFLA_ADDRESS)
+
+    @property
+    def running(self):
+        """Up and able to carry frames: the kernel's netif_oper_up() on an IFF_UP link."""
+        return bool(self.flags & IFF_UP) and self.operstate in (IF_OPER_UP, IF_OPER_UNKNOWN)
+
+    def __repr__(self):
+        state = "gone" if self.gone else "running" if self.running else "not running"
+        return f"<Link {self.index} {self.name} mtu={self.mtu} {state}>"
+
+
+class Rtnl:
+    """A NETLINK_ROUTE socket in a network namespace (``netns``, a name ``ip netns``
+    knows, or None for this one).
+
+    With ``groups`` 0 it makes requests, each acknowledged (NLM_F_ACK) and a
+    refusal raised as OSError with the kernel's errno.  With ``groups``
+    (RTMGRP_LINK) it is non-blocking and ``links()`` reads the changes the
+    kernel announced; poll its ``fileno()`` for POLLIN.
+    """
+
+    _HDR, _ATTR = ctypes.sizeof(nlmsghdr), ctypes.sizeof(rtattr)
+
+    def __init__(self, netns=None, groups=0):
+        self.sock = _socket_in_netns(netns, socket.AF_NETLINK,
+                                     socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        try:
+            self.sock.bind((0, groups))
+            self.sock.setblocking(not groups)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._seq = 0
+
+    @classmethod
+    def attributes(cls, data):
+        """{type: data} of the rtattrs in ``data``."""
+        attrs, off = {}, 0
+        while off + cls._ATTR <= len(data):
+            head = rtattr.from_buffer_copy(data, off)
+            if head.rta_len < cls._ATTR or off + head.rta_len > len(data):
+                break
+            attrs[head.rta_type & NLA_TYPE_MASK] = bytes(data[off + cls._ATTR:off + head.rta_len])
+            off += -(-head.rta_len // 4) * 4
+        return attrs
+
+    @classmethod
+    def attribute(cls, kind, data):
+        """One rtattr of ``kind`` holding ``data``, padded to 4 bytes."""
+        head = bytes(rtattr(cls._ATTR + len(data), kind))
+        return head + data + bytes(-len(data) % 4)
+
+    @classmethod
+    def _messages(cls, data):
+        """(type, seq, body) of each netlink message in one datagram."""
+        off = 0
+        while off + cls._HDR <= len(data):
+            head = nlmsghdr.from_buffer_copy(data, off)
+            if head.nlmsg_len < cls._HDR or off + head.nlmsg_len > len(data):
+                break
+            yield head.nlmsg_type, head.nlmsg_seq, data[off + cls._HDR:off + head.nlmsg_len]
+            off += -(-head.nlmsg_len // 4) * 4
+
+    def request(self, kind, body, flags=0, what=""):
+        """Send one request; return the bodies of its replies once the kernel acknowledged
+        it.  OSError(errno, "<what>: <why>") if refused."""
+        self._seq += 1
+        head = nlmsghdr(self._HDR + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags,
+                        self._seq, 0)
+        self.sock.send(bytes(head) + body)
+        replies = []
+        while True:
+            for reply, seq, data in self._messages(self.sock.recv(65536)):
+                if seq != self._seq:
+                    continue
+                if reply != NLMSG_ERROR:
+                    replies.append((reply, data))
+                    continue
+                err = -struct.unpack_from("i", data)[0]
+                if err:
+                    raise OSError(err, f"{what}: {os.strerror(err)}")
+                return replies
+
+    def link(self, index=0, name=None):
+        """The Link of ``index``, or of ``name``."""
+        body = bytes(ifinfomsg(ifi_index=index))
+        if name is not None:
+            body += self.attribute(IFLA_IFNAME, name.encode() + b"\0")
+        replies = self.request(RTM_GETLINK, body, what=f"RTM_GETLINK of {name or index}")
+        for kind, data in replies:
+            if kind == RTM_NEWLINK:
+                return Link(kind, data)
+        raise OSError(errno.ENODEV, f"RTM_GETLINK of {name or index}: no reply")
+
+    def set_link(self, index, what, up=False, mtu=None, netns_fd=None):
+        """RTM_NEWLINK on an existing link: IFF_UP set, its MTU, or moved into the
+        network namespace ``netns_fd``."""
+        info = ifinfomsg(ifi_index=index, ifi_flags=IFF_UP if up else 0,
+                         ifi_change=IFF_UP if up else 0)
+        attrs = b""
+        if mtu is not None:
+            attrs += self.attribute(IFLA_MTU, struct.pack("I", mtu))
+        if netns_fd is not None:
+            attrs += self.attribute(IFLA_NET_NS_FD, struct.pack("I", netns_fd))
+        self.request(RTM_NEWLINK, bytes(info) + attrs, what=what)
+
+    def add_address(self, index, interface, what):
+        """RTM_NEWADDR: ``interface`` (an ipaddress.IPv4Interface or IPv6Interface) on
+        link ``index``."""
+        family = socket.AF_INET if interface.version == 4 else socket.AF_INET6
+        packed = interface.ip.packed
+        body = (bytes(ifaddrmsg(family, interface.network.prefixlen, 0, 0, index))
+                + self.attribute(IFA_LOCAL, packed) + self.attribute(IFA_ADDRESS, packed))
+        self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL, what)
+
+    def links(self):
+        """The link changes announced since the last call, oldest first (non-blocking);
+        None if some were lost (ENOBUFS: the socket overflowed)."""
+        changes = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return changes
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                changes = None
+                continue
+            if changes is not None:
+                changes += [Link(kind, body) for kind, _, body in self._messages(data)
+                            if kind in (RTM_NEWLINK, RTM_DELLINK)]
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+########################################################################################
 # Devices: tap, vhost-net, packet socket
 ########################################################################################
 
@@ -1158,8 +1402,11 @@ class Tap:
 
     ``name`` may be a template such as ``tap%d``: the kernel picks the first
     free name, available as ``.name``.  With ``multi_queue`` (IFF_MULTI_QUEUE)
-    each Tap opened on the same name is one more queue of that device.  The tap disappears when the last fd
-    (ours, and the reference vhost holds) is closed, unless it is persistent.
+    each Tap opened on the same name is one more queue of that device.  The
+    tap disappears when the last fd (ours, and the reference vhost holds) is
+    closed, unless it is persistent.  Its carrier is set through the fd; its
+    MTU, state, addresses and namespace through rtnetlink, in the namespace
+    it is in (``netns``).
     """
 
     def __init__(self, name="tap%d", multi_queue=False):
@@ -1171,6 +1418,7 @@ class Tap:
             req = _ifreq(name, flags)
             _ioctl(self.fd, "TUNSETIFF", TUNSETIFF, req, name)
             self.name = req.ifr_name.decode()
+            self.netns, self._rtnl = None, None     # this network namespace; see move_to
         except BaseException:
             os.close(self.fd)
             raise
@@ -1207,6 +1455,54 @@ class Tap:
         req.ifr_ifru.ifru_hwaddr.sa_data[:6] = list(mac)
         _ioctl(self.fd, "SIOCSIFHWADDR", SIOCSIFHWADDR, req, self.name)
 
+    def set_carrier(self, on):
+        """TUNSETCARRIER (Linux 5.0): the tap's carrier, as if a cable were plugged in or
+        pulled.  OSError EINVAL on older kernels."""
+        _ioctl(self.fd, "TUNSETCARRIER", TUNSETCARRIER, struct.pack("i", int(on)), self.name)
+
+    def rtnl(self):
+        """An Rtnl in the tap's network namespace, made on first use."""
+        if self._rtnl is None:
+            self._rtnl = Rtnl(self.netns)
+        return self._rtnl
+
+    def index(self):
+        """The tap's ifindex in its network namespace."""
+        return self.rtnl().link(name=self.name).index
+
+    def set_mtu(self, mtu):
+        self.rtnl().set_link(self.index(), f"MTU {mtu} on {self.name}", mtu=mtu)
+
+    def set_up(self):
+        self.rtnl().set_link(self.index(), f"bringing {self.name} up", up=True)
+
+    def add_address(self, interface):
+        """``interface``: an ipaddress.IPv4Interface or IPv6Interface."""
+        self.rtnl().add_address(self.index(), interface, f"address {interface} on {self.name}")
+
+    def move_to(self, netns):
+        """Move the tap into the named network namespace; it keeps its name, and its fds
+        and vhost work as before.  A multi-queue tap's other queues must be attached
+        first (TUNSETIFF finds a name in the caller's namespace), and told ``netns``."""
+        fd = _netns_fd(netns)
+        try:
+            self.rtnl().set_link(self.index(), f"moving {self.name} to network namespace "
+                                 f"{netns}", netns_fd=fd)
+        finally:
+            os.close(fd)
+        self.rtnl().close()
+        self._rtnl, self.netns = None, netns
+
+    def configure(self, netns=None, addresses=(), up=False):
+        """Move the tap into ``netns`` (unless None), add ``addresses`` there, and bring
+        it up if ``up`` or any address was given."""
+        if netns is not None:
+            self.move_to(netns)
+        for interface in addresses:
+            self.add_address(interface)
+        if up or addresses:
+            self.set_up()
+
     def flags(self):
         """TUNGETIFF: the tap's IFF_* flags."""
         req = _ifreq(self.name)
@@ -1217,6 +1513,9 @@ class Tap:
         return self.fd
 
     def close(self):
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -1431,6 +1730,11 @@ class PacketSocket:
         with open(f"/sys/class/net/{self.iface}/mtu") as f:
             return int(f.read())
 
+    def mac(self):
+        """The NIC's MAC address (bytes, from sysfs)."""
+        with open(f"/sys/class/net/{self.iface}/address") as f:
+            return bytes.fromhex(f.read().strip().replace(":", ""))
+
     def drops(self):
         """Frames the kernel dropped for want of socket buffer or ring slot since the
         last call."""
@@ -1619,22 +1923,110 @@ class PacketRxRing:
         return f"<PacketRxRing {self.frame_nr} x {self.frame_size} bytes at {self.addr:#x}>"
 
 
-class QuietNic:
-    """arp_ignore 8 on the NIC while bridging; ``restore()`` puts the old value back.
+STATE_DIR = "/run/vhostpath"              # what a running vhostpath changed, per NIC
 
-    The NIC stays a kernel netdev: its own stack would answer ARP for the
-    addresses that live on the tap, and the outside would learn the NIC's MAC,
-    bypassing the path.  arp_ignore 8 (ip-sysctl.rst: "do not reply for all
-    local addresses") silences it.
+
+def _process_id(pid):
+    """``pid`` and its start time (/proc/PID/stat field 22): a running process's
+    identity, which a later process reusing the pid does not share; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid}@{f.read().rpartition(')')[2].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _state_file(iface):
+    return os.path.join(STATE_DIR, f"{iface}.json")
+
+
+def restore_nic(iface):
+    """Put back what a vhostpath that is no longer running changed on ``iface``, from
+    its record under STATE_DIR (written before the change), and remove the
+    record; a record of a NIC since removed (its ifindex) is only removed.
+    Returns {sysctl file: value put back} (empty without a record).
+
+    Raises VhostPathError if the process that wrote the record still runs.
+    """
+    import json
+    try:
+        with open(_state_file(iface)) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError:                    # torn or foreign: nothing trustworthy to restore
+        os.unlink(_state_file(iface))
+        return {}
+    owner = record.get("owner", "")
+    if _process_id(owner.partition("@")[0]) == owner:
+        raise VhostPathError(f"{iface} is bridged by vhostpath (pid {owner.partition('@')[0]}); "
+                             "stop it first")
+    try:
+        same_nic = socket.if_nametoindex(iface) == record.get("ifindex")
+    except OSError:
+        same_nic = False
+    restored = {}
+    if same_nic:            # not a NIC since removed: a new one under the name is not it
+        for path, value in record.get("sysctls", {}).items():
+            if _sysctl_swap(path, value) is not None:
+                restored[path] = value
+    os.unlink(_state_file(iface))
+    return restored
+
+
+class QuietNic:
+    """The NIC's own stack kept quiet while bridging; ``restore()`` puts back what was
+    there.
+
+    The NIC stays a kernel netdev and sees every frame the tap's stack sees
+    (broadcasts, multicasts; unicasts too where the tap has the NIC's MAC).
+    Unsilenced, it would answer ARP for the tap's addresses, so the outside
+    would learn the NIC's MAC and bypass the path, take packets for the
+    tap's addresses itself (a second copy), and configure IPv6 from router
+    advertisements.  So, per ip-sysctl.rst: ``arp_ignore`` 8 ("do not reply
+    for all local addresses"), ``rp_filter`` 1 (strict reverse path: the
+    route back to what arrives on the NIC is through the tap, so its stack
+    drops it) and ``disable_ipv6`` 1.  The old values are recorded under
+    STATE_DIR before they change, so that after a SIGKILL or a crash the
+    next start, or ``vhostpath cleanup``, puts them back (restore_nic),
+    never the values a killed instance set; a running owner is refused.
     """
 
+    SETTINGS = (("ipv4/conf/{}/arp_ignore", "8"), ("ipv4/conf/{}/rp_filter", "1"),
+                ("ipv6/conf/{}/disable_ipv6", "1"))
+
     def __init__(self, iface):
-        self.path = f"/proc/sys/net/ipv4/conf/{iface}/arp_ignore"
-        self.old = _sysctl_swap(self.path, "8")
+        import json
+        restore_nic(iface)
+        self.record = _state_file(iface)
+        self.old = {}
+        for path, _ in self.SETTINGS:
+            path = "/proc/sys/net/" + path.format(iface)
+            with contextlib.suppress(FileNotFoundError):    # no IPv6, say: nothing to do
+                with open(path) as f:
+                    self.old[path] = f.read().strip()
+        if not self.old:
+            return
+        os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
+        temp = f"{self.record}.{os.getpid()}"
+        with open(temp, "w") as f:            # whole or absent: written aside, renamed
+            json.dump({"owner": _process_id(os.getpid()), "ifindex": socket.if_nametoindex(iface),
+                       "sysctls": self.old}, f)
+        os.rename(temp, self.record)
+        try:
+            for path, value in self.SETTINGS:
+                _sysctl_swap("/proc/sys/net/" + path.format(iface), value)
+        except BaseException:
+            self.restore()
+            raise
 
     def restore(self):
-        if self.old is not None:
-            _sysctl_swap(self.path, self.old)
+        if self.old:
+            for path, value in self.old.items():
+                _sysctl_swap(path, value)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.record)
+            self.old = {}
 
 
 ########################################################################################
@@ -1792,8 +2184,9 @@ class ConfigError(VhostPathError):
 
 
 def _parse_mac(text):
-    """bytes of a unicast MAC written xx:xx:xx:xx:xx:xx; bytes and None pass through."""
-    if not isinstance(text, str):
+    """bytes of a unicast MAC written xx:xx:xx:xx:xx:xx; bytes, None and "nic" pass
+    through."""
+    if not isinstance(text, str) or text == "nic":
         return text
     parts = text.split(":")
     if len(parts) != 6 or not all(len(p) == 2 for p in parts):
@@ -1805,6 +2198,25 @@ def _parse_mac(text):
     if mac[0] & 1 or mac == bytes(6):
         raise ConfigError("mac", f"MAC address {text} is not a unicast address")
     return mac
+
+
+def _parse_addresses(texts):
+    """ipaddress interfaces of addresses written with their prefix length (1.1.1.1/24,
+    2001:db8::1/64); interfaces pass through."""
+    import ipaddress
+    found = []
+    for text in texts:
+        if isinstance(text, str):
+            if "/" not in text:
+                raise ConfigError("address", f"{text!r} has no prefix length (want, for "
+                                             "example, 192.0.2.1/24 or 2001:db8::1/64)")
+            try:
+                text = ipaddress.ip_interface(text)
+            except ValueError:
+                raise ConfigError("address", f"{text!r} is not an IPv4 or IPv6 address "
+                                             "with a prefix length") from None
+        found.append(text)
+    return tuple(found)
 
 
 class Config:
@@ -1825,8 +2237,13 @@ class Config:
         path: the vhost-net device node (DPDK's ``path``).
         queue_size: entries per virtqueue, a power of two from 64 to 32768.
         tap: tap name, or a template the kernel completes (``tap%d``).
-        mac: the tap's MAC address (bytes or ``xx:xx:xx:xx:xx:xx``), or None
-            for the kernel's random one.
+        mac: the tap's MAC address (bytes or ``xx:xx:xx:xx:xx:xx``), ``"nic"``
+            for the NIC's (forwarders only), or None for the kernel's random one.
+        netns: the network namespace (a name ``ip netns`` knows) the tap is moved
+            into once created; None: this one.
+        address: addresses the tap is given once created, with their prefix
+            lengths (``"192.0.2.1/24"``, ``"2001:db8::1/64"``); they bring it up.
+        up: bring the tap up once created.
         rx_cksum: VIRTIO_NET_F_GUEST_CSUM: the kernel may hand over partial
             checksums.
         lro: VIRTIO_NET_F_GUEST_TSO4/6: the kernel may hand over 64 KB TCP
@@ -1838,13 +2255,14 @@ class Config:
         the keyword.
     """
 
-    OPTIONS = ("tap_io", "nic_io", "path", "queue_size", "tap", "mac", "rx_cksum", "lro",
-               "queues")
+    OPTIONS = ("tap_io", "nic_io", "path", "queue_size", "tap", "mac", "netns", "address",
+               "up", "rx_cksum", "lro", "queues")
     TAP_IO = ("vhost-net", "read-write")
     NIC_IO = ("vhost-net", "socket")
 
     def __init__(self, tap_io="vhost-net", nic_io=None, path="/dev/vhost-net",
-                 queue_size=256, tap="tap%d", mac=None, rx_cksum=False, lro=False, queues=1):
+                 queue_size=256, tap="tap%d", mac=None, netns=None, address=(), up=False,
+                 rx_cksum=False, lro=False, queues=1):
         if tap_io not in self.TAP_IO:
             raise ConfigError("tap_io", f"{tap_io!r} is not one of {', '.join(self.TAP_IO)}")
         if nic_io is None:
@@ -1868,12 +2286,32 @@ class Config:
             raise ConfigError("queues", f"must be from 1 to {MAX_TAP_QUEUES} (the tap's "
                                         f"limit), not {queues}")
         self.tap_io, self.nic_io, self.path, self.queue_size = tap_io, nic_io, path, queue_size
+        if netns is not None and (not netns or "/" in netns or netns in (".", "..")):
+            raise ConfigError("netns", f"{netns!r} is not a network namespace name")
         self.tap, self.mac, self.queues = tap, _parse_mac(mac), queues
+        self.netns, self.address, self.up = netns, _parse_addresses(address), up
         self.rx_cksum, self.lro = rx_cksum, lro
         self.offloads = offload_features(rx_cksum, lro)
 
+    def options(self):
+        """{keyword: value} of every option: ``Config(**c.options())`` is ``c`` again."""
+        return {k: getattr(self, k) for k in self.OPTIONS}
+
+    def configure_tap(self, tap):
+        """What this configuration asks of a new tap once its MAC is set: moved into
+        ``netns``, given ``address``, brought ``up``."""
+        tap.configure(self.netns, self.address, self.up)
+
+    def tap_mac(self, nic=None):
+        """The MAC address for the tap: ``mac``, or the NIC's (a PacketSocket) for "nic"."""
+        if self.mac != "nic":
+            return self.mac
+        if nic is None:
+            raise ConfigError("mac", "'nic' takes the NIC's address: a port alone has no NIC")
+        return nic.mac()
+
     def __repr__(self):
-        return "Config(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.OPTIONS) + ")"
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in self.options().items()) + ")"
 
 
 def _config(config, options):
@@ -1902,7 +2340,10 @@ class PortStats(ctypes.Structure):
 
     FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
               "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize")
-    _fields_ = [(f, ctypes.c_uint64) for f in FIELDS]
+    LINK_UNKNOWN, LINK_DOWN, LINK_UP = 0, 1, 2
+    # ``link``: the NIC's state now (LINK_*); ``link_changes``: how often it went
+    # down or up since the start.  The same for every queue pair, so not summed.
+    _fields_ = [(f, ctypes.c_uint64) for f in FIELDS + ("link", "link_changes")]
 
     def __init__(self, name="?", mtu=None):
         super().__init__()
@@ -1912,6 +2353,12 @@ class PortStats(ctypes.Structure):
         """Add ``other``'s counters to these (totals over queues)."""
         for f in self.FIELDS:
             setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.link = self.link or other.link
+        self.link_changes = max(self.link_changes, other.link_changes)
+
+    def link_state(self):
+        """"up", "down", or None where no link is followed."""
+        return {self.LINK_UP: "up", self.LINK_DOWN: "down"}.get(self.link)
 
     def report(self, port_id):
         """testpmd's forward statistics block for this port."""
@@ -1925,13 +2372,18 @@ class PortStats(ctypes.Structure):
             if self.mtu is not None:
                 line += f"  {D}-over-MTU: {getattr(self, d + '_oversize')}"
             lines.append(line)
+        if self.link_state():
+            lines.append(f"  Link: {self.link_state()}, {self.link_changes} changes")
         return "\n".join(lines)
 
     def summary(self):
-        """One compact line: rx and tx packets, bytes, drops."""
-        return (f"{self.name}: rx {self.rx_packets} pkts {self.rx_bytes} B drop "
+        """One compact line: rx and tx packets, bytes, drops (and the link's state)."""
+        line = (f"{self.name}: rx {self.rx_packets} pkts {self.rx_bytes} B drop "
                 f"{self.rx_dropped}, tx {self.tx_packets} pkts {self.tx_bytes} B drop "
                 f"{self.tx_dropped}")
+        if self.link_state():
+            line += f", link {self.link_state()} ({self.link_changes} changes)"
+        return line
 
 
 class Port:
@@ -2053,7 +2505,9 @@ class VirtioUserPort(Port):
             self.rxq.add_buf(desc_id, RX_BUF_SIZE)
         self._layout_tx(tx_bufs, spills)
         self.vhost.start([[self.arena.region()]], self.tap, self.hdr_len, self.features,
-                         config.mac)
+                         config.tap_mac())
+        if tap is None:
+            config.configure_tap(self.tap)
         self._rx_taken = []                # [(desc id, length)] per packet taken, in order
         self._rx_pending = 0               # used entries those packets cover
         self._mrg_rxbuf = self.hdr_len == VIRTIO_NET_HDR_MRG_RXBUF_LEN
@@ -2262,7 +2716,9 @@ class TapPort(Port):
         try:
             self.stats = stats or PortStats()
             self.stats.name = self.tap.name
-            self.tap.set_virtio_net(self.hdr_len, self.features, self.config.mac)
+            self.tap.set_virtio_net(self.hdr_len, self.features, self.config.tap_mac())
+            if tap is None:
+                self.config.configure_tap(self.tap)
         except BaseException:
             self.tap.close()
             raise
@@ -2394,9 +2850,47 @@ class _Forwarder:
         self.nic = nic
         self.nic_stats = nic_stats or PortStats(nic.iface, mtu)
         self._max_frame = mtu + ETH_HLEN + VLAN_HLEN
+        self.carrier_follows = True          # until TUNSETCARRIER is refused (Linux < 5.0)
+        self._running = self._tap_mtu = None
+
+    def describe_following(self):
+        """What of the NIC the tap follows (a -v line, and a warning where the carrier
+        cannot follow)."""
+        if self.carrier_follows:
+            return f"{self.name} follows {self.nic.iface}: carrier and MTU ({self._tap_mtu})"
+        return (f"{self.name} follows {self.nic.iface}'s MTU ({self._tap_mtu}) but not its "
+                "carrier: TUNSETCARRIER needs Linux 5.0")
+
+    def _follow_nic(self):
+        """The tap takes the NIC's carrier and MTU as the kernel sees them now."""
+        with Rtnl() as rtnl:
+            self._follow(rtnl.link(self.nic.ifindex))
+
+    def _follow(self, link):
+        """The tap follows ``link``, the NIC's: its carrier is the NIC's running
+        state (TUNSETCARRIER, so the kernel stops routing into a dead link), its
+        MTU the NIC's.  Each change of running state is counted."""
+        st = self.nic_stats
+        if link.running != self._running:
+            if self._running is not None:
+                st.link_changes += 1
+            self._running = link.running
+            st.link = st.LINK_UP if link.running else st.LINK_DOWN
+            if self.carrier_follows:
+                try:
+                    self.tap.set_carrier(link.running)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.carrier_follows = False
+        if link.mtu is not None and link.mtu != self._tap_mtu:
+            self.tap.set_mtu(link.mtu)
+            self._tap_mtu = st.mtu = link.mtu
+            self._max_frame = link.mtu + ETH_HLEN + VLAN_HLEN
 
     def _open_wakeup(self):
         self._stopping = False
+        self._poller = None                  # run()'s, while it runs
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _close_wakeup(self):
@@ -2414,55 +2908,82 @@ class _Forwarder:
 
     def run(self, stats_interval=None, on_stats=None):
         """Forward until stop(); call ``on_stats(self)`` every ``stats_interval`` s.
+        Meanwhile the tap follows the NIC's carrier and MTU.
 
-        Raises VhostPathError when the NIC or the tap is gone, RingBrokenError when
-        a device broke a ring.
+        Raises VhostPathError when the NIC is removed, renamed or moved to another
+        network namespace, or the tap deleted (the message says which);
+        RingBrokenError when a device broke a ring.
         """
-        # rtnetlink's link group tells of every link change: a NIC that went down
-        # and is then removed sets no socket error at its removal.
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                           NETLINK_ROUTE) as links:
-            links.bind((0, RTMGRP_LINK))
-            links.setblocking(False)
+        # rtnetlink's link group tells of every link change: the NIC's carrier and
+        # MTU, and its removal (a NIC that went down and is then removed sets no
+        # socket error then).  Read once more after subscribing: nothing is missed.
+        with Rtnl(groups=RTMGRP_LINK) as links:
+            self._follow_nic()
             self._poller = select.poll()
-            fds = self._poll_fds()
-            fds.setdefault(self.tap.fileno(), 0)    # its errors only: the tap deleted
-            fds[links.fileno()] = select.POLLIN
-            for fd, events in fds.items():
-                self._poller.register(fd, events)
-            self._poller.register(self._wake_r, select.POLLIN)
-            ticker = _Ticker(stats_interval)
-            while not self._stopping:
-                ready = dict(self._poller.poll(ticker.timeout()))
-                if self._wake_r in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 64)
-                if links.fileno() in ready:
-                    self._check_links(links)
-                self._check_faults(ready)
-                self._step(ready)
-                if ticker.due() and on_stats:
-                    on_stats(self)
+            try:
+                self._loop(links, _Ticker(stats_interval), on_stats)
+            finally:
+                self._poller = None
+
+    def _loop(self, links, ticker, on_stats):
+        fds = self._poll_fds()
+        fds.setdefault(self.tap.fileno(), 0)        # its errors only: the tap deleted
+        fds[links.fileno()] = select.POLLIN
+        for fd, events in fds.items():
+            self._poller.register(fd, events)
+        self._poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping:
+            ready = dict(self._poller.poll(ticker.timeout()))
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 64)
+            if links.fileno() in ready:
+                self._check_links(links)
+            self._check_faults(ready, links)
+            self._step(ready)
+            if ticker.due() and on_stats:
+                on_stats(self)
 
     def _check_links(self, links):
-        """A link changed somewhere (the messages are read and dropped; ENOBUFS, an
-        overflow, says the same): the NIC must still be here."""
-        while True:
-            try:
-                links.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-        self._require_nic()
+        """Links changed somewhere: the NIC must still be here under its name, and
+        the tap follows what changed of it (everything is read again if changes
+        were lost)."""
+        changes = links.links()
+        self._name_loss(changes)
+        self._require_nic(links)
+        if changes is None:
+            self._follow_nic()
+            return
+        for link in changes:
+            if link.index == self.nic.ifindex:
+                self._follow(link)
 
-    def _require_nic(self):
-        if not self.nic.present():
-            raise VhostPathError(f"{self.nic.iface} is gone (removed, renamed or moved to "
-                                 "another network namespace): stopping")
+    def _name_loss(self, changes):
+        """Stop, saying what happened, if ``changes`` (Links) removed, renamed or moved
+        the NIC."""
+        for link in changes or ():
+            if link.index != self.nic.ifindex:
+                continue
+            if link.gone:
+                happened = ("moved to another network namespace" if link.moved
+                            else "removed")
+                raise VhostPathError(f"{self.nic.iface} was {happened}: stopping")
+            if link.name != self.nic.iface:
+                raise VhostPathError(f"{self.nic.iface} was renamed {link.name}: stopping")
 
-    def _check_faults(self, ready):
+    def _require_nic(self, links):
+        """Stop if the NIC is no longer here under its name.  The kernel announces a
+        removal just after the socket learns of it, so its message, which names
+        what happened, is waited for a moment."""
+        if self.nic.present():
+            return
+        deadline = time.monotonic() + 1
+        while select.select([links], [], [], max(0, deadline - time.monotonic()))[0]:
+            self._name_loss(links.links())
+        raise VhostPathError(f"{self.nic.iface} is gone (removed, renamed or moved to "
+                             "another network namespace): stopping")
+
+    def _check_faults(self, ready, links):
         """An error or hang-up poll() reported on the tap or the NIC socket: the tap
         deleted (tun reports POLLERR on a detached fd), or the NIC gone, which
         ends the bridge; or the NIC down (ENETDOWN), which is read and so cleared:
@@ -2472,7 +2993,7 @@ class _Forwarder:
             raise VhostPathError(f"{self.name} was deleted (or its queue detached): stopping")
         if ready.get(self.nic.fileno(), 0) & _POLL_FAULTS:
             err = self.nic.error()
-            self._require_nic()
+            self._require_nic(links)
             if not err:
                 raise VhostPathError(f"{self.nic.iface}: the packet socket reports an error "
                                      "it does not name: stopping")
@@ -2507,10 +3028,12 @@ class Bridge(_Forwarder):
         self._send = _MsgBatch(SEND_BATCH, 1 + MAX_RX_BUFS)
         self._recv = _MsgBatch(RECV_BATCH, 3, PacketSocket.AUXDATA_SPACE)
         self._open_wakeup()               # what needs undoing last, undone if it fails
+        self._quiet = None
         try:
             self._quiet = QuietNic(nic.iface) if quiet_nic else None
+            self._follow_nic()
         except BaseException:
-            self._close_wakeup()
+            self.close()
             raise
 
     @property
@@ -2534,10 +3057,11 @@ class Bridge(_Forwarder):
     def describe(self):
         """The -v lines: how the NIC is served, then the port's negotiation."""
         return [f"NIC side: recvmmsg/sendmmsg on the packet socket on {self.nic.iface}",
-                *self.port.describe()]
+                *self.port.describe(), self.describe_following()]
 
     def close(self):
-        """Restore the NIC's arp_ignore and release the wakeup pipe (not the ports)."""
+        """Restore the NIC's settings (QuietNic) and release the wakeup pipe (not the
+        ports)."""
         if self._quiet:
             self._quiet.restore()
         self._close_wakeup()
@@ -2719,6 +3243,7 @@ class VhostBridge(_Forwarder):
         self.hdr_len = VIRTIO_NET_HDR_LEN                 # the packet socket's
         self._attach_nic(nic, nic_stats)
         self.tap_stats = tap_stats or PortStats()
+        self.resizes = 0                    # data paths made again for a larger MTU
         self._stack = contextlib.ExitStack()
         try:
             self._start(tap, quiet_nic)
@@ -2727,11 +3252,28 @@ class VhostBridge(_Forwarder):
             raise
 
     def _start(self, tap, quiet_nic):
-        """The bring-up (VhostDevices) of both devices, with this bridge's layout."""
-        push, config, num = self._stack.callback, self.config, self.queue_size
+        """The tap, the data path (``_datapath``), then the tap's configuration and
+        the NIC's (QuietNic, carrier and MTU)."""
+        push, config = self._stack.callback, self.config
         self.tap = tap or Tap(config.tap)
         push(self.tap.close)
         self.tap_stats.name = self.tap.name
+        self._open_wakeup()
+        push(self._close_wakeup)
+        self._datapath = contextlib.ExitStack()
+        push(lambda: self._datapath.close())        # the one in use (see _resize)
+        self._start_datapath(config.tap_mac(self.nic))
+        if tap is None:
+            config.configure_tap(self.tap)
+        self._quiet = QuietNic(self.nic.iface) if quiet_nic else None
+        if self._quiet:
+            push(self._quiet.restore)
+        self._follow_nic()
+
+    def _start_datapath(self, mac):
+        """The bring-up (VhostDevices) of both devices, with this bridge's layout and
+        packet ring slots for the NIC's MTU; the tap takes ``mac`` unless None."""
+        push, config, num = self._datapath.callback, self.config, self.queue_size
         ring = _page_round(vring_layout(num)[3])
         pool_out, pool_big = 3 * ring, 3 * ring + num * VHOST_BUF_SIZE
         # The arena and the packet ring outlive both vhost fds: made before, closed after.
@@ -2743,11 +3285,9 @@ class VhostBridge(_Forwarder):
         self.nic_ring = PacketRxRing(self.nic, max(num, 1 << slots.bit_length() - 1),
                                      self._max_frame)
         push(self.nic_ring.close)
-        self._open_wakeup()
-        push(self._close_wakeup)
         # Only EVENT_IDX is asked of vhost-net: the offload bits are the tap's
         # (TUNSETOFFLOAD), and the packet socket honours the same header.
-        self.vhost = VhostDevices(self._stack, config.path, 2, self.VHOST_FEATURES,
+        self.vhost = VhostDevices(self._datapath, config.path, 2, self.VHOST_FEATURES,
                                   self.arena, num)
         self.features = self.vhost.features | config.offloads
         self.callfd = self.vhost.eventfd()          # one call eventfd all rings share
@@ -2772,10 +3312,30 @@ class VhostBridge(_Forwarder):
         self._nic_lost = None                   # a frame whose copy came truncated: dropped
         arena = self.arena.region()
         self.vhost.start([[arena, self.nic_ring.region()], [arena]], self.tap,
-                         self.hdr_len, self.features, config.mac)
-        self._quiet = QuietNic(self.nic.iface) if quiet_nic else None
-        if self._quiet:
-            push(self._quiet.restore)
+                         self.hdr_len, self.features, mac)
+
+    def _follow(self, link):
+        super()._follow(link)
+        if PacketRxRing.slot_size(self._max_frame) > self.nic_ring.frame_size:
+            self._resize()
+
+    def _resize(self):
+        """The NIC's MTU outgrew the packet ring's slots (frames that do not fit
+        take recv(), one system call each): the data path is made again for it.
+        The tap, its addresses, the NIC's socket and the counters stay; frames
+        in the rings are dropped (setting a packet ring purges its socket's
+        queue too), and TCP sends them again."""
+        polled = self._poller is not None
+        if polled:
+            self._poller.unregister(self.callfd)
+        self._datapath.close()
+        self._datapath = contextlib.ExitStack()
+        self._start_datapath(None)
+        self.resizes += 1
+        if polled:
+            self._poller.register(self.callfd, select.POLLIN)
+            self._poller.modify(self.nic.fileno(), select.POLLIN)
+            self._nic_wait = True
 
     @property
     def name(self):
@@ -2793,7 +3353,7 @@ class VhostBridge(_Forwarder):
                 f"({ring.frame_nr} x {ring.frame_size} bytes), out through a second vhost-net "
                 f"device, backend the packet socket; Python moves descriptors only",
                 *self.vhost.describe(self.features),
-                describe_tap(self.tap, self.hdr_len, self.features)]
+                describe_tap(self.tap, self.hdr_len, self.features), self.describe_following()]
 
     def close(self):
         """Restore the NIC, unbind and close both devices, then the tap, the packet ring
@@ -3006,7 +3566,8 @@ def open_bridge(config, nic, stack, tap=None, nic_stats=None, tap_stats=None, qu
         bridge = VhostBridge(nic, config, tap, nic_stats, tap_stats, quiet_nic)
     else:
         port_class = VirtioUserPort if config.tap_io == "vhost-net" else TapPort
-        port = port_class(config, tap, tap_stats)
+        port = port_class(Config(**dict(config.options(), mac=config.tap_mac(nic))), tap,
+                          tap_stats)
         stack.callback(port.close)
         bridge = Bridge(nic, port, nic_stats, quiet_nic)
     stack.callback(bridge.close)
@@ -3075,6 +3636,14 @@ class QueuePairs:
         for _ in range(self.queues):
             nics.append(PacketSocket(iface, group))
             push(nics[-1].close)
+        # The device is configured once, here, its MAC first (an IPv6 link-local
+        # address is made from it when it comes up); every queue is told its namespace.
+        mac = self.config.tap_mac(nics[0])
+        if mac is not None:
+            taps[0].set_mac(mac)
+        self.config.configure_tap(taps[0])
+        for tap in taps[1:]:
+            tap.netns = taps[0].netns
         self._share_stats(iface, nics[0].mtu())
         self.quiet = QuietNic(iface)
         push(self.quiet.restore)
@@ -3157,6 +3726,9 @@ class QueuePairs:
                                      quiet_nic=False)
                 os.write(status_w, b"ok\n")
                 told = True
+                if index == 0 and not bridge.carrier_follows:
+                    print("vhostpath: warning: " + bridge.describe_following(),
+                          file=sys.stderr, flush=True)
                 bridge.run(self.refresh, type(bridge).refresh_stats)
                 bridge.refresh_stats()
             status = 0
@@ -3284,7 +3856,8 @@ def _add_port_options(p):
                         "1024 recommended)")
     p.add_argument("--tap", default="tap%d",
                    help="tap name, or a template the kernel completes (default %(default)s)")
-    p.add_argument("--mac", help="MAC address for the tap (default: the kernel's random one)")
+    p.add_argument("--mac", help="MAC address for the tap, or 'nic' for the NIC's (default: "
+                                 "the kernel's random one)")
     _add_switch(p, "--lro", "large receive: the kernel hands over 64 KB TCP segments "
                             "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out "
                             "(default: on, unless --no-rx-cksum)")
@@ -3302,6 +3875,12 @@ def _build_parser():
         epilog="'vhostpath demo' shows the whole path on this host with nothing to set up.")
     p.add_argument("--iface", required=True, help="the NIC to bridge (AF_PACKET)")
     _add_port_options(p)
+    p.add_argument("--address", action="append", default=[], metavar="CIDR",
+                   help="an address for the tap, with its prefix length (192.0.2.1/24, "
+                        "2001:db8::1/64); repeatable; brings the tap up")
+    p.add_argument("--up", action="store_true", help="bring the tap up")
+    p.add_argument("--netns", metavar="NAME",
+                   help="move the tap into this network namespace ('ip netns add NAME')")
     p.add_argument("--queues", type=int, default=1,
                    help="queue pairs: one worker process, vhost-net device (kernel thread), "
                         f"tap queue and NIC socket each, 1 to {MAX_TAP_QUEUES} "
@@ -3330,6 +3909,9 @@ def _preflight(args, iface=None):
             raise VhostPathError(f"--iface {iface}: no such network interface") from None
         if args.tap == iface:
             raise VhostPathError(f"--tap {args.tap} is the NIC itself")
+    if getattr(args, "netns", None) and not os.path.exists(os.path.join(NETNS_DIR, args.netns)):
+        raise VhostPathError(f"--netns {args.netns}: no such network namespace (create it "
+                             f"with 'ip netns add {args.netns}')")
     tap = args.tap
     if "%" not in tap and os.path.exists(f"/sys/class/net/{tap}") \
             and not os.path.exists(f"/sys/class/net/{tap}/tun_flags"):
@@ -3405,6 +3987,7 @@ def _bridge_main(args):
     config = _config_from_args(args)
     if warning:
         _say(warning)
+    _say_restored(args.iface, restore_nic(args.iface))
     address = _ipv4_address(args.iface)
     if address:
         _say(f"warning: {args.iface} still has IPv4 address {address}: the kernel will "
@@ -3421,6 +4004,8 @@ def _bridge_main(args):
         if args.verbose:
             for line in bridge.describe():
                 _say(line)
+        elif not bridge.carrier_follows:
+            _say("warning: " + bridge.describe_following())
 
         def on_stats(b):
             b.refresh_stats()
@@ -3428,6 +4013,35 @@ def _bridge_main(args):
         bridge.run(args.stats, on_stats)
         print(bridge.report(), flush=True)
     return 0
+
+
+def _say_restored(iface, restored):
+    """Tell what restore_nic put back: a vhostpath on ``iface`` did not stop cleanly."""
+    if restored:
+        settings = ", ".join(f"{path[len('/proc/sys/'):].replace('/', '.')}={value}"
+                             for path, value in restored.items())
+        _say(f"put back {settings} (left changed by a vhostpath on {iface} that was killed)")
+
+
+def _cleanup_main(args):
+    """``vhostpath cleanup --iface NIC``: what a killed vhostpath changed, put back."""
+    if not _capabilities() & (1 << CAP_NET_ADMIN):
+        raise VhostPathError("permission denied: run as root")
+    restored = restore_nic(args.iface)
+    _say_restored(args.iface, restored)
+    if not restored:
+        print(f"nothing to put back on {args.iface}", flush=True)
+    return 0
+
+
+def _build_cleanup_parser():
+    p = argparse.ArgumentParser(
+        prog="vhostpath cleanup",
+        description="Put back what a vhostpath that was killed (SIGKILL, OOM, a crash) "
+                    f"changed on a NIC, from its record under {STATE_DIR}.  A normal stop, "
+                    "and the next start on the NIC, do this themselves.")
+    p.add_argument("--iface", required=True, help="the NIC")
+    return p
 
 
 def _queues_main(args, config):
@@ -3610,10 +4224,9 @@ def _demo_main(args):
         peer = _demo_start_peer(stack, args.bytes)
         nic = PacketSocket(DEMO_NIC)
         stack.callback(nic.close)
+        config = Config(**dict(config.options(), address=[f"{DEMO_KERNEL_IP}/24"]))
         bridge = open_bridge(config, nic, stack)
         tap = bridge.name
-        _ip("addr", "add", f"{DEMO_KERNEL_IP}/24", "dev", tap)
-        _ip("link", "set", tap, "up")
         worker = threading.Thread(target=bridge.run, name="bridge", daemon=True)
         worker.start()
         stack.callback(worker.join, 10)
@@ -3658,16 +4271,20 @@ def _build_demo_parser():
 
 
 def main(argv=None):
-    """Command-line entry point: ``vhostpath --iface NIC ...`` or ``vhostpath demo``."""
+    """Command-line entry point: ``vhostpath --iface NIC ...``, ``vhostpath demo`` or
+    ``vhostpath cleanup --iface NIC``."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    demo = argv[:1] == ["demo"]
-    args = (_build_demo_parser() if demo else _build_parser()).parse_args(argv[demo:])
+    commands = {"demo": (_build_demo_parser, _demo_main),
+                "cleanup": (_build_cleanup_parser, _cleanup_main)}
+    command = argv[0] if argv and argv[0] in commands else None
+    build, run = commands.get(command, (_build_parser, _bridge_main))
+    args = build().parse_args(argv[1:] if command else argv)
     try:
-        return (_demo_main if demo else _bridge_main)(args) or 0
+        return run(args) or 0
     except VhostPathError as e:
         _say(str(e))
     except OSError as e:
-        _say(_describe_oserror(e, args.tap))
+        _say(_describe_oserror(e, getattr(args, "tap", "?")))
     except KeyboardInterrupt:
         _say("interrupted; everything created was removed")
     return 1

@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,13 +42,36 @@ BOOTS = [("6.1", 2, "test_vhost", None), ("6.1", 4, "test_vhost_mq", None),
 
 class _Counting(unittest.TextTestResult):
     """Counts passes itself: an error in a fixture (setUpClass) is a failure that
-    ran no test, so passed is not testsRun minus the problems."""
+    ran no test, so passed is not testsRun minus the problems.  Each verdict comes
+    with the test's duration (what the 30-minute budget is spent on)."""
 
     passed = 0
+    _started = None                 # None outside a test (a class fixture's error)
+
+    def startTest(self, test):
+        self._started = time.monotonic()
+        super().startTest(test)
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        self._started = None
+
+    def _took(self):
+        if self.showAll and self._started is not None:
+            self.stream.write(f"[{time.monotonic() - self._started:.1f} s] ")
 
     def addSuccess(self, test):
+        self._took()
         super().addSuccess(test)
         self.passed += 1
+
+    def addFailure(self, test, err):
+        self._took()
+        super().addFailure(test, err)
+
+    def addError(self, test, err):
+        self._took()
+        super().addError(test, err)
 
 
 def run_tier(pattern, names=None):

@@ -5,6 +5,7 @@ naming, the NIC's packet receive ring, every command-line error, and the tool
 end to end with --tap-io read-write.
 """
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -17,8 +18,8 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import (BridgeCase, DemoCase, LinkLossCase, OutsideCase, QueuesCase,
-                         QueuesShutdownCase, ShutdownCase, UnwindCase)
+from tests.cases import (BridgeCase, DemoCase, LifeCycleCase, LinkLossCase, OutsideCase,
+                         QueuesCase, QueuesShutdownCase, ShutdownCase, UnwindCase)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -28,7 +29,7 @@ IOCTLS = ["VHOST_GET_FEATURES", "VHOST_SET_FEATURES", "VHOST_SET_OWNER", "VHOST_
           "VHOST_SET_VRING_NUM", "VHOST_SET_VRING_ADDR", "VHOST_SET_VRING_BASE",
           "VHOST_GET_VRING_BASE", "VHOST_SET_VRING_KICK", "VHOST_SET_VRING_CALL",
           "VHOST_NET_SET_BACKEND", "TUNSETIFF", "TUNGETFEATURES", "TUNSETOFFLOAD", "TUNGETIFF",
-          "TUNSETSNDBUF", "TUNGETVNETHDRSZ", "TUNSETVNETHDRSZ"]
+          "TUNSETSNDBUF", "TUNGETVNETHDRSZ", "TUNSETVNETHDRSZ", "TUNSETCARRIER"]
 CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST_TSO4",
              "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_HOST_TSO4", "VIRTIO_NET_F_HOST_TSO6", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_F_NOTIFY_ON_EMPTY",
              "VIRTIO_F_ANY_LAYOUT", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX",
@@ -47,7 +48,11 @@ CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST
              "PACKET_IGNORE_OUTGOING", "PACKET_OUTGOING", "SO_ATTACH_FILTER", "SO_RCVBUFFORCE",
              "BPF_LD", "BPF_JMP", "BPF_RET", "BPF_W", "BPF_ABS", "BPF_JEQ", "BPF_K",
              "SKF_AD_OFF", "SKF_AD_PKTTYPE", "EFD_CLOEXEC", "EFD_NONBLOCK",
-             "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET"]
+             "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET", "NETLINK_ROUTE", "RTMGRP_LINK",
+             "NLMSG_ERROR", "NLM_F_REQUEST", "NLM_F_ACK", "NLM_F_EXCL", "NLM_F_CREATE",
+             "RTM_NEWLINK", "RTM_DELLINK", "RTM_GETLINK", "RTM_NEWADDR", "IFLA_ADDRESS",
+             "IFLA_IFNAME", "IFLA_MTU", "IFLA_OPERSTATE", "IFLA_NET_NS_FD", "IFA_ADDRESS",
+             "IFA_LOCAL", "NLA_F_NESTED", "NLA_F_NET_BYTEORDER", "NLA_TYPE_MASK", "IF_OPER_UNKNOWN", "IF_OPER_UP", "IFF_UP"]
 STRUCTS = {
     "vhost_vring_state": "struct vhost_vring_state",
     "vhost_vring_file": "struct vhost_vring_file",
@@ -68,6 +73,10 @@ STRUCTS = {
     "cmsghdr": "struct cmsghdr",
     "sock_filter": "struct sock_filter",
     "sock_fprog": "struct sock_fprog",
+    "nlmsghdr": "struct nlmsghdr",
+    "ifinfomsg": "struct ifinfomsg",
+    "ifaddrmsg": "struct ifaddrmsg",
+    "rtattr": "struct rtattr",
 }
 
 
@@ -80,6 +89,8 @@ def _abi_program():
              "#include <linux/capability.h>", "#include <linux/vhost.h>",
              "#include <linux/virtio_config.h>", "#include <linux/virtio_ring.h>",
              "#include <linux/virtio_net.h>", "#include <linux/filter.h>",
+             "#include <linux/netlink.h>", "#include <linux/rtnetlink.h>",
+             "#include <linux/if_link.h>", "#include <linux/if_addr.h>",
              "int main(void) {"]
     for name in IOCTLS + CONSTANTS:
         lines.append(f'  printf("{name} %lld\\n", (long long)({name}));')
@@ -425,6 +436,23 @@ class TestCliErrors(unittest.TestCase):
         finally:
             subprocess.run(["ip", "link", "del", "vptaken0"], check=True)
 
+    def test_tap_placement_refused(self):
+        self.assertFails(_run_tool("--iface", "lo", "--netns", "vpnosuchns"),
+                         "--netns vpnosuchns: no such network namespace", "ip netns add")
+        self.assertFails(_run_tool("--iface", "lo", "--address", "10.0.0.1"),
+                         "--address: '10.0.0.1' has no prefix length")
+        self.assertFails(_run_tool("--iface", "lo", "--address", "10.0.0.1/24", "--address",
+                                   "fe80::1/129"), "--address: 'fe80::1/129' is not")
+
+    def test_cleanup_needs_root_and_a_nic(self):
+        with topo.readable_copy() as tool:
+            r = topo.run([topo.unprivileged_python(), tool, "cleanup", "--iface", "lo"],
+                         timeout=60, preexec_fn=topo.as_user(topo.NOBODY))
+        self.assertFails(r, "permission denied", "root")
+        r = _run_tool("cleanup")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("the following arguments are required: --iface", r.stderr)
+
     def test_tap_same_as_nic(self):
         self.assertFails(_run_tool("--iface", "lo", "--path", "/dev/null", "--tap", "lo"),
                          "NIC itself")
@@ -464,6 +492,7 @@ class TestReadWriteDemo(DemoCase, unittest.TestCase):
 class TestReadWriteQueues(QueuesCase, unittest.TestCase):
     TAP_IO = "read-write"
     QUEUES = 2
+    IPERF_SECONDS = 1       # native speed: a second spreads the flows
 
 
 class TestReadWriteQueuesShutdown(QueuesShutdownCase, unittest.TestCase):
@@ -478,6 +507,45 @@ class TestUnwindReadWrite(UnwindCase, unittest.TestCase):
 class TestLinkLossReadWrite(LinkLossCase, unittest.TestCase):
     """NIC and tap lost under --tap-io read-write."""
     TAP_IO = "read-write"
+
+    def test_nic_renamed(self):
+        self.check_gone(lambda: topo.sh("ip", "link", "set", "veth0", "name", "vpren0"),
+                        "veth0 was renamed vpren0")
+        topo.sh("ip", "link", "del", "vpren0")
+
+    def test_nic_moved_to_another_namespace(self):
+        self.check_gone(lambda: topo.sh("ip", "link", "set", "veth0", "netns", topo.NS),
+                        "veth0 was moved to another network namespace")
+
+
+class TestLifeCycleReadWrite(LifeCycleCase, unittest.TestCase):
+    """NIC life cycle and host changes with the tap read and written by the tool."""
+    TAP_IO = "read-write"
+    PACKET_RING = False
+
+
+class TestCarrierFallback(OutsideCase, unittest.TestCase):
+    """A kernel that refuses TUNSETCARRIER (before Linux 5.0, EINVAL; injected here):
+    the bridge runs, follows the MTU, and says the carrier cannot follow."""
+
+    def test_carrier_refused_is_named(self):
+        real = vp.Tap.set_carrier
+
+        def refused(tap, on):
+            raise OSError(errno.EINVAL, "TUNSETCARRIER on tap0: Invalid argument")
+        vp.Tap.set_carrier = refused
+        try:
+            with contextlib.ExitStack() as stack:
+                nic = vp.PacketSocket("veth0")
+                stack.callback(nic.close)
+                bridge = vp.open_bridge(vp.Config(tap_io="read-write"), nic, stack)
+                self.assertFalse(bridge.carrier_follows)
+                self.assertEqual(bridge.describe()[-1], "tap0 follows veth0's MTU (1500) but "
+                                 "not its carrier: TUNSETCARRIER needs Linux 5.0")
+                with open("/sys/class/net/tap0/mtu") as f:
+                    self.assertEqual(f.read().strip(), "1500")
+        finally:
+            vp.Tap.set_carrier = real
 
 
 class TestQueuesErrors(OutsideCase, unittest.TestCase):

@@ -404,13 +404,30 @@ class TestConfig(unittest.TestCase):
                 (dict(mac="zz:00"), "mac", "invalid MAC"),
                 (dict(mac="01:00:5e:00:00:01"), "mac", "not a unicast"),
                 (dict(queues=0), "queues", "from 1 to 256"),
-                (dict(queues=257), "queues", "from 1 to 256")):
+                (dict(queues=257), "queues", "from 1 to 256"),
+                (dict(address=["192.0.2.1"]), "address", "has no prefix length"),
+                (dict(address=["192.0.2.1/33"]), "address", "not an IPv4 or IPv6 address"),
+                (dict(address=["2001:db8::1/64", "tap0/24"]), "address", "'tap0/24' is not"),
+                (dict(netns="../x"), "netns", "not a network namespace name"),
+                (dict(netns=""), "netns", "not a network namespace name")):
             with self.subTest(**options):
                 with self.assertRaises(vp.ConfigError) as cm:
                     vp.Config(**options)
                 self.assertEqual(cm.exception.option, keyword)
                 self.assertIn(why, str(cm.exception))
                 self.assertTrue(str(cm.exception).startswith(keyword + ": "))
+
+    def test_tap_placement_and_the_nic_mac(self):
+        import ipaddress
+        config = vp.Config(address=["192.0.2.1/24", "2001:db8::1/64"], netns="ctr", mac="nic")
+        self.assertEqual(config.address, (ipaddress.ip_interface("192.0.2.1/24"),
+                                          ipaddress.ip_interface("2001:db8::1/64")))
+        self.assertEqual(config.netns, "ctr")
+        self.assertEqual(vp.Config(**config.options()).options(), config.options())
+        # "nic" takes a NIC's address; a port alone has none to take.
+        with self.assertRaisesRegex(vp.ConfigError, "^mac: 'nic' takes the NIC's address"):
+            config.tap_mac()
+        self.assertIsNone(vp.Config().tap_mac())
 
     def test_unknown_keyword_and_mixed_forms_are_refused(self):
         with self.assertRaises(TypeError):
@@ -422,7 +439,9 @@ class TestConfig(unittest.TestCase):
         parser = vp._build_parser()
         for argv, message in ((["--queue-size", "100"], "--queue-size: queue size must be"),
                               (["--lro", "--no-rx-cksum"], "--lro: needs rx checksum"),
-                              (["--queues", "0"], "--queues: must be from 1 to 256")):
+                              (["--queues", "0"], "--queues: must be from 1 to 256"),
+                              (["--address", "10.0.0.1"], "--address: '10.0.0.1' has no "
+                                                          "prefix length")):
             args = parser.parse_args(["--iface", "eth9", "--tap-io", "vhost-net", *argv])
             with self.subTest(argv=argv), self.assertRaises(vp.VhostPathError) as cm:
                 vp._config_from_args(args)

@@ -14,8 +14,8 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import (BridgeCase, DemoCase, LinkLossCase, OutsideCase, ShutdownCase,
-                         UnwindCase, VlanCase)
+from tests.cases import (BridgeCase, DemoCase, LifeCycleCase, LinkLossCase, OutsideCase,
+                         ShutdownCase, UnwindCase)
 OUR_MAC = bytes.fromhex("020000000002")
 MB = 1 << 20
 
@@ -117,15 +117,13 @@ class TestVirtioUserPort(unittest.TestCase):
 
 class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
     """VhostBridge used as a library: two devices, traffic, stop from another thread,
-    close leaves nothing (no fd, no vhost thread, no tap, arp_ignore restored)."""
+    close leaves nothing (no fd, no vhost thread, no tap, NIC settings restored)."""
 
     OFFLOADS = False
 
     def test_bridge_in_a_thread_and_close(self):
         import threading
-        arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
-        with open(arp_ignore) as f:
-            original = f.read().strip()
+        original = topo.nic_settings()
         fds_before = sorted(os.listdir("/proc/self/fd"))
         nic = vp.PacketSocket("veth0")
         bridge = vp.VhostBridge(nic, queue_size=64, rx_cksum=True, lro=True)
@@ -139,8 +137,7 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
             self.assertEqual((bridge.nic_ring.frame_nr, bridge.nic_ring.frame_size), (2048, 2048))
             self.assertEqual(bridge.tap.vnet_hdr_sz(), 10)
             self.assertEqual(len(topo.vhost_threads(os.getpid())), 2)
-            with open(arp_ignore) as f:
-                self.assertEqual(f.read().strip(), "8")
+            self.assertEqual(topo.nic_settings(), topo.QUIET)
             topo.configure_tap("tap0")
             worker.start()
             self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
@@ -165,8 +162,7 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
         self.assertNotIn("tap0", topo.interfaces())
         topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost threads exit")
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
-        with open(arp_ignore) as f:
-            self.assertEqual(f.read().strip(), original)
+        self.assertEqual(topo.nic_settings(), original)
 
 
 class TestVhostBridgeFlood(OutsideCase, unittest.TestCase):
@@ -262,6 +258,10 @@ class TestLinkLoss(LinkLossCase, unittest.TestCase):
     """NIC and tap lost under the defaults (VhostBridge)."""
 
 
+class TestLifeCycle(LifeCycleCase, unittest.TestCase):
+    """NIC life cycle and host changes with vhost-net both ways."""
+
+
 class TestRingBroken(OutsideCase, unittest.TestCase):
     """A device that publishes an impossible used index stops the bridge with a
     RingBrokenError that says what it saw; close() then leaves nothing."""
@@ -322,55 +322,64 @@ class TestOldestAndNewestPython(OutsideCase, unittest.TestCase):
                 self.assertEqual(rc, 0, err)
 
 
-class TestBridgeDefaults(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeDefaults(BridgeCase, unittest.TestCase):
+    VLANS = True
     """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
     LRO = True
 
 
-class TestBridgeNoOffloadOutsideTso(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeNoOffloadOutsideTso(BridgeCase, unittest.TestCase):
+    VLANS = True
     """No offload towards us; the outside sends TSO super-frames with partial checksums."""
     ARGS = ("--no-lro", "--no-rx-cksum")
 
 
-class TestBridgeOffloadsOff(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeOffloadsOff(BridgeCase, unittest.TestCase):
+    VLANS = True
     """No offload anywhere: ethtool -K veth1 tx off, MTU-sized frames, full checksums."""
     ARGS = ("--no-lro", "--no-rx-cksum")
     OFFLOADS = False
 
 
-class TestBridgeRxCksum(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeRxCksum(BridgeCase, unittest.TestCase):
+    VLANS = True
     """--rx-cksum: the kernel hands over partial checksums, completed on the way out."""
     ARGS = ("--rx-cksum", "--no-lro")
     OFFLOADS = False
 
 
-class TestBridgeLro(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeLro(BridgeCase, unittest.TestCase):
+    VLANS = True
     """--lro with 1024-entry rings: 64 KB segments from the kernel, outside a plain wire."""
     ARGS = ("--lro", "--queue-size", "1024")
     OFFLOADS = False
     LRO = True
 
 
-class TestBridgeLroOutsideTsoGro(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeLroOutsideTsoGro(BridgeCase, unittest.TestCase):
+    VLANS = True
     """--lro with the outside's TSO and GRO on: 64 KB frames both ways."""
     ARGS = ("--lro",)
     GRO = True
     LRO = True
 
 
-class TestBridgeSocketNic(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeSocketNic(BridgeCase, unittest.TestCase):
+    VLANS = True
     """--nic-io socket (recvmmsg/sendmmsg here, MRG_RXBUF) with the defaults."""
     ARGS = ("--nic-io", "socket")
     LRO = True
 
 
-class TestBridgeSocketNicOffloadsOff(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeSocketNicOffloadsOff(BridgeCase, unittest.TestCase):
+    VLANS = True
     """--nic-io socket with no offload anywhere."""
     ARGS = ("--nic-io", "socket", "--no-lro", "--no-rx-cksum")
     OFFLOADS = False
 
 
-class TestBridgeReadWrite(BridgeCase, VlanCase, unittest.TestCase):
+class TestBridgeReadWrite(BridgeCase, unittest.TestCase):
+    VLANS = True
     """--tap-io read-write, the fallback, chosen explicitly where vhost-net exists."""
     TAP_IO = "read-write"
     LRO = True

@@ -133,6 +133,20 @@ def remove_outside():
     sh("ip", "netns", "del", NS, check=False)
 
 
+# What vhostpath sets on the NIC while it runs (its QuietNic), read independently of it.
+NIC_SETTINGS = ("ipv4/conf/{}/arp_ignore", "ipv4/conf/{}/rp_filter", "ipv6/conf/{}/disable_ipv6")
+QUIET = {"arp_ignore": "8", "rp_filter": "1", "disable_ipv6": "1"}
+
+
+def nic_settings(iface="veth0"):
+    """{arp_ignore: value, rp_filter: value, disable_ipv6: value} of ``iface`` now."""
+    values = {}
+    for path in NIC_SETTINGS:
+        with open("/proc/sys/net/" + path.format(iface)) as f:
+            values[path.rpartition("/")[2]] = f.read().strip()
+    return values
+
+
 def configure_tap(name="tap0", address=f"{KERNEL_IP}/24"):
     sh("ip", "addr", "add", address, "dev", name)
     sh("ip", "link", "set", name, "up")
@@ -185,6 +199,17 @@ def cpu_seconds(pid):
             except OSError:
                 pass
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def socket_mappings(pid):
+    """Sizes of the socket mappings of ``pid`` (a packet socket's receive ring)."""
+    sizes = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("]") and " socket:[" in line:
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                sizes.append(end - start)
+    return sizes
 
 
 def children(pid):
@@ -324,6 +349,22 @@ class Tool:
             raise AssertionError(f"vhostpath ignored signal {sig} for {timeout} s") from None
         return self.proc.returncode, out.decode(), err.decode()
 
+    def exit_cpu(self, timeout):
+        """Wait for the tool to exit by itself; return (exit status, stderr, CPU seconds
+        it used in all), the last from its rusage.  AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vhostpath still runs {timeout} s later")
+            time.sleep(0.05)
+        self.proc.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) \
+            else -os.WTERMSIG(status)
+        return (self.proc.returncode, self.proc.stderr.read().decode(),
+                usage.ru_utime + usage.ru_stime)
+
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -356,22 +397,25 @@ def checksum_errors(ns=None):
     return counters
 
 
-def ping(target, ns=None, count=3):
-    """Ping ``target``; return the number of replies."""
-    out = sh("ping", "-c", str(count), "-i", "0.2", "-W", "5", target, ns=ns, check=False,
-             timeout=60)
+def ping(target, ns=None, count=3, size=None, wait=5):
+    """Ping ``target``; return the number of replies, each waited for up to ``wait``
+    seconds.  ``size``: ICMP payload bytes, sent with DF (never fragmented)."""
+    sized = ["-s", str(size), "-M", "do"] if size else []
+    out = sh("ping", "-c", str(count), "-i", "0.2", "-W", str(wait), *sized, target, ns=ns,
+             check=False, timeout=60)
     m = re.search(r"(\d+) received", out)
     return int(m.group(1)) if m else 0
 
 
 def tcp_transfer(direction, nbytes, port=5001, timeout=300, kernel_ip=KERNEL_IP,
-                 outside_ip=OUTSIDE_IP):
+                 outside_ip=OUTSIDE_IP, kernel_ns=None):
     """Send ``nbytes`` over TCP through the path; return (sent, received) "<n> <sha256>".
 
-    direction "in": outside -> kernel (1.1.1.1); "out": kernel -> outside.
+    direction "in": outside -> kernel (1.1.1.1, in namespace ``kernel_ns`` if given);
+    "out": kernel -> outside.
     """
-    recv_ns, send_ns, target = (None, NS, kernel_ip) if direction == "in" \
-        else (NS, None, outside_ip)
+    recv_ns, send_ns, target = (kernel_ns, NS, kernel_ip) if direction == "in" \
+        else (NS, kernel_ns, outside_ip)
     prefix = ["ip", "netns", "exec", recv_ns] if recv_ns else []
     receiver = subprocess.Popen([*prefix, sys.executable, XFER, "recv", str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
