@@ -117,6 +117,8 @@ VIRTIO_NET_F_GUEST_TSO6 = 8
 VIRTIO_NET_F_HOST_TSO4 = 11
 VIRTIO_NET_F_HOST_TSO6 = 12
 VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_GUEST_USO4 = 54           # virtio 1.3, Linux 6.2 (newer than these headers)
+VIRTIO_NET_F_GUEST_USO6 = 55
 VIRTIO_F_NOTIFY_ON_EMPTY = 24
 VIRTIO_F_ANY_LAYOUT = 27
 VIRTIO_RING_F_INDIRECT_DESC = 28
@@ -154,6 +156,8 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20                       # Linux 6.2
+TUN_F_USO6 = 0x40
 MAX_TAP_QUEUES = 256                    # drivers/net/tun.c
 
 # linux/sockios.h, linux/if_arp.h, linux/if.h
@@ -721,12 +725,14 @@ FEATURE_NAMES = {
     VIRTIO_NET_F_CSUM: "CSUM", VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
     VIRTIO_NET_F_GUEST_TSO4: "GUEST_TSO4", VIRTIO_NET_F_GUEST_TSO6: "GUEST_TSO6",
     VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4", VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6",
-    VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF", VIRTIO_F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
+    VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF", VIRTIO_NET_F_GUEST_USO4: "GUEST_USO4",
+    VIRTIO_NET_F_GUEST_USO6: "GUEST_USO6", VIRTIO_F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
     VIRTIO_F_ANY_LAYOUT: "ANY_LAYOUT", VIRTIO_RING_F_INDIRECT_DESC: "INDIRECT_DESC",
     VIRTIO_RING_F_EVENT_IDX: "EVENT_IDX", VIRTIO_F_VERSION_1: "VERSION_1",
     VIRTIO_F_ACCESS_PLATFORM: "ACCESS_PLATFORM",
 }
-TUN_F_NAMES = {TUN_F_CSUM: "CSUM", TUN_F_TSO4: "TSO4", TUN_F_TSO6: "TSO6"}
+TUN_F_NAMES = {TUN_F_CSUM: "CSUM", TUN_F_TSO4: "TSO4", TUN_F_TSO6: "TSO6", TUN_F_USO4: "USO4",
+               TUN_F_USO6: "USO6"}
 
 
 def feature_names(features):
@@ -738,8 +744,10 @@ def offload_features(rx_cksum, lro):
     """The virtio-net offload bits the driver negotiates with the tap (not with vhost).
 
     The tap always accepts partial checksums and GSO frames from us (CSUM,
-    HOST_TSO4/6).  GUEST_CSUM lets the kernel hand us partial checksums,
-    GUEST_TSO4/6 (LRO) 64 KB TCP segments; TSO needs the checksum offload.
+    HOST_TSO4/6).  GUEST_CSUM lets the kernel hand us partial checksums;
+    large receive (LRO), which needs it, 64 KB TCP segments (GUEST_TSO4/6)
+    and UDP GSO super-frames (GUEST_USO4/6, where the tap takes TUN_F_USO4/6:
+    Linux 6.2; see Tap.set_virtio_net).
     """
     if lro and not rx_cksum:
         raise VhostPathError("LRO needs rx checksum offload (the kernel refuses TSO "
@@ -749,7 +757,12 @@ def offload_features(rx_cksum, lro):
         bits |= 1 << VIRTIO_NET_F_GUEST_CSUM
     if lro:
         bits |= 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6
+        bits |= 1 << VIRTIO_NET_F_GUEST_USO4 | 1 << VIRTIO_NET_F_GUEST_USO6
     return bits
+
+
+# What only some kernels' taps take: (feature bit, TUNSETOFFLOAD flag).
+USO_OFFLOADS = ((VIRTIO_NET_F_GUEST_USO4, TUN_F_USO4), (VIRTIO_NET_F_GUEST_USO6, TUN_F_USO6))
 
 
 def tap_offloads(features):
@@ -759,6 +772,9 @@ def tap_offloads(features):
         flags |= TUN_F_TSO4
     if flags and features >> VIRTIO_NET_F_GUEST_TSO6 & 1:
         flags |= TUN_F_TSO6
+    for bit, flag in USO_OFFLOADS:
+        if flags and features >> bit & 1:
+            flags |= flag
     return flags
 
 
@@ -1442,11 +1458,22 @@ class Tap:
 
     def set_virtio_net(self, hdr_len, features, mac=None):
         """The tap side of the negotiation: header size, offloads from the feature
-        bits (tap_offloads), and the MAC address unless None."""
+        bits (tap_offloads), and the MAC address unless None.  Returns
+        ``features`` less what the tap refused: UDP segmentation offload
+        (TUN_F_USO4/6) before Linux 6.2, which then segments UDP GSO sends
+        before the tap."""
         self.set_vnet_hdr_sz(hdr_len)
-        self.set_offload(tap_offloads(features))
+        try:
+            self.set_offload(tap_offloads(features))
+        except OSError as e:
+            uso = sum(1 << bit for bit, _ in USO_OFFLOADS)
+            if e.errno != errno.EINVAL or not features & uso:
+                raise
+            features &= ~uso
+            self.set_offload(tap_offloads(features))
         if mac is not None:
             self.set_mac(mac)
+        return features
 
     def set_mac(self, mac):
         """SIOCSIFHWADDR through the tap fd (tun accepts it there, no socket needed)."""
@@ -2090,7 +2117,8 @@ class VhostDevices:
 
     def start(self, tables, tap, hdr_len, features, mac):
         """Step 3: ``tables`` holds each device's memory regions; ``tap`` takes
-        ``hdr_len``, the offloads of ``features`` and ``mac``."""
+        ``hdr_len``, the offloads of ``features`` and ``mac``.  Returns the
+        features the tap took (Tap.set_virtio_net)."""
         for device, regions in zip(self.devices, tables):
             device.set_features(self.features)
             device.set_mem_table(regions)
@@ -2098,13 +2126,14 @@ class VhostDevices:
             device.set_vring(index, vq, callfd)
         # The tap produces and consumes the virtio-net header (vhost-net is not
         # asked for VHOST_NET_F_VIRTIO_NET_HDR), so its header size must match ours.
-        tap.set_virtio_net(hdr_len, features, mac)
+        features = tap.set_virtio_net(hdr_len, features, mac)
         tap.set_sndbuf(INT_MAX)
         for device, index, _, _, backend in self._vrings:
             device.set_backend(index, backend)
         for _, _, vq, _, _ in self._vrings:
             vq.kick_prepare()
             vq.notify()
+        return features
 
     def describe(self, features):
         """The -v lines of the negotiation: what vhost-net offered, what was agreed
@@ -2504,8 +2533,8 @@ class VirtioUserPort(Port):
         for desc_id in self.rxq.take_free(num):         # every RX buffer to the device
             self.rxq.add_buf(desc_id, RX_BUF_SIZE)
         self._layout_tx(tx_bufs, spills)
-        self.vhost.start([[self.arena.region()]], self.tap, self.hdr_len, self.features,
-                         config.tap_mac())
+        self.features = self.vhost.start([[self.arena.region()]], self.tap, self.hdr_len,
+                                         self.features, config.tap_mac())
         if tap is None:
             config.configure_tap(self.tap)
         self._rx_taken = []                # [(desc id, length)] per packet taken, in order
@@ -2716,7 +2745,8 @@ class TapPort(Port):
         try:
             self.stats = stats or PortStats()
             self.stats.name = self.tap.name
-            self.tap.set_virtio_net(self.hdr_len, self.features, self.config.tap_mac())
+            self.features = self.tap.set_virtio_net(self.hdr_len, self.features,
+                                                    self.config.tap_mac())
             if tap is None:
                 self.config.configure_tap(self.tap)
         except BaseException:
@@ -3311,8 +3341,8 @@ class VhostBridge(_Forwarder):
         self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
         self._nic_lost = None                   # a frame whose copy came truncated: dropped
         arena = self.arena.region()
-        self.vhost.start([[arena, self.nic_ring.region()], [arena]], self.tap,
-                         self.hdr_len, self.features, mac)
+        self.features = self.vhost.start([[arena, self.nic_ring.region()], [arena]],
+                                         self.tap, self.hdr_len, self.features, mac)
 
     def _follow(self, link):
         super()._follow(link)
@@ -4211,7 +4241,10 @@ def _demo_main(args):
 
     def interrupted(*_):
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
+    # SIGINT too: a shell starts a background job with SIGINT ignored, and Python
+    # then keeps it ignored instead of raising KeyboardInterrupt.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
 
     def step(msg):
         print(f"demo: {msg}", flush=True)

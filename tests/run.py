@@ -32,12 +32,13 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT]
 SUMMARY = "/mnt/results/summary.json"
 # One guest boot each: (Debian kernel series, vCPUs, module, its tests run there or
-# None for all).  Debian's 6.12 runs the core tests: ping, sha256-checked transfers
-# both ways with offloads on and off (either NIC I/O), the library, clean shutdown.
+# None for all).  Debian's 6.12 runs the core tests (ping, sha256-checked transfers
+# both ways with offloads on and off, either NIC I/O, the library, clean shutdown)
+# and those of what only newer kernels have: UDP GSO through the tap (6.2).
 BOOTS = [("6.1", 2, "test_vhost", None), ("6.1", 4, "test_vhost_mq", None),
          ("6.12", 2, "test_vhost", ["TestVirtioUserPort", "TestBridgeDefaults",
                                     "TestBridgeOffloadsOff", "TestBridgeSocketNic",
-                                    "TestShutdown", "TestShutdownSocketNic"])]
+                                    "TestShutdown", "TestShutdownSocketNic", "TestUdpGso"])]
 
 
 class _Counting(unittest.TextTestResult):

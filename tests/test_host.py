@@ -19,7 +19,7 @@ import unittest
 import vhostpath as vp
 from tests import topo
 from tests.cases import (BridgeCase, DemoCase, LifeCycleCase, LinkLossCase, OutsideCase,
-                         QueuesCase, QueuesShutdownCase, ShutdownCase, UnwindCase)
+                         QueuesCase, QueuesShutdownCase, ShutdownCase, UdpGsoCase, UnwindCase)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -522,6 +522,10 @@ class TestLifeCycleReadWrite(LifeCycleCase, unittest.TestCase):
     """NIC life cycle and host changes with the tap read and written by the tool."""
     TAP_IO = "read-write"
     PACKET_RING = False
+
+
+class TestUdpGsoReadWrite(UdpGsoCase, unittest.TestCase):
+    TAP_IO = "read-write"
 
 
 class TestCarrierFallback(OutsideCase, unittest.TestCase):

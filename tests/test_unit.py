@@ -35,7 +35,8 @@ class TestRingArithmetic(unittest.TestCase):
         self.assertEqual(vp.offload_features(True, False), tx | 1 << vp.VIRTIO_NET_F_GUEST_CSUM)
         lro = vp.offload_features(True, True)
         self.assertEqual(vp.feature_names(lro),
-                         "CSUM GUEST_CSUM GUEST_TSO4 GUEST_TSO6 HOST_TSO4 HOST_TSO6")
+                         "CSUM GUEST_CSUM GUEST_TSO4 GUEST_TSO6 HOST_TSO4 HOST_TSO6 "
+                         "GUEST_USO4 GUEST_USO6")
         with self.assertRaisesRegex(vp.VhostPathError, "LRO needs rx checksum"):
             vp.offload_features(False, True)
 
@@ -43,7 +44,12 @@ class TestRingArithmetic(unittest.TestCase):
         self.assertEqual(vp.tap_offloads(vp.offload_features(False, False)), 0)
         self.assertEqual(vp.tap_offloads(vp.offload_features(True, False)), vp.TUN_F_CSUM)
         self.assertEqual(vp.tap_offloads(vp.offload_features(True, True)),
-                         vp.TUN_F_CSUM | vp.TUN_F_TSO4 | vp.TUN_F_TSO6)
+                         vp.TUN_F_CSUM | vp.TUN_F_TSO4 | vp.TUN_F_TSO6 | vp.TUN_F_USO4
+                         | vp.TUN_F_USO6)
+        # Newer than the build host's headers (6.1): pinned from linux/if_tun.h and
+        # linux/virtio_net.h of 6.2.
+        self.assertEqual((vp.TUN_F_USO4, vp.TUN_F_USO6), (0x20, 0x40))
+        self.assertEqual((vp.VIRTIO_NET_F_GUEST_USO4, vp.VIRTIO_NET_F_GUEST_USO6), (54, 55))
         # TSO bits without GUEST_CSUM never reach the tap (it would refuse them).
         self.assertEqual(vp.tap_offloads(1 << vp.VIRTIO_NET_F_GUEST_TSO4), 0)
 

@@ -15,7 +15,7 @@ import unittest
 import vhostpath as vp
 from tests import topo
 from tests.cases import (BridgeCase, DemoCase, LifeCycleCase, LinkLossCase, OutsideCase,
-                         ShutdownCase, UnwindCase)
+                         ShutdownCase, UdpGsoCase, UnwindCase)
 OUR_MAC = bytes.fromhex("020000000002")
 MB = 1 << 20
 
@@ -260,6 +260,10 @@ class TestLinkLoss(LinkLossCase, unittest.TestCase):
 
 class TestLifeCycle(LifeCycleCase, unittest.TestCase):
     """NIC life cycle and host changes with vhost-net both ways."""
+
+
+class TestUdpGso(UdpGsoCase, unittest.TestCase):
+    """UDP GSO through vhost-net both ways: one super-frame on 6.2+, segmented before."""
 
 
 class TestRingBroken(OutsideCase, unittest.TestCase):

@@ -407,6 +407,34 @@ def ping(target, ns=None, count=3, size=None, wait=5):
     return int(m.group(1)) if m else 0
 
 
+def udp_gso_send(count=40, size=1400, port=5002):
+    """From the kernel side, ``count`` UDP datagrams of ``size`` bytes to the outside in
+    one send (one UDP GSO super-frame); return (sent, received) "<count> <sha256>"."""
+    receiver = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, XFER, "udp-recv",
+                                 str(port), str(count)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = readline(receiver.stdout, time.monotonic() + 60)
+        if ready != "ready\n":
+            raise AssertionError(f"UDP receiver did not start: {ready!r}")
+        sent = sh(sys.executable, XFER, "udp-send", OUTSIDE_IP, str(port), str(count),
+                  str(size)).strip()
+        out, err = receiver.communicate(timeout=60)
+        if receiver.returncode:
+            raise AssertionError(f"UDP receiver failed: {err.decode().strip()}")
+        return sent, out.decode().strip()
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.communicate()
+
+
+def kernel_at_least(major, minor):
+    """Whether the running kernel is ``major``.``minor`` or later."""
+    import platform
+    return tuple(int(x) for x in platform.release().split(".")[:2]) >= (major, minor)
+
+
 def tcp_transfer(direction, nbytes, port=5001, timeout=300, kernel_ip=KERNEL_IP,
                  outside_ip=OUTSIDE_IP, kernel_ns=None):
     """Send ``nbytes`` over TCP through the path; return (sent, received) "<n> <sha256>".
