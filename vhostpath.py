@@ -191,6 +191,7 @@ TP_STATUS_COPY = 1 << 1
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 PACKET_VNET_HDR = 15
+PACKET_VNET_HDR_SZ = 24                 # Linux 6.4
 PACKET_IGNORE_OUTGOING = 23
 PACKET_FANOUT = 18
 PACKET_FANOUT_HASH = 0
@@ -801,10 +802,15 @@ MIN_QUEUE_SIZE = 64                      # room for MAX_RX_BUFS, and then some
 SEND_BATCH = 64                          # packets per sendmmsg(2) towards the NIC
 RECV_BATCH = 16                          # packets per recvmmsg(2) from the NIC
 # VhostBridge: a packet socket's virtio-net header is 10 bytes before Linux 6.4
-# (PACKET_VNET_HDR_SZ), so neither device negotiates MRG_RXBUF and every buffer
-# holds a whole frame.  Page-rounded: an MTU-sized frame touches one page of
-# its buffer, so memory is committed only where large frames have been.
-VHOST_BUF_SIZE = _page_round(VIRTIO_NET_HDR_LEN + MAX_FRAME)
+# (PACKET_VNET_HDR_SZ), so there the tap device cannot merge RX buffers and every
+# buffer towards the NIC holds a whole frame (VHOST_BUF_SIZE, page-rounded: an
+# MTU-sized frame touches one page of it, so memory is committed only where
+# large frames have been).  From 6.4 the header is 12 bytes, the tap device
+# merges pages (MERGED_BUF_SIZE) and the NIC TX ring carries them chained.
+# Either way a frame from the NIC too big for its packet ring slot is received
+# into one of SPILLS whole-frame areas, room for a VLAN tag in front.
+VHOST_BUF_SIZE = _page_round(VLAN_HLEN + VIRTIO_NET_HDR_MRG_RXBUF_LEN + MAX_FRAME)
+MERGED_BUF_SIZE = 4096
 NIC_RING_BYTES = 4 << 20                 # the packet receive ring: a burst's worth
 
 
@@ -1031,6 +1037,12 @@ class SplitVirtqueue:
         d16[last * 8 + 6] = self._flags
         self.chains[ids[0]] = ids
         self._add_head(ids[0], length)
+
+    def unchain(self, ids):
+        """Descriptors of a used chain single again (their set-up flags, no NEXT), for a
+        ring that offers them with add_bufs / add_run next."""
+        for desc_id in ids:
+            self._desc_u16[desc_id * 8 + 6] = self._flags
 
     def kick_prepare(self):
         """Publish avail->idx; return True if the device wants a kick: NO_NOTIFY clear,
@@ -1669,7 +1681,8 @@ class PacketSocket:
 
     PACKET_VNET_HDR puts a 10-byte virtio_net_hdr in front of each frame, so
     GSO super-frames and partial checksums (veth does both by default) cross
-    intact.  Promiscuous, all protocols, own transmissions not looped back
+    intact; ``set_hdr_len(12)`` makes it the 12-byte virtio_net_hdr_mrg_rxbuf
+    (``hdr_len``) where the kernel takes that (Linux 6.4).  Promiscuous, all protocols, own transmissions not looped back
     (PACKET_IGNORE_OUTGOING, Linux 4.20; before it, a DROP_OUTGOING filter).
     A frame's VLAN tag, which the kernel takes off before a packet socket
     sees it, comes in its PACKET_AUXDATA control message (``auxdata_vlan``).
@@ -1690,6 +1703,7 @@ class PacketSocket:
             raise VhostPathError(f"no such network interface: {iface}") from None
         # Protocol 0 until bound: an ETH_P_ALL socket would see every interface's traffic.
         self.sock = socket.socket(AF_PACKET, socket.SOCK_RAW, 0)
+        self.hdr_len = VIRTIO_NET_HDR_LEN       # the header before each frame
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             ignore_outgoing = self._ignore_outgoing()
@@ -1720,6 +1734,13 @@ class PacketSocket:
             attach_filter(self.sock, DROP_OUTGOING)     # Linux < 4.20: no option, no flag
             return 0
         return PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+
+    def set_hdr_len(self, size):
+        """PACKET_VNET_HDR_SZ: 10, or 12 (num_buffers after the header, 0 on receive,
+        skipped on send); only before a ring is set.  OSError ENOPROTOOPT before
+        Linux 6.4."""
+        self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR_SZ, size)
+        self.hdr_len = size
 
     @classmethod
     def auxdata_vlan(cls, control):
@@ -1793,32 +1814,40 @@ class PacketRxRing:
     """A TPACKET_V2 receive ring (PACKET_RX_RING) on a PacketSocket, mapped here.
 
     In the softirq that receives a frame, the kernel copies it into the next
-    ring frame, behind a tpacket2_hdr and the socket's 10-byte virtio_net_hdr
-    (at tp_mac - VIRTIO_NET_HDR_LEN), then sets tp_status to TP_STATUS_USER.  Clearing
+    ring frame, behind a tpacket2_hdr and room for the socket's ``hdr_len``-byte
+    virtio-net header, whose first 10 bytes it writes right before the frame
+    (see front_headers), then sets tp_status to TP_STATUS_USER.  Clearing
     tp_status hands a frame back.  The kernel fills frames strictly in ring
     order and drops (PACKET_STATISTICS) while its next frame is not back.  A
     frame too big for its slot is truncated there and, with
     PACKET_COPY_THRESH, queued whole on the socket (TP_STATUS_COPY), where
     recv() finds these in ring order.  Documentation/networking/packet_mmap.rst.
 
-    ``frame_nr`` slots (even) of ``slot_size(max_frame)``: 2 KB, or whole pages
-    when ``max_frame`` does not fit in 2 KB.  ``close()`` unmaps and frees the
-    ring, leaving the socket as it was.
+    ``frame_nr`` slots (even) of ``slot_size(max_frame, nic.hdr_len)``: 2 KB, or
+    whole pages when ``max_frame`` does not fit in 2 KB.  Each frame starts at
+    ``mac_offset``.  ``close()`` unmaps and frees the ring, leaving the socket
+    as it was.
     """
 
     SLOT = 2048
-    # tpacket_rcv(): netoff = TPACKET_ALIGN(hdrlen + max(16, maclen)) + vnet header;
-    # macoff = netoff - maclen.  An Ethernet frame's maclen is ETH_HLEN.
-    MAC_OFFSET = _tpacket_align(TPACKET2_HDRLEN + 16) + VIRTIO_NET_HDR_LEN - ETH_HLEN
+
+    @staticmethod
+    def mac_offset_for(hdr_len):
+        """Where a frame starts in its slot behind a ``hdr_len``-byte header: tpacket_rcv()
+        takes netoff = TPACKET_ALIGN(hdrlen + max(16, maclen)) + the header, and
+        macoff = netoff - maclen, an Ethernet frame's maclen being ETH_HLEN."""
+        return _tpacket_align(TPACKET2_HDRLEN + 16) + hdr_len - ETH_HLEN
 
     @classmethod
-    def slot_size(cls, max_frame):
+    def slot_size(cls, max_frame, hdr_len):
         """The slot that holds a ``max_frame``-byte frame: 2 KB, or whole pages."""
-        need = cls.MAC_OFFSET + max_frame
+        need = cls.mac_offset_for(hdr_len) + max_frame
         return cls.SLOT if need <= cls.SLOT else _page_round(need)
 
     def __init__(self, nic, frame_nr, max_frame):
-        self.frame_size = self.slot_size(max_frame)
+        self.frame_size = self.slot_size(max_frame, nic.hdr_len)
+        self.mac_offset = self.mac_offset_for(nic.hdr_len)
+        self._pad = nic.hdr_len - VIRTIO_NET_HDR_LEN     # see front_headers
         self.frame_nr = frame_nr
         block_size = max(self.frame_size, mmap.PAGESIZE)
         req = tpacket_req(block_size, frame_nr * self.frame_size // block_size,
@@ -1888,14 +1917,36 @@ class PacketRxRing:
                              self._u16[u16 + tpacket2_hdr.tp_vlan_tpid.offset // 2],
                              self._u16[u16 + tpacket2_hdr.tp_vlan_tci.offset // 2])
 
+    def front_headers(self, start, n):
+        """Headers of frames start .. start+n-1 at mac_offset as a 12-byte reader (a
+        tap) wants them.  With a 12-byte header size (PACKET_VNET_HDR_SZ),
+        tpacket_rcv() still writes the 10-byte virtio_net_hdr right before the
+        frame, 2 unused bytes in front of it; [virtio_net_hdr][num_buffers] has
+        it 2 bytes further in front.  Moved by strided copies, front first;
+        num_buffers is left stale (a tap skips it on transmit).  Nothing to do
+        with a 10-byte header."""
+        if not self._pad:
+            return
+        u16, h2, pad = self._u16, self.frame_size // 2, self._pad // 2
+        for off in range(self.mac_offset - VIRTIO_NET_HDR_LEN, self.mac_offset, 2):
+            dst = start * h2 + (off - self._pad) // 2
+            u16[dst:dst + n * h2:h2] = u16[dst + pad:dst + pad + n * h2:h2]
+
+    def front_header(self, i, mac):
+        """front_headers for frame ``i`` alone, its frame at ``mac`` in its slot."""
+        if self._pad:
+            at = i * self.frame_size + mac
+            self.view[at - self._pad - VIRTIO_NET_HDR_LEN:at - self._pad] = \
+                self.view[at - VIRTIO_NET_HDR_LEN:at].tobytes()
+
     def retag(self, start, n, hdr_len):
-        """insert_vlan_tag on frames start .. start+n-1 at once, each at MAC_OFFSET
+        """insert_vlan_tag on frames start .. start+n-1 at once, each at mac_offset
         behind a ``hdr_len``-byte header, with strided copies (one per 2 bytes
         moved, then the TPID and TCI columns).  Only where each frame came
         tagged with its TPID reported (TP_STATUS_VLAN_VALID, _VLAN_TPID_VALID)
         and no header has offsets to move (no flag but DATA_VALID, gso_type 0);
         returns whether it did, else nothing changed."""
-        fs, hdr = self.frame_size, self.MAC_OFFSET - hdr_len
+        fs, hdr = self.frame_size, self.mac_offset - hdr_len
         status = self._status_bytes(start, n)
         flags = self.view[start * fs + hdr:(start + n) * fs:fs].tobytes()
         gso = self.view[start * fs + hdr + 1:(start + n) * fs:fs].tobytes()
@@ -3250,7 +3301,11 @@ class VhostBridge(_Forwarder):
     is, and given back to the kernel once the tap device has used it.
     Outwards, buffer i of one pool is descriptor i in both rings: the used
     entries (i, len) of the tap RX ring are offered on the NIC TX ring, and a
-    used TX entry offers buffer i to the RX ring again.  Python touches no
+    used TX entry offers buffer i to the RX ring again.  Where the packet
+    socket takes the 12-byte header (Linux 6.4, PACKET_VNET_HDR_SZ), the tap
+    device merges RX buffers (MRG_RXBUF): the buffers are pages, and a packet
+    spanning k of them (num_buffers k) goes on the NIC TX ring as a chain of
+    those k descriptors.  Python touches no
     payload (but for frames larger than a ring slot, received with recv) and
     per wakeup makes one poll(), one read of the call eventfd all rings share
     and the kicks vhost asks for.  No TX ring can be full: when the kernel
@@ -3270,7 +3325,6 @@ class VhostBridge(_Forwarder):
                  quiet_nic=True, **options):
         self.config = _config(config, options)
         self.queue_size = self.config.queue_size
-        self.hdr_len = VIRTIO_NET_HDR_LEN                 # the packet socket's
         self._attach_nic(nic, nic_stats)
         self.tap_stats = tap_stats or PortStats()
         self.resizes = 0                    # data paths made again for a larger MTU
@@ -3290,6 +3344,17 @@ class VhostBridge(_Forwarder):
         self.tap_stats.name = self.tap.name
         self._open_wakeup()
         push(self._close_wakeup)
+        # The packet socket's header, the tap's too: 12 bytes where the kernel takes
+        # that (Linux 6.4), so the tap device can merge RX buffers; else 10.
+        try:
+            self.nic.set_hdr_len(VIRTIO_NET_HDR_MRG_RXBUF_LEN)
+        except OSError as e:            # before 6.4; or a ring on the socket already,
+            if e.errno not in (errno.ENOPROTOOPT, errno.EBUSY):    # refused below
+                raise
+        else:
+            push(self.nic.set_hdr_len, VIRTIO_NET_HDR_LEN)    # given back as it was
+        self.hdr_len = self.nic.hdr_len
+        self.merged = self.hdr_len == VIRTIO_NET_HDR_MRG_RXBUF_LEN
         self._datapath = contextlib.ExitStack()
         push(lambda: self._datapath.close())        # the one in use (see _resize)
         self._start_datapath(config.tap_mac(self.nic))
@@ -3305,39 +3370,55 @@ class VhostBridge(_Forwarder):
         packet ring slots for the NIC's MTU; the tap takes ``mac`` unless None."""
         push, config, num = self._datapath.callback, self.config, self.queue_size
         ring = _page_round(vring_layout(num)[3])
-        pool_out, pool_big = 3 * ring, 3 * ring + num * VHOST_BUF_SIZE
+        out_size = MERGED_BUF_SIZE if self.merged else VHOST_BUF_SIZE
+        pool_out, spills = 3 * ring, 3 * ring + num * out_size
         # The arena and the packet ring outlive both vhost fds: made before, closed after.
-        self.arena = Arena(pool_big + num * VHOST_BUF_SIZE)
+        self.arena = Arena(spills + SPILLS * VHOST_BUF_SIZE)
         push(self.arena.close)
         # The packet ring has room for a burst (NIC_RING_BYTES), in a whole
         # number of tap TX rings: frame f is tap TX descriptor f % num.
-        slots = NIC_RING_BYTES // PacketRxRing.slot_size(self._max_frame)
+        slots = NIC_RING_BYTES // PacketRxRing.slot_size(self._max_frame, self.hdr_len)
         self.nic_ring = PacketRxRing(self.nic, max(num, 1 << slots.bit_length() - 1),
                                      self._max_frame)
         push(self.nic_ring.close)
-        # Only EVENT_IDX is asked of vhost-net: the offload bits are the tap's
-        # (TUNSETOFFLOAD), and the packet socket honours the same header.
-        self.vhost = VhostDevices(self._datapath, config.path, 2, self.VHOST_FEATURES,
-                                  self.arena, num)
+        # Only EVENT_IDX (and MRG_RXBUF) is asked of vhost-net: the offload bits are
+        # the tap's (TUNSETOFFLOAD), and the packet socket honours the same header.
+        wanted = self.VHOST_FEATURES | (1 << VIRTIO_NET_F_MRG_RXBUF if self.merged else 0)
+        self.vhost = VhostDevices(self._datapath, config.path, 2, wanted, self.arena, num)
+        if self.merged and not self.vhost.features >> VIRTIO_NET_F_MRG_RXBUF & 1:
+            raise VhostPathError(f"{config.path} does not offer MRG_RXBUF")
         self.features = self.vhost.features | config.offloads
         self.callfd = self.vhost.eventfd()          # one call eventfd all rings share
         tap_fd, nic_fd = self.tap.fileno(), self.nic.fileno()
         self.tap_rxq = self.vhost.vring(0, VHOST_NET_VQ_RX, tap_fd, self.callfd, ring=0,
-                                        bufs=pool_out, buf_size=VHOST_BUF_SIZE,
-                                        device_writes=True)
+                                        bufs=pool_out, buf_size=out_size, device_writes=True)
+        # Tap TX descriptors own no buffer: each is pointed at a ring slot or a spill.
         self.tap_txq = self.vhost.vring(0, VHOST_NET_VQ_TX, tap_fd, self.callfd, ring=ring,
-                                        bufs=pool_big, buf_size=VHOST_BUF_SIZE,
-                                        device_writes=False)
+                                        bufs=spills, buf_size=0, device_writes=False)
         self.nic_txq = self.vhost.vring(1, VHOST_NET_VQ_TX, nic_fd, self.callfd, ring=2 * ring,
-                                        bufs=pool_out, buf_size=VHOST_BUF_SIZE,
-                                        device_writes=False)
+                                        bufs=pool_out, buf_size=out_size, device_writes=False)
         self.tap_rxq.add_run(0, num)                # the whole pool to the tap RX ring
-        # Where tap TX descriptors point: a frame's virtio_net_hdr in its ring slot.
-        # A frame too big for its slot goes into the descriptor's own arena buffer.
+        # num_buffers of each pool buffer (merged): a u16 10 bytes into it.
+        self._num_buffers = self.arena.view[pool_out:pool_out + num * out_size].cast("H")[
+            VIRTIO_NET_HDR_LEN // 2::out_size // 2]
+        push(self._num_buffers.release)
+        self._ones = memoryview(array.array("H", [1] * num))
+        self._merging = None                    # (ids, lengths, num_buffers) of a packet
+        self._chains = {}                       # NIC TX head -> the ids chained there
+        # Where tap TX descriptors point: a frame's header in its ring slot.
         # [untagged, retagged]: see PacketRxRing.retag.
-        hdr = self.nic_ring.MAC_OFFSET - self.hdr_len
+        hdr = self.nic_ring.mac_offset - self.hdr_len
         self._frame_addrs = [self.nic_ring.frame_addrs(hdr),
                              self.nic_ring.frame_addrs(hdr - VLAN_HLEN)]
+        # A frame too big for its slot goes into a spill area, held until used.
+        self._spill_views = [self.arena.view[spills + i * VHOST_BUF_SIZE:
+                                             spills + (i + 1) * VHOST_BUF_SIZE]
+                             for i in range(SPILLS)]
+        for view in self._spill_views:
+            push(view.release)
+        self._spills = list(range(SPILLS))      # free spill areas
+        self._spill_of = {}                     # tap TX descriptor -> its spill area
+        self._spill_base = self.arena.addr + spills
         self._nic_head = self._nic_tail = 0     # next frame to look at; oldest not given back
         self._nic_lost = None                   # a frame whose copy came truncated: dropped
         arena = self.arena.region()
@@ -3346,7 +3427,7 @@ class VhostBridge(_Forwarder):
 
     def _follow(self, link):
         super()._follow(link)
-        if PacketRxRing.slot_size(self._max_frame) > self.nic_ring.frame_size:
+        if PacketRxRing.slot_size(self._max_frame, self.hdr_len) > self.nic_ring.frame_size:
             self._resize()
 
     def _resize(self):
@@ -3379,9 +3460,14 @@ class VhostBridge(_Forwarder):
     def describe(self):
         """The -v lines: how the NIC is served, then the negotiation."""
         ring = self.nic_ring
+        out = (f"merged {MERGED_BUF_SIZE}-byte buffers (a {self.hdr_len}-byte header: "
+               "PACKET_VNET_HDR_SZ)" if self.merged else
+               f"whole-frame {VHOST_BUF_SIZE}-byte buffers (a {self.hdr_len}-byte header)")
         return [f"NIC side: in through the packet socket's receive ring on {self.nic.iface} "
                 f"({ring.frame_nr} x {ring.frame_size} bytes), out through a second vhost-net "
-                f"device, backend the packet socket; Python moves descriptors only",
+                f"device, backend the packet socket; Python moves descriptors only; "
+                f"{self.queue_size} {out} towards the NIC, {SPILLS} spill areas for frames "
+                "larger than a slot",
                 *self.vhost.describe(self.features),
                 describe_tap(self.tap, self.hdr_len, self.features), self.describe_following()]
 
@@ -3407,26 +3493,75 @@ class VhostBridge(_Forwarder):
     def _forward(self, kicks):
         """Offer what the tap device received on the NIC TX ring; return how many.
         A ring that needs a kick is added to ``kicks``."""
-        moved = 0
+        rxq, txq, h, moved = self.tap_rxq, self.nic_txq, self.hdr_len, 0
         while True:
-            run = self.tap_rxq.get_run(min_len=self.hdr_len)      # each has its header
+            # Merged, a buffer after a packet's first may hold any length.
+            run = rxq.get_run(min_len=1 if self.merged else h)
             if run is None:
                 break
             first, count, lengths = run
-            self.nic_txq.add_run(first, count, lengths)
-            self._count(self.tap_stats, self.nic_stats, lengths)
-            moved += count
-        if moved and self.nic_txq.kick_prepare():
-            kicks.append(self.nic_txq)
+            # The usual run: a packet per buffer (num_buffers 1 in each, merged).
+            if not self.merged or (self._merging is None and min(lengths) >= h and
+                                   self._num_buffers[first:first + count] == self._ones[:count]):
+                txq.add_run(first, count, lengths)
+                self._count(self.tap_stats, self.nic_stats, lengths)
+                moved += count
+            else:
+                moved += self._forward_merged(first, count, lengths)
+        if moved and txq.kick_prepare():
+            kicks.append(txq)
         return moved
 
+    def _forward_merged(self, first, count, lengths):
+        """_forward for a run holding packets that span several buffers (or the end of
+        one that began in the run before): each packet goes on the NIC TX ring
+        as a chain of its buffers.  Returns the packets offered."""
+        rxq, h, size, sizes = self.tap_rxq, self.hdr_len, self.tap_rxq.buf_size, []
+        for desc_id, length in zip(range(first, first + count), lengths):
+            if self._merging is None:
+                # The device wrote num_buffers; a packet's first buffer holds its header.
+                if length < h:
+                    rxq.mark_broken(f"used len {length} is shorter than the {h}-byte header")
+                wanted = self._num_buffers[desc_id]
+                if not 1 <= wanted <= rxq.num:
+                    rxq.mark_broken(f"num_buffers {wanted} in a {rxq.num}-entry ring")
+                self._merging = ([], [], wanted)
+            ids, lens, wanted = self._merging
+            ids.append(desc_id)
+            lens.append(length)
+            if len(ids) < wanted:
+                if length != size:          # virtio 5.1.6.4: all but the last used whole
+                    rxq.mark_broken(f"merged buffer {desc_id} holds {length} of {size} bytes")
+                continue
+            self._merging = None
+            self.nic_txq.add_chain(ids, sum(lens))
+            if len(ids) > 1:
+                self._chains[ids[0]] = ids
+            sizes.append(sum(lens))
+        if sizes:
+            self._count(self.tap_stats, self.nic_stats, sizes)
+        return len(sizes)
+
     def _recycle(self, kicks):
-        """Offer the buffers the NIC TX ring has sent to the tap RX ring again."""
+        """Offer the buffers the NIC TX ring has sent (each buffer of a chain) to the
+        tap RX ring again."""
         while True:
             run = self.nic_txq.get_run()
             if run is None:
                 break
-            self.tap_rxq.add_run(*run[:2])
+            first, count, _ = run
+            if not self._chains:
+                self.tap_rxq.add_run(first, count)
+                continue
+            ids = []
+            for head in range(first, first + count):
+                chain = self._chains.pop(head, None)
+                if chain is None:
+                    ids.append(head)
+                else:
+                    self.nic_txq.unchain(chain)
+                    ids += chain
+            self.tap_rxq.add_bufs(ids)
         if self.tap_rxq.kick_prepare():
             kicks.append(self.tap_rxq)
 
@@ -3444,11 +3579,13 @@ class VhostBridge(_Forwarder):
                 break
             status, tp_len, snaplen, mac = ring.headers(start, n)
             first = start % txq.num                  # frame f is descriptor f % num
-            # The usual batch: whole frames at MAC_OFFSET, all untagged, or all tagged
+            # The usual batch: whole frames at mac_offset, all untagged, or all tagged
             # and put back at once (retag), each frame then 4 bytes further in front.
-            tag = None
-            if snaplen == tp_len and min(mac) == max(mac) == ring.MAC_OFFSET \
-                    and max(snaplen) <= ring.frame_size - ring.MAC_OFFSET:
+            tag, fronted = None, False
+            if snaplen == tp_len and min(mac) == max(mac) == ring.mac_offset \
+                    and max(snaplen) <= ring.frame_size - ring.mac_offset:
+                ring.front_headers(start, n)
+                fronted = True
                 tag = VLAN_HLEN if ring.vlan_tagged(start, n) else 0
                 if tag and not ring.retag(start, n, self.hdr_len):
                     tag = None
@@ -3458,7 +3595,8 @@ class VhostBridge(_Forwarder):
                 txq.add_run(first, n, memoryview(lengths))
                 taken = n
             else:
-                ids, lengths, taken = self._receive_odd(start, status, tp_len, snaplen, mac)
+                ids, lengths, taken = self._receive_odd(start, status, tp_len, snaplen, mac,
+                                                        fronted)
                 txq.add_bufs(ids, lengths)
             self._nic_head = (start + taken) % ring.frame_nr
             room -= taken
@@ -3471,10 +3609,12 @@ class VhostBridge(_Forwarder):
             kicks.append(txq)
         return moved
 
-    def _receive_odd(self, start, status, tp_len, snaplen, mac):
+    def _receive_odd(self, start, status, tp_len, snaplen, mac, fronted):
         """The slow path of _receive, frame by frame: a frame too big for its slot is
-        received whole (TP_STATUS_COPY) into its descriptor's arena buffer, one
-        at an unusual offset is offered from where it is, and one that came
+        received whole (TP_STATUS_COPY) into a spill area (the batch stops while
+        all are out), one at an unusual offset is offered from where it is (its
+        header moved to the front unless ``fronted`` says the batch's were:
+        PacketRxRing.front_headers), and one that came
         with a VLAN tag gets it back (insert_vlan_tag).  One truncated without
         a copy (socket buffer full), or whose copy came truncated (over 64 KB),
         is dropped, but only once no frame is out, since frames go back to the
@@ -3488,15 +3628,22 @@ class VhostBridge(_Forwarder):
             tag = ring.vlan(f) if st & TP_STATUS_VLAN_VALID else None
             buf = None
             if st & TP_STATUS_COPY and f != self._nic_lost:
-                own = txq.bufs[desc]            # received VLAN_HLEN in: room for a tag
+                if not self._spills:            # each held by a frame out: back soon
+                    break
+                spill = self._spills[-1]
+                own = self._spill_views[spill]  # received VLAN_HLEN in: room for a tag
                 with contextlib.suppress(BlockingIOError):
                     nbytes, truncated = self.nic.recv_into(own[VLAN_HLEN:])
                     if truncated:               # its copy is gone: never receive for f again
                         self._nic_lost = f
                     else:
-                        buf, base, hdr, length = own, txq.buf_addr(desc), VLAN_HLEN, nbytes
+                        self._spill_of[desc] = self._spills.pop()
+                        buf, base, hdr, length = (own, self._spill_base + spill * VHOST_BUF_SIZE,
+                                                  VLAN_HLEN, nbytes)
             elif snap == full and off - h - (VLAN_HLEN if tag else 0) >= TPACKET2_HDRLEN \
                     and off + snap <= ring.frame_size:
+                if not fronted:
+                    ring.front_header(f, off)
                 buf, base, hdr, length = ring.view, ring.addr, f * ring.frame_size + off - h, \
                     snap + h
             if buf is not None:
@@ -3526,6 +3673,11 @@ class VhostBridge(_Forwarder):
             first, count, _ = run
             if first != (tail + n) % num:
                 self.tap_txq.mark_broken("the tap TX ring used frames out of order")
+            if self._spill_of:                  # spill areas of the frames used: free
+                for desc_id in range(first, first + count):
+                    spill = self._spill_of.pop(desc_id, None)
+                    if spill is not None:
+                        self._spills.append(spill)
             n += count
         if n:
             self.nic_ring.release(tail, n)

@@ -1,6 +1,7 @@
 """Benchmark (not run by CI): vhostpath against the kernel-direct limit, in ONE guest boot.
 
-    sudo python3 tests/bench.py [--suite offloads|peers|queues|profile] [--seconds 10]
+    sudo python3 tests/bench.py [--suite offloads|peers|queues|profile|memory] [--seconds 10]
+                                [--kernel 6.1|6.12]
 
 "peers" is the reference: kernel direct, DPDK testpmd, a naive Python bridge and
 every vhostpath mode (both NIC I/O modes), TCP, 64-byte rates, RTT and CPU.
@@ -335,8 +336,38 @@ def profile_suite(seconds, only=None):
     return out.getvalue()
 
 
+def memory_suite(seconds, only=None):
+    """Address space and resident memory of one queue pair (the tool's process) at
+    queue sizes 256 and 1024, idle after start and after 20 MB each way with LRO
+    super-frames from the outside; the first -v line says the buffer layout."""
+    def status_kb(pid, key):
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    out = ["| setup | queue size | virtual MB | resident MB idle | resident MB after 40 MB |",
+           "|---|---|---|---|---|"]
+    for args in ((), ("--nic-io", "socket")):
+        for size in ("256", "1024"):
+            topo.make_outside(offloads=True)
+            tool = topo.Tool("--iface", "veth0", "--queue-size", size, "-v",
+                             "--address", f"{topo.KERNEL_IP}/24", *args)
+            try:
+                idle = status_kb(tool.pid, "VmRSS")
+                for direction in ("in", "out"):
+                    topo.tcp_transfer(direction, 20 << 20)
+                out.append(f"| vhostpath {' '.join(args) or '(defaults)'} | {size} | "
+                           f"{status_kb(tool.pid, 'VmSize') / 1024:.0f} | {idle / 1024:.0f} | "
+                           f"{status_kb(tool.pid, 'VmRSS') / 1024:.0f} |")
+                _, _, err = tool.stop()
+            finally:
+                tool.kill()
+                topo.remove_outside()
+            out += [f"<!-- {line} -->" for line in err.splitlines() if "NIC side" in line]
+    return "\n".join(out) + "\n"
+
+
 SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4),
-          "peers": (peers_suite, 2), "profile": (profile_suite, 2)}     # (run, vCPUs)
+          "peers": (peers_suite, 2), "profile": (profile_suite, 2),
+          "memory": (memory_suite, 2)}                      # (run, vCPUs)
 
 
 def in_guest(suite, seconds, only=None, rounds=1, baselines=()):
@@ -344,7 +375,7 @@ def in_guest(suite, seconds, only=None, rounds=1, baselines=()):
         PEERS.append((f"vhostpath (defaults) of {baseline}", peer_vhostpath(tool=baseline),
                       True))
     rows = SUITES[suite][0](seconds, only, **({"rounds": rounds} if suite == "peers" else {}))
-    if suite in ("peers", "profile"):
+    if suite in ("peers", "profile", "memory"):
         table = peers_table(rows) if suite == "peers" else rows
         print(table)
         with open(RESULT, "w") as f:
@@ -391,6 +422,8 @@ def main():
     p.add_argument("--baseline", metavar="FILE", action="append", default=[],
                    help="peers: also run this vhostpath.py with its defaults (e.g. a copy of "
                         "the commit before), for a before/after in one boot; repeatable")
+    p.add_argument("--kernel", choices=("6.1", "6.12"), default="6.1",
+                   help="the guest's Debian kernel series (default %(default)s)")
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.chdir(ROOT)
@@ -406,11 +439,11 @@ def main():
                              + (f" --only '{args.only}'" if args.only else "")
                              + "".join(f" --baseline {os.path.abspath(b)}"
                                        for b in args.baseline),
-                             cwd=ROOT, echo=False, cpus=cpus)
+                             cwd=ROOT, echo=False, cpus=cpus, kernel=args.kernel)
     table = files.get("bench.md", b"").decode()
     rounds = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"{time.strftime('%Y-%m-%d')}, QEMU TCG, {cpus} vCPUs, Debian kernel "
-          f"{os.path.basename(guest.find_kernel()[1])}{rounds}\n\n{table}")
+          f"{os.path.basename(guest.find_kernel(args.kernel)[1])}{rounds}\n\n{table}")
     return rc if table else 1
 
 

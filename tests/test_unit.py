@@ -75,6 +75,7 @@ class TestUsedRingChecks(unittest.TestCase):
     def setUp(self):
         self.num = 8
         self.rings = []
+        self.views = []                     # into the arenas: released first
         self.vq = self.make()
 
     def make(self, device_writes=True):
@@ -91,6 +92,8 @@ class TestUsedRingChecks(unittest.TestCase):
         return vq
 
     def tearDown(self):
+        for view in self.views:
+            view.release()
         for arena, vq in self.rings:
             vq.close()
             arena.close()
@@ -173,8 +176,9 @@ class TestUsedRingChecks(unittest.TestCase):
 
     def test_bridge_gives_packet_ring_frames_back_only_in_ring_order(self):
         """VhostBridge._release: frames go back to the packet ring (16 frames, frame f
-        is descriptor f % 8) in ring order; a tap TX ring that used them out of
-        order is broken.  The bridge's other parts are plain stand-ins."""
+        is descriptor f % 8) in ring order, with the spill area a big one held;
+        a tap TX ring that used them out of order is broken.  The bridge's other
+        parts are plain stand-ins."""
         for used, released in (([6, 7, 0, 1], [(14, 4)]), ([6, 7, 1, 0], None)):
             vq = self.make(device_writes=False)
             vq.last_used_idx = vq.avail_idx_shadow = 6
@@ -183,7 +187,7 @@ class TestUsedRingChecks(unittest.TestCase):
             given = []
             ring = types.SimpleNamespace(frame_nr=16, release=lambda f, n: given.append((f, n)))
             bridge = types.SimpleNamespace(tap_txq=vq, nic_ring=ring, _nic_tail=14,
-                                           queue_size=self.num)
+                                           queue_size=self.num, _spill_of={7: 3}, _spills=[])
             with self.subTest(used=used):
                 if released is None:
                     with self.assertRaisesRegex(vp.RingBrokenError, "out of order"):
@@ -192,6 +196,62 @@ class TestUsedRingChecks(unittest.TestCase):
                 else:
                     vp.VhostBridge._release(bridge)
                     self.assertEqual((given, bridge._nic_tail), (released, 2))
+                    self.assertEqual((bridge._spills, bridge._spill_of), ([3], {}))
+
+    def merging_bridge(self):
+        """Stand-ins for VhostBridge._forward with merged buffers: the tap RX ring
+        (descriptors 0-7 offered, 256 bytes each, 12-byte headers), the NIC TX
+        ring, and what it counts."""
+        tx = self.make(device_writes=False)
+        self.tx_arena = self.arena
+        rx = self.make()
+        for desc_id in range(4, 8):
+            rx.add_buf(desc_id, 256)
+        pool = self.arena.view[vp.vring_layout(self.num)[3]:][:self.num * 256]
+        counted = []
+        bridge = types.SimpleNamespace(
+            tap_rxq=rx, nic_txq=tx, hdr_len=12, merged=True, _merging=None, _chains={},
+            _num_buffers=pool.cast("H")[5::128], _ones=memoryview(array.array("H", [1] * 8)),
+            tap_stats=None, nic_stats=None,
+            _count=lambda rx_stats, tx_stats, lengths: counted.extend(lengths))
+        bridge._forward_merged = lambda *run: vp.VhostBridge._forward_merged(bridge, *run)
+        self.views += [bridge._num_buffers, pool]
+        return bridge, counted
+
+    def test_merged_buffers_go_out_chained(self):
+        """A packet the device spread over k buffers (num_buffers k, all but the last
+        full) goes on the NIC TX ring as a chain of those k descriptors, also when
+        its buffers come in two runs; single ones stay single; a recycled chain is
+        unchained."""
+        bridge, counted = self.merging_bridge()
+        tx, nb = bridge.nic_txq, bridge._num_buffers
+        nb[0], nb[1], nb[5] = 1, 3, 2                 # packets at 0, 1-3, 5-6 (wrapping)
+        self.publish((0, 100), (1, 256), (2, 256), (3, 50), (5, 256))
+        kicks = []
+        self.assertEqual(vp.VhostBridge._forward(bridge, kicks), 2)
+        self.assertIsNotNone(bridge._merging)         # packet 5-6 half here
+        self.publish((6, 20), start=5)
+        self.assertEqual(vp.VhostBridge._forward(bridge, kicks), 1)
+        self.assertEqual(counted, [100, 562, 276])
+        self.assertEqual(bridge._chains, {1: [1, 2, 3], 5: [5, 6]})
+        desc = (vp.vring_desc * self.num).from_buffer(self.tx_arena.mm)
+        self.assertEqual([(desc[i].flags, desc[i].next, desc[i].len) for i in (1, 2, 3, 5, 6)],
+                         [(1, 2, 256), (1, 3, 256), (0, 0, 50), (1, 6, 256), (0, 0, 20)])
+        tx.unchain(bridge._chains[1])
+        self.assertEqual([desc[i].flags for i in (1, 2, 3)], [0, 0, 0])
+        del desc
+
+    def test_merged_buffers_checked(self):
+        for num_buffers, used, message in ((0, ((0, 100),), "num_buffers 0 in a 8-entry ring"),
+                                           (9, ((0, 100),), "num_buffers 9"),
+                                           (2, ((0, 100), (1, 10)), "holds 100 of 256 bytes"),
+                                           (1, ((0, 11),), "shorter than the 12-byte header")):
+            with self.subTest(message=message):
+                bridge, _ = self.merging_bridge()
+                bridge._num_buffers[0] = num_buffers
+                self.publish(*used)
+                with self.assertRaisesRegex(vp.RingBrokenError, message):
+                    vp.VhostBridge._forward(bridge, [])
 
     def test_add_run_wraps_the_ids_and_the_avail_ring(self):
         vq = self.make()

@@ -130,12 +130,15 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
         worker = threading.Thread(target=bridge.run)
         try:
             self.assertEqual(bridge.name, "tap0")
-            self.assertEqual(bridge.hdr_len, 10)
-            self.assertEqual(bridge.vhost.features, 1 << vp.VIRTIO_RING_F_EVENT_IDX)
+            # Linux 6.4+: the packet socket's 12-byte header, so merged RX buffers.
+            merged = topo.kernel_at_least(6, 4)
+            self.assertEqual(bridge.hdr_len, 12 if merged else 10)
+            self.assertEqual(bridge.vhost.features, 1 << vp.VIRTIO_RING_F_EVENT_IDX
+                             | (1 << vp.VIRTIO_NET_F_MRG_RXBUF if merged else 0))
             self.assertTrue(all(vq.event_idx for vq in (bridge.tap_rxq, bridge.tap_txq,
                                                         bridge.nic_txq)))
             self.assertEqual((bridge.nic_ring.frame_nr, bridge.nic_ring.frame_size), (2048, 2048))
-            self.assertEqual(bridge.tap.vnet_hdr_sz(), 10)
+            self.assertEqual(bridge.tap.vnet_hdr_sz(), bridge.hdr_len)
             self.assertEqual(len(topo.vhost_threads(os.getpid())), 2)
             self.assertEqual(topo.nic_settings(), topo.QUIET)
             topo.configure_tap("tap0")

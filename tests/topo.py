@@ -12,6 +12,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
-XFER = os.path.join(ROOT, "tests", "xfer.py")
 NS = "outside"
 KERNEL_IP, OUTSIDE_IP = "1.1.1.1", "1.1.1.2"
 
@@ -409,24 +409,23 @@ def ping(target, ns=None, count=3, size=None, wait=5):
 
 def udp_gso_send(count=40, size=1400, port=5002):
     """From the kernel side, ``count`` UDP datagrams of ``size`` bytes to the outside in
-    one send (one UDP GSO super-frame); return (sent, received) "<count> <sha256>"."""
-    receiver = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, XFER, "udp-recv",
-                                 str(port), str(count)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        ready = readline(receiver.stdout, time.monotonic() + 60)
-        if ready != "ready\n":
-            raise AssertionError(f"UDP receiver did not start: {ready!r}")
-        sent = sh(sys.executable, XFER, "udp-send", OUTSIDE_IP, str(port), str(count),
-                  str(size)).strip()
-        out, err = receiver.communicate(timeout=60)
-        if receiver.returncode:
-            raise AssertionError(f"UDP receiver failed: {err.decode().strip()}")
-        return sent, out.decode().strip()
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.communicate()
+    one send (one UDP GSO super-frame: UDP_SEGMENT, Linux 4.18); return (sent,
+    received), each "<datagrams> <sha256>" of the datagrams in order."""
+    import hashlib
+    udp_segment = 103                           # linux/udp.h, at level SOL_UDP
+    data = os.urandom(count * size)
+    with netns_socket(NS, socket.AF_INET, socket.SOCK_DGRAM) as rx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        rx.bind(("0.0.0.0", port))
+        rx.settimeout(30)
+        tx.setsockopt(socket.IPPROTO_UDP, udp_segment, size)
+        tx.sendto(data, (OUTSIDE_IP, port))
+        digest, got = hashlib.sha256(), 0
+        with contextlib.suppress(socket.timeout):
+            while got < count:
+                digest.update(rx.recv(65536))
+                got += 1
+    return f"{count} {hashlib.sha256(data).hexdigest()}", f"{got} {digest.hexdigest()}"
 
 
 def kernel_at_least(major, minor):
@@ -435,29 +434,80 @@ def kernel_at_least(major, minor):
     return tuple(int(x) for x in platform.release().split(".")[:2]) >= (major, minor)
 
 
+def netns_socket(ns, *args):
+    """socket.socket(*args) made in network namespace ``ns`` (None: this one): a socket
+    stays in the namespace it was made in.  This thread returns to its own."""
+    if ns is None:
+        return socket.socket(*args)
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(there)
+        try:
+            return socket.socket(*args)
+        finally:
+            _setns(here)
+    finally:
+        os.close(here)
+        os.close(there)
+
+
+def _setns(fd):
+    """setns(2) into the network namespace ``fd`` (os.setns needs Python 3.12)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, 0x40000000) != 0:                 # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns")
+
+
 def tcp_transfer(direction, nbytes, port=5001, timeout=300, kernel_ip=KERNEL_IP,
                  outside_ip=OUTSIDE_IP, kernel_ns=None):
-    """Send ``nbytes`` over TCP through the path; return (sent, received) "<n> <sha256>".
+    """Send ``nbytes`` random bytes over TCP through the path; return (sent, received),
+    each "<bytes> <sha256>" as its end counted them.
 
     direction "in": outside -> kernel (1.1.1.1, in namespace ``kernel_ns`` if given);
-    "out": kernel -> outside.
+    "out": kernel -> outside.  Both ends are sockets of this process, made in
+    their namespaces (no interpreter to start per transfer).
     """
+    import hashlib
+    import threading
     recv_ns, send_ns, target = (kernel_ns, NS, kernel_ip) if direction == "in" \
         else (NS, kernel_ns, outside_ip)
-    prefix = ["ip", "netns", "exec", recv_ns] if recv_ns else []
-    receiver = subprocess.Popen([*prefix, sys.executable, XFER, "recv", str(port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        ready = readline(receiver.stdout, time.monotonic() + 60)
-        if ready != "ready\n":
-            raise AssertionError(f"receiver did not start: {ready!r}")
-        sent = sh(sys.executable, XFER, "send", target, str(port), str(nbytes), ns=send_ns,
-                  timeout=timeout).strip()
-        out, err = receiver.communicate(timeout=timeout)
-        if receiver.returncode:
-            raise AssertionError(f"receiver failed: {err.decode().strip()}")
-        return sent, out.decode().strip()
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.communicate()
+    received = []
+
+    def receive(conn):
+        with conn:
+            conn.settimeout(timeout)
+            digest, total, buf = hashlib.sha256(), 0, bytearray(1 << 16)
+            for n in iter(lambda: conn.recv_into(buf), 0):
+                digest.update(memoryview(buf)[:n])
+                total += n
+        received.append(f"{total} {digest.hexdigest()}")
+
+    with netns_socket(recv_ns, socket.AF_INET, socket.SOCK_STREAM) as srv, \
+            netns_socket(send_ns, socket.AF_INET, socket.SOCK_STREAM) as cli:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", port))
+        srv.listen(1)                   # the handshake completes without accept()
+        srv.settimeout(timeout)
+        cli.settimeout(timeout)
+        cli.connect((target, port))
+        conn = srv.accept()[0]
+        receiver = threading.Thread(target=receive, args=(conn,))
+        receiver.start()
+        try:
+            digest, total = hashlib.sha256(), 0
+            while total < nbytes:
+                chunk = os.urandom(min(1 << 20, nbytes - total))
+                cli.sendall(chunk)
+                digest.update(chunk)
+                total += len(chunk)
+            cli.shutdown(socket.SHUT_WR)
+            receiver.join(timeout)
+        finally:
+            if receiver.is_alive():         # unblock it: no thread outlives the transfer
+                conn.shutdown(socket.SHUT_RDWR)
+                receiver.join()
+        if not received:
+            raise AssertionError(f"the receiver had not finished after {timeout} s")
+    return f"{total} {digest.hexdigest()}", received[0]
