@@ -58,7 +58,8 @@ __all__ = [
     "VhostPathError", "RingBrokenError", "ConfigError",
     "vnet_hdr_len", "offload_features", "tap_offloads", "feature_names",
     "Arena", "SplitVirtqueue", "vring_layout",
-    "Tap", "VhostNet", "attach_filter", "PacketSocket", "PacketRxRing", "QuietNic", "VhostDevices",
+    "socket_in_netns", "Link", "Rtnl", "Tap", "VhostNet", "attach_filter", "PacketSocket",
+    "PacketRxRing", "restore_nic", "QuietNic", "VhostDevices",
     "insert_vlan_tag", "insert_vlan_tag_scattered",
     "Config", "PortStats", "Port", "VirtioUserPort", "TapPort",
     "Bridge", "VhostBridge", "open_bridge", "QueuePairs",
@@ -1239,7 +1240,7 @@ def _netns_fd(name):
                              f"{name}')") from None
 
 
-def _socket_in_netns(name, *args):
+def socket_in_netns(name, *args):
     """socket.socket(*args) made in the named network namespace (None: this one); a
     socket stays in the namespace it was made in.  This thread returns to its own."""
     if name is None:
@@ -1298,8 +1299,8 @@ class Rtnl:
     _HDR, _ATTR = ctypes.sizeof(nlmsghdr), ctypes.sizeof(rtattr)
 
     def __init__(self, netns=None, groups=0):
-        self.sock = _socket_in_netns(netns, socket.AF_NETLINK,
-                                     socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        self.sock = socket_in_netns(netns, socket.AF_NETLINK,
+                                    socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         try:
             self.sock.bind((0, groups))
             self.sock.setblocking(not groups)

@@ -225,7 +225,7 @@ class TestPacketRxRing(OutsideCase, unittest.TestCase):
         ip = bytes.fromhex("4500001c00010000401100000101010201010101")
         frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp
         header = bytes([vp.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 0, 0, 34, 0, 6, 0])
-        with topo.netns_socket(topo.NS, socket.AF_PACKET, socket.SOCK_RAW) as out:
+        with vp.socket_in_netns(topo.NS, socket.AF_PACKET, socket.SOCK_RAW) as out:
             out.setsockopt(vp.SOL_PACKET, vp.PACKET_VNET_HDR, 1)
             out.bind(("veth1", 0))
             for _ in range(4):

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+import vhostpath as vp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
 NS = "outside"
@@ -414,7 +416,7 @@ def udp_gso_send(count=40, size=1400, port=5002):
     import hashlib
     udp_segment = 103                           # linux/udp.h, at level SOL_UDP
     data = os.urandom(count * size)
-    with netns_socket(NS, socket.AF_INET, socket.SOCK_DGRAM) as rx, \
+    with vp.socket_in_netns(NS, socket.AF_INET, socket.SOCK_DGRAM) as rx, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
         rx.bind(("0.0.0.0", port))
         rx.settimeout(30)
@@ -432,32 +434,6 @@ def kernel_at_least(major, minor):
     """Whether the running kernel is ``major``.``minor`` or later."""
     import platform
     return tuple(int(x) for x in platform.release().split(".")[:2]) >= (major, minor)
-
-
-def netns_socket(ns, *args):
-    """socket.socket(*args) made in network namespace ``ns`` (None: this one): a socket
-    stays in the namespace it was made in.  This thread returns to its own."""
-    if ns is None:
-        return socket.socket(*args)
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(there)
-        try:
-            return socket.socket(*args)
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
-        os.close(there)
-
-
-def _setns(fd):
-    """setns(2) into the network namespace ``fd`` (os.setns needs Python 3.12)."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, 0x40000000) != 0:                 # CLONE_NEWNET
-        raise OSError(ctypes.get_errno(), "setns")
 
 
 def tcp_transfer(direction, nbytes, port=5001, timeout=300, kernel_ip=KERNEL_IP,
@@ -484,8 +460,8 @@ def tcp_transfer(direction, nbytes, port=5001, timeout=300, kernel_ip=KERNEL_IP,
                 total += n
         received.append(f"{total} {digest.hexdigest()}")
 
-    with netns_socket(recv_ns, socket.AF_INET, socket.SOCK_STREAM) as srv, \
-            netns_socket(send_ns, socket.AF_INET, socket.SOCK_STREAM) as cli:
+    with vp.socket_in_netns(recv_ns, socket.AF_INET, socket.SOCK_STREAM) as srv, \
+            vp.socket_in_netns(send_ns, socket.AF_INET, socket.SOCK_STREAM) as cli:
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("0.0.0.0", port))
         srv.listen(1)                   # the handshake completes without accept()
