@@ -456,6 +456,9 @@ VHOST_GET_VRING_BASE = _IOWR(VHOST_VIRTIO, 0x12, vhost_vring_state)
 VHOST_SET_VRING_KICK = _IOW(VHOST_VIRTIO, 0x20, vhost_vring_file)
 VHOST_SET_VRING_CALL = _IOW(VHOST_VIRTIO, 0x21, vhost_vring_file)
 VHOST_NET_SET_BACKEND = _IOW(VHOST_VIRTIO, 0x30, vhost_vring_file)
+# Linux 4.6; the GET is _IOW in the header too, and vhost copies the answer back.
+VHOST_SET_VRING_BUSYLOOP_TIMEOUT = _IOW(VHOST_VIRTIO, 0x23, vhost_vring_state)
+VHOST_GET_VRING_BUSYLOOP_TIMEOUT = _IOW(VHOST_VIRTIO, 0x24, vhost_vring_state)
 
 # linux/if_tun.h
 TUNSETIFF = _IOW(TUN_TYPE, 202, ctypes.c_int)
@@ -1621,6 +1624,18 @@ class VhostNet:
         _ioctl(self.fd, "VHOST_SET_VRING_CALL", VHOST_SET_VRING_CALL,
                vhost_vring_file(index, fd), self.path)
 
+    def set_vring_busyloop_timeout(self, index, usec):
+        """VHOST_SET_VRING_BUSYLOOP_TIMEOUT: the worker spins this long for new buffers
+        and socket data before it sleeps (0: never)."""
+        _ioctl(self.fd, "VHOST_SET_VRING_BUSYLOOP_TIMEOUT", VHOST_SET_VRING_BUSYLOOP_TIMEOUT,
+               vhost_vring_state(index, usec), self.path)
+
+    def vring_busyloop_timeout(self, index):
+        """VHOST_GET_VRING_BUSYLOOP_TIMEOUT, in microseconds."""
+        out = _ioctl(self.fd, "VHOST_GET_VRING_BUSYLOOP_TIMEOUT", VHOST_GET_VRING_BUSYLOOP_TIMEOUT,
+                     bytes(vhost_vring_state(index, 0)), self.path)
+        return vhost_vring_state.from_buffer_copy(out).num
+
     def set_vring(self, index, vq, callfd):
         """A vring's set-up in vhost's order: size, base, addresses, call, kick."""
         self.set_vring_num(index, vq.num)
@@ -2167,15 +2182,18 @@ class VhostDevices:
         self._vrings.append((self.devices[device], index, vq, callfd, backend))
         return vq
 
-    def start(self, tables, tap, hdr_len, features, mac):
+    def start(self, tables, tap, hdr_len, features, mac, busy_poll=0):
         """Step 3: ``tables`` holds each device's memory regions; ``tap`` takes
-        ``hdr_len``, the offloads of ``features`` and ``mac``.  Returns the
-        features the tap took (Tap.set_virtio_net)."""
+        ``hdr_len``, the offloads of ``features`` and ``mac``; every vring's
+        worker busy-polls ``busy_poll`` microseconds.  Returns the features the
+        tap took (Tap.set_virtio_net)."""
         for device, regions in zip(self.devices, tables):
             device.set_features(self.features)
             device.set_mem_table(regions)
         for device, index, vq, callfd, _ in self._vrings:
             device.set_vring(index, vq, callfd)
+            if busy_poll:
+                device.set_vring_busyloop_timeout(index, busy_poll)
         # The tap produces and consumes the virtio-net header (vhost-net is not
         # asked for VHOST_NET_F_VIRTIO_NET_HDR), so its header size must match ours.
         features = tap.set_virtio_net(hdr_len, features, mac)
@@ -2325,6 +2343,10 @@ class Config:
         address: addresses the tap is given once created, with their prefix
             lengths (``"192.0.2.1/24"``, ``"2001:db8::1/64"``); they bring it up.
         up: bring the tap up once created.
+        busy_poll: microseconds this process keeps passing over its rings after
+            a pass that moved frames, before it sleeps in poll() again, and
+            every vring's vhost worker spins for new work
+            (VHOST_SET_VRING_BUSYLOOP_TIMEOUT); 0 (off) to 1000000.
         rx_cksum: VIRTIO_NET_F_GUEST_CSUM: the kernel may hand over partial
             checksums.
         lro: VIRTIO_NET_F_GUEST_TSO4/6: the kernel may hand over 64 KB TCP
@@ -2337,13 +2359,13 @@ class Config:
     """
 
     OPTIONS = ("tap_io", "nic_io", "path", "queue_size", "tap", "mac", "netns", "address",
-               "up", "rx_cksum", "lro", "queues")
+               "up", "rx_cksum", "lro", "queues", "busy_poll")
     TAP_IO = ("vhost-net", "read-write")
     NIC_IO = ("vhost-net", "socket")
 
     def __init__(self, tap_io="vhost-net", nic_io=None, path="/dev/vhost-net",
                  queue_size=256, tap="tap%d", mac=None, netns=None, address=(), up=False,
-                 rx_cksum=False, lro=False, queues=1):
+                 rx_cksum=False, lro=False, queues=1, busy_poll=0):
         if tap_io not in self.TAP_IO:
             raise ConfigError("tap_io", f"{tap_io!r} is not one of {', '.join(self.TAP_IO)}")
         if nic_io is None:
@@ -2367,6 +2389,10 @@ class Config:
             raise ConfigError("queues", f"must be from 1 to {MAX_TAP_QUEUES} (the tap's "
                                         f"limit), not {queues}")
         self.tap_io, self.nic_io, self.path, self.queue_size = tap_io, nic_io, path, queue_size
+        if not 0 <= busy_poll <= 1000000:
+            raise ConfigError("busy_poll", f"must be from 0 (off) to 1000000 microseconds, "
+                                           f"not {busy_poll}")
+        self.busy_poll = busy_poll
         if netns is not None and (not netns or "/" in netns or netns in (".", "..")):
             raise ConfigError("netns", f"{netns!r} is not a network namespace name")
         self.tap, self.mac, self.queues = tap, _parse_mac(mac), queues
@@ -2413,14 +2439,16 @@ class PortStats(ctypes.Structure):
     """Per-port counters, as in testpmd's forward statistics.
 
     A ctypes structure, so that worker processes can keep theirs in shared
-    memory (``from_buffer``) where the parent reads them.  ``rx_oversize`` /
+    memory (``from_buffer``) where the parent reads them.  ``busy_passes``
+    counts a forwarder's passes that found work while busy-polling (its
+    NIC port's).  ``rx_oversize`` /
     ``tx_oversize`` count frames longer than the port's MTU allows (GSO
     super-frames carried whole); they are reported for a port whose ``mtu``
     is known.
     """
 
     FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
-              "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize")
+              "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize", "busy_passes")
     LINK_UNKNOWN, LINK_DOWN, LINK_UP = 0, 1, 2
     # ``link``: the NIC's state now (LINK_*); ``link_changes``: how often it went
     # down or up since the start.  The same for every queue pair, so not summed.
@@ -2455,6 +2483,8 @@ class PortStats(ctypes.Structure):
             lines.append(line)
         if self.link_state():
             lines.append(f"  Link: {self.link_state()}, {self.link_changes} changes")
+        if self.busy_passes:
+            lines.append(f"  Busy-poll passes that found work: {self.busy_passes}")
         return "\n".join(lines)
 
     def summary(self):
@@ -2586,7 +2616,7 @@ class VirtioUserPort(Port):
             self.rxq.add_buf(desc_id, RX_BUF_SIZE)
         self._layout_tx(tx_bufs, spills)
         self.features = self.vhost.start([[self.arena.region()]], self.tap, self.hdr_len,
-                                         self.features, config.tap_mac())
+                                         self.features, config.tap_mac(), config.busy_poll)
         if tap is None:
             config.configure_tap(self.tap)
         self._rx_taken = []                # [(desc id, length)] per packet taken, in order
@@ -2922,7 +2952,8 @@ class _Forwarder:
     Subclasses call ``_attach_nic`` and ``_open_wakeup`` (undone by
     ``_close_wakeup``), provide ``name``, ``tap`` and ``tap_stats``, and define
     ``_poll_fds()`` (fd -> poll events at start) and ``_step(ready)`` (one
-    pass over what poll() reported, which may change ``self._poller``).
+    pass over what poll() reported, or over everything for None, which may
+    change ``self._poller``; returns the frames moved), and set ``busy_poll``.
     """
 
     def _attach_nic(self, nic, nic_stats):
@@ -2934,6 +2965,13 @@ class _Forwarder:
         self._max_frame = mtu + ETH_HLEN + VLAN_HLEN
         self.carrier_follows = True          # until TUNSETCARRIER is refused (Linux < 5.0)
         self._running = self._tap_mtu = None
+
+    def describe_busy_poll(self):
+        """The -v line of the busy-poll setting."""
+        if not self.busy_poll:
+            return "busy-poll: off (poll() sleeps until a device or the NIC signals)"
+        return (f"busy-poll: {self.busy_poll} us after a pass that moved frames, and "
+                f"every vring's vhost worker spins as long (VHOST_SET_VRING_BUSYLOOP_TIMEOUT)")
 
     def describe_following(self):
         """What of the NIC the tap follows (a -v line, and a warning where the carrier
@@ -3022,9 +3060,21 @@ class _Forwarder:
             if links.fileno() in ready:
                 self._check_links(links)
             self._check_faults(ready, links)
-            self._step(ready)
+            if self._step(ready) and self.busy_poll:
+                self._busy()
             if ticker.due() and on_stats:
                 on_stats(self)
+
+    def _busy(self):
+        """Busy-poll: pass over everything again, without poll(), until busy_poll
+        microseconds go by without a pass that moved frames; such passes are
+        counted.  A frame that comes meanwhile is taken without a wakeup."""
+        window = self.busy_poll / 1e6
+        deadline = time.monotonic() + window
+        while not self._stopping and time.monotonic() < deadline:
+            if self._step(None):
+                self.nic_stats.busy_passes += 1
+                deadline = time.monotonic() + window
 
     def _check_links(self, links):
         """Links changed somewhere: the NIC must still be here under its name, and
@@ -3105,6 +3155,7 @@ class Bridge(_Forwarder):
 
     def __init__(self, nic, port, nic_stats=None, quiet_nic=True):
         self.port = port
+        self.busy_poll = port.config.busy_poll
         self._attach_nic(nic, nic_stats)
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
         self._send = _MsgBatch(SEND_BATCH, 1 + MAX_RX_BUFS)
@@ -3139,7 +3190,7 @@ class Bridge(_Forwarder):
     def describe(self):
         """The -v lines: how the NIC is served, then the port's negotiation."""
         return [f"NIC side: recvmmsg/sendmmsg on the packet socket on {self.nic.iface}",
-                *self.port.describe(), self.describe_following()]
+                *self.port.describe(), self.describe_following(), self.describe_busy_poll()]
 
     def close(self):
         """Restore the NIC's settings (QuietNic) and release the wakeup pipe (not the
@@ -3272,7 +3323,7 @@ class Bridge(_Forwarder):
         return fds
 
     def _step(self, ready):
-        self.poll_once(ready)
+        moved = self.poll_once(ready)
         # Read the NIC only while the port has TX room (else its call wakes
         # us); wait for POLLOUT while a send to the NIC is blocked.
         mask = ((select.POLLIN if self.port.tx_room() else 0)
@@ -3280,6 +3331,7 @@ class Bridge(_Forwarder):
         if mask != self._nic_mask:
             self._poller.modify(self.nic.fileno(), mask)
             self._nic_mask = mask
+        return moved
 
 
 class VhostBridge(_Forwarder):
@@ -3325,7 +3377,7 @@ class VhostBridge(_Forwarder):
     def __init__(self, nic, config=None, tap=None, nic_stats=None, tap_stats=None,
                  quiet_nic=True, **options):
         self.config = _config(config, options)
-        self.queue_size = self.config.queue_size
+        self.queue_size, self.busy_poll = self.config.queue_size, self.config.busy_poll
         self._attach_nic(nic, nic_stats)
         self.tap_stats = tap_stats or PortStats()
         self.resizes = 0                    # data paths made again for a larger MTU
@@ -3424,7 +3476,8 @@ class VhostBridge(_Forwarder):
         self._nic_lost = None                   # a frame whose copy came truncated: dropped
         arena = self.arena.region()
         self.features = self.vhost.start([[arena, self.nic_ring.region()], [arena]],
-                                         self.tap, self.hdr_len, self.features, mac)
+                                         self.tap, self.hdr_len, self.features, mac,
+                                         config.busy_poll)
 
     def _follow(self, link):
         super()._follow(link)
@@ -3470,7 +3523,8 @@ class VhostBridge(_Forwarder):
                 f"{self.queue_size} {out} towards the NIC, {SPILLS} spill areas for frames "
                 "larger than a slot",
                 *self.vhost.describe(self.features),
-                describe_tap(self.tap, self.hdr_len, self.features), self.describe_following()]
+                describe_tap(self.tap, self.hdr_len, self.features), self.describe_following(),
+                self.describe_busy_poll()]
 
     def close(self):
         """Restore the NIC, unbind and close both devices, then the tap, the packet ring
@@ -3731,13 +3785,14 @@ class VhostBridge(_Forwarder):
     def _step(self, ready):
         # The call eventfd is read before the rings: a buffer used after the
         # read signals again, so no wakeup is lost.
-        if self.callfd in ready:
+        if ready and self.callfd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.callfd, 8)
         waited = self._nic_wait
-        self.poll_once()
+        moved = self.poll_once()
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
+        return moved
 
 
 def open_bridge(config, nic, stack, tap=None, nic_stats=None, tap_stats=None, quiet_nic=True):
@@ -4041,6 +4096,11 @@ def _add_port_options(p):
                    help="tap name, or a template the kernel completes (default %(default)s)")
     p.add_argument("--mac", help="MAC address for the tap, or 'nic' for the NIC's (default: "
                                  "the kernel's random one)")
+    p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
+                   help="after a pass that moved frames, keep passing over the rings for "
+                        "USEC microseconds before sleeping, and let the vhost workers spin "
+                        "as long: lower latency, more CPU under traffic, none when idle "
+                        "(default 0: off)")
     _add_switch(p, "--lro", "large receive: the kernel hands over 64 KB TCP segments "
                             "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out "
                             "(default: on, unless --no-rx-cksum)")

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT]
 
+import vhostpath as vp  # noqa: E402
 from tests import topo  # noqa: E402
 
 RESULT = "/mnt/results/bench.md"
@@ -193,6 +194,8 @@ PEERS = [
     ("vhostpath --no-lro --no-rx-cksum", peer_vhostpath("--no-lro", "--no-rx-cksum"), True),
     ("vhostpath --rx-cksum --no-lro", peer_vhostpath("--rx-cksum", "--no-lro"), True),
     ("vhostpath (defaults: --lro)", peer_vhostpath(), True),
+    ("vhostpath --busy-poll 50", peer_vhostpath("--busy-poll", "50"), True),
+    ("vhostpath --busy-poll 1000", peer_vhostpath("--busy-poll", "1000"), True),
     ("vhostpath --nic-io socket", peer_vhostpath("--nic-io", "socket"), True),
     ("vhostpath --tap-io read-write", peer_vhostpath("--tap-io", "read-write"), True),
 ]   # (name, start, survives the outside's offloads)
@@ -212,10 +215,47 @@ def pktgen_kpps(inbound, dev, count=200000):
     return (last - before) / elapsed / 1000
 
 
-def rtt_ms():
-    out = topo.sh("ping", "-c", "10", "-i", "0.2", topo.OUTSIDE_IP, check=False)
-    m = __import__("re").search(r"= [\d.]+/([\d.]+)/", out)
-    return float(m.group(1)) if m else float("nan")
+def rtt_ms(count=200):
+    """(mean, p99) of ``count`` pings 10 ms apart, in ms."""
+    out = topo.sh("ping", "-c", str(count), "-i", "0.01", "-W", "2", topo.OUTSIDE_IP,
+                  check=False, timeout=120)
+    times = sorted(float(t) for t in __import__("re").findall(r"time=([\d.]+) ms", out))
+    if not times:
+        return float("nan"), float("nan")
+    return sum(times) / len(times), times[min(len(times) - 1, len(times) * 99 // 100)]
+
+
+def tcp_rr(seconds):
+    """TCP request/response: a 1-byte request from the kernel side, a 1-byte answer from
+    the outside, one connection, for ``seconds``; transactions per second."""
+    import socket
+    import threading
+    with vp.socket_in_netns(topo.NS, socket.AF_INET, socket.SOCK_STREAM) as srv, \
+            socket.socket() as cli:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", 5003))
+        srv.listen(1)
+        cli.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cli.settimeout(10)
+        cli.connect((topo.OUTSIDE_IP, 5003))
+        conn = srv.accept()[0]
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def answer():
+            with conn:
+                for _ in iter(lambda: conn.recv(1), b""):
+                    conn.sendall(b"a")
+        echo = threading.Thread(target=answer, daemon=True)
+        echo.start()
+        done, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            cli.sendall(b"q")
+            if not cli.recv(1):
+                break
+            done += 1
+        cli.shutdown(socket.SHUT_WR)
+        echo.join(10)
+    return done / seconds
 
 
 def peers_suite(seconds, only=None, rounds=1):
@@ -263,7 +303,8 @@ def _peers_round(seconds, only):
                 if not offloads:
                     row["pps_in"] = pktgen_kpps(True, run.dev)
                     row["pps_out"] = pktgen_kpps(False, run.dev)
-                    row["rtt"] = rtt_ms()
+                    row["rtt"], row["rtt_p99"] = rtt_ms()
+                    row["rr"] = tcp_rr(5)
                     cpu0 = topo.cpu_seconds(run.pid)
                     time.sleep(10)                  # idle: no traffic for 10 s
                     row["idle"] = (topo.cpu_seconds(run.pid) - cpu0) / 10 * 100
@@ -290,17 +331,18 @@ def peers_table(rows):
                     and r["name"] == "kernel direct"), None)
         out.append(f"\nOutside veth offloads {'on (veth defaults)' if offloads else 'off'}:\n")
         out.append("| setup | TCP in Mb/s | TCP out Mb/s | 64 B in kpps | 64 B out kpps "
-                   "| ping RTT ms | CPU s/GB | idle CPU % |")
-        out.append("|---|---|---|---|---|---|---|---|")
+                   "| ping RTT mean / p99 ms | TCP RR /s | CPU s/GB | idle CPU % |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for r in (r for r in rows if r["offloads"] == offloads):
             if "error" in r:
-                out.append(f"| {r['name']} | failed: {r['error']} | | | | | | |")
+                out.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
                 continue
             direct = r["name"] == "kernel direct"
             out.append(" | ".join([
                 f"| {r['name']}", ratio(r, "in", ref), ratio(r, "out", ref),
                 ratio(r, "pps_in", ref), ratio(r, "pps_out", ref),
-                f"{r['rtt']:.2f}" if "rtt" in r else "-",
+                f"{r['rtt']:.2f} / {r['rtt_p99']:.2f}" if "rtt" in r else "-",
+                f"{r['rr']:.0f}" if "rr" in r else "-",
                 "-" if direct else f"{r['cpu_gb']:.1f}",
                 "-" if direct or "idle" not in r else f"{r['idle']:.1f}"]) + " |")
     return "\n".join(out) + "\n"

@@ -8,10 +8,12 @@ so tests do not depend on their order.
 import contextlib
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import vhostpath as vp
 from tests import topo
@@ -632,4 +634,30 @@ class UdpGsoCase(OutsideCase):
         if self.PACKET_RING:                   # merged buffers where the socket takes 12 bytes
             self.assertIn("merged 4096-byte buffers (a 12-byte header" if
                           topo.kernel_at_least(6, 4) else "whole-frame 69632-byte buffers", err)
+
+
+class BusyPollCase(OutsideCase):
+    """--busy-poll: sha256-checked transfers both ways, passes that found work counted,
+    and once the window has passed without traffic, the process and its vhost
+    threads asleep."""
+
+    TAP_IO = "vhost-net"
+
+    def test_busy_poll_forwards_then_sleeps(self):
+        tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--busy-poll", "2000",
+                         "-v", "--address", f"{topo.KERNEL_IP}/24")
+        self.addCleanup(tool.kill)
+        for direction in ("in", "out"):
+            sent, received = topo.tcp_transfer(direction, 8 * MB)
+            self.assertEqual(sent, received, direction)
+        # The window is 2 ms: what runs past it without traffic is not busy-polling.
+        # (A measurement over an interval, not a wait for an event.)
+        before = topo.cpu_seconds(tool.pid)
+        time.sleep(3)
+        self.assertLess(topo.cpu_seconds(tool.pid) - before, 0.3, "CPU seconds over 3 idle s")
+        rc, out, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("busy-poll: 2000 us after a pass that moved frames", err)
+        passes = re.search(r"Busy-poll passes that found work: (\d+)", out)
+        self.assertTrue(passes and int(passes.group(1)) > 0, out)
 

@@ -475,7 +475,9 @@ class TestConfig(unittest.TestCase):
                 (dict(address=["192.0.2.1/33"]), "address", "not an IPv4 or IPv6 address"),
                 (dict(address=["2001:db8::1/64", "tap0/24"]), "address", "'tap0/24' is not"),
                 (dict(netns="../x"), "netns", "not a network namespace name"),
-                (dict(netns=""), "netns", "not a network namespace name")):
+                (dict(netns=""), "netns", "not a network namespace name"),
+                (dict(busy_poll=-1), "busy_poll", "from 0 (off) to 1000000 microseconds"),
+                (dict(busy_poll=2000000), "busy_poll", "not 2000000")):
             with self.subTest(**options):
                 with self.assertRaises(vp.ConfigError) as cm:
                     vp.Config(**options)

@@ -14,8 +14,8 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import (BridgeCase, DemoCase, LifeCycleCase, LinkLossCase, OutsideCase,
-                         ShutdownCase, UdpGsoCase, UnwindCase)
+from tests.cases import (BridgeCase, BusyPollCase, DemoCase, LifeCycleCase, LinkLossCase,
+                         OutsideCase, ShutdownCase, UdpGsoCase, UnwindCase)
 OUR_MAC = bytes.fromhex("020000000002")
 MB = 1 << 20
 
@@ -116,8 +116,8 @@ class TestVirtioUserPort(unittest.TestCase):
 
 
 class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
-    """VhostBridge used as a library: two devices, traffic, stop from another thread,
-    close leaves nothing (no fd, no vhost thread, no tap, NIC settings restored)."""
+    """VhostBridge used as a library: two devices, busy-polling, traffic, stop from another
+    thread, close leaves nothing (no fd, no vhost thread, no tap, NIC settings restored)."""
 
     OFFLOADS = False
 
@@ -126,7 +126,7 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
         original = topo.nic_settings()
         fds_before = sorted(os.listdir("/proc/self/fd"))
         nic = vp.PacketSocket("veth0")
-        bridge = vp.VhostBridge(nic, queue_size=64, rx_cksum=True, lro=True)
+        bridge = vp.VhostBridge(nic, queue_size=64, rx_cksum=True, lro=True, busy_poll=50)
         worker = threading.Thread(target=bridge.run)
         try:
             self.assertEqual(bridge.name, "tap0")
@@ -139,6 +139,11 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
                                                         bridge.nic_txq)))
             self.assertEqual((bridge.nic_ring.frame_nr, bridge.nic_ring.frame_size), (2048, 2048))
             self.assertEqual(bridge.tap.vnet_hdr_sz(), bridge.hdr_len)
+            # Every vring's worker busy-polls as asked (read back from vhost).
+            tap_device, nic_device = bridge.vhost.devices
+            self.assertEqual([tap_device.vring_busyloop_timeout(vp.VHOST_NET_VQ_RX),
+                              tap_device.vring_busyloop_timeout(vp.VHOST_NET_VQ_TX),
+                              nic_device.vring_busyloop_timeout(vp.VHOST_NET_VQ_TX)], [50] * 3)
             self.assertEqual(len(topo.vhost_threads(os.getpid())), 2)
             self.assertEqual(topo.nic_settings(), topo.QUIET)
             topo.configure_tap("tap0")
@@ -263,6 +268,10 @@ class TestLinkLoss(LinkLossCase, unittest.TestCase):
 
 class TestLifeCycle(LifeCycleCase, unittest.TestCase):
     """NIC life cycle and host changes with vhost-net both ways."""
+
+
+class TestBusyPoll(BusyPollCase, unittest.TestCase):
+    """--busy-poll with vhost-net both ways."""
 
 
 class TestUdpGso(UdpGsoCase, unittest.TestCase):
