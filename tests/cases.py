@@ -632,7 +632,7 @@ class UdpGsoCase(OutsideCase):
             self.assertNotIn("USO", err)
             self.assertEqual(over_mtu, 0, out)
         if self.PACKET_RING:                   # merged buffers where the socket takes 12 bytes
-            self.assertIn("merged 4096-byte buffers (a 12-byte header" if
+            self.assertIn("merged 16384-byte buffers (a 12-byte header" if
                           topo.kernel_at_least(6, 4) else "whole-frame 69632-byte buffers", err)
 
 
