@@ -303,7 +303,10 @@ def _peers_round(seconds, only):
                 if not offloads:
                     row["pps_in"] = pktgen_kpps(True, run.dev)
                     row["pps_out"] = pktgen_kpps(False, run.dev)
+                    woken = topo.wakeups(run.pid)
                     row["rtt"], row["rtt_p99"] = rtt_ms()
+                    if run.pid is not None:         # kernel direct: no process of its own
+                        row["wakeups"] = (topo.wakeups(run.pid) - woken) / 200
                     row["rr"] = tcp_rr(5)
                     cpu0 = topo.cpu_seconds(run.pid)
                     time.sleep(10)                  # idle: no traffic for 10 s
@@ -331,17 +334,19 @@ def peers_table(rows):
                     and r["name"] == "kernel direct"), None)
         out.append(f"\nOutside veth offloads {'on (veth defaults)' if offloads else 'off'}:\n")
         out.append("| setup | TCP in Mb/s | TCP out Mb/s | 64 B in kpps | 64 B out kpps "
-                   "| ping RTT mean / p99 ms | TCP RR /s | CPU s/GB | idle CPU % |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+                   "| ping RTT mean / p99 ms | wakeups per ping | TCP RR /s | CPU s/GB "
+                   "| idle CPU % |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in (r for r in rows if r["offloads"] == offloads):
             if "error" in r:
-                out.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
+                out.append(f"| {r['name']} | failed: {r['error']} | | | | | | | | |")
                 continue
             direct = r["name"] == "kernel direct"
             out.append(" | ".join([
                 f"| {r['name']}", ratio(r, "in", ref), ratio(r, "out", ref),
                 ratio(r, "pps_in", ref), ratio(r, "pps_out", ref),
                 f"{r['rtt']:.2f} / {r['rtt_p99']:.2f}" if "rtt" in r else "-",
+                f"{r['wakeups']:.1f}" if "wakeups" in r else "-",
                 f"{r['rr']:.0f}" if "rr" in r else "-",
                 "-" if direct else f"{r['cpu_gb']:.1f}",
                 "-" if direct or "idle" not in r else f"{r['idle']:.1f}"]) + " |")

@@ -203,6 +203,28 @@ def cpu_seconds(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def wakeups(pid):
+    """Voluntary context switches (sleeps that a wakeup ended) of ``pid``'s threads, its
+    children's, and its vhost worker threads: what a packet costs in wakeups."""
+    if pid is None:
+        return 0
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            tasks = [f"/proc/{p}/task/{t}" for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue
+        tasks += [f"/proc/{t}" for t in vhost_threads(p) if not os.path.exists(f"/proc/{p}/task/{t}")]
+        for task in tasks:
+            try:
+                with open(f"{task}/status") as f:
+                    total += next(int(line.split()[1]) for line in f
+                                  if line.startswith("voluntary_ctxt_switches:"))
+            except (OSError, StopIteration):
+                pass
+    return total
+
+
 def socket_mappings(pid):
     """Sizes of the socket mappings of ``pid`` (a packet socket's receive ring)."""
     sizes = []
