@@ -4117,7 +4117,9 @@ def _build_parser():
         prog="vhostpath",
         description="Bridge a NIC to the Linux network stack through a tap served by "
                     "the kernel's vhost-net (virtio-user as exceptional path).",
-        epilog="'vhostpath demo' shows the whole path on this host with nothing to set up.")
+        epilog="'vhostpath demo' shows the whole path on this host with nothing to set up; "
+               "'vhostpath cleanup --iface NIC' puts back what a killed vhostpath changed "
+               "on NIC.")
     p.add_argument("--iface", required=True, help="the NIC to bridge (AF_PACKET)")
     _add_port_options(p)
     p.add_argument("--address", action="append", default=[], metavar="CIDR",
