@@ -47,8 +47,8 @@ Library::
 
 The module reads top to bottom in layers, each using only those above it:
 kernel ABI, errors and syscall helpers, virtio-net features, the arena, the
-split virtqueue, devices, the vhost-net bring-up, VLAN frames, configuration,
-ports, forwarders, queue pairs, command line, demo.
+split virtqueue, rtnetlink, VLAN frames and Frame, devices, the vhost-net
+bring-up, configuration, ports, forwarders, queue pairs, command line, demo.
 
 Licence: BSD-3-Clause.
 """
@@ -60,8 +60,9 @@ __all__ = [
     "Arena", "SplitVirtqueue", "vring_layout",
     "socket_in_netns", "Link", "Rtnl", "Tap", "VhostNet", "attach_filter", "PacketSocket",
     "PacketRxRing", "restore_nic", "QuietNic", "VhostDevices",
-    "insert_vlan_tag", "insert_vlan_tag_scattered",
-    "Config", "PortStats", "Port", "VirtioUserPort", "TapPort",
+    "insert_vlan_tag", "insert_vlan_tag_scattered", "Frame",
+    "Config", "check_filter", "load_filter", "PortStats", "Port", "VirtioUserPort", "TapPort",
+    "PASS", "BOUNCE", "DROP", "KEEP", "INWARD", "OUTWARD",
     "Bridge", "VhostBridge", "open_bridge", "QueuePairs",
     "main",
 ]
@@ -172,6 +173,7 @@ AF_PACKET = 17
 SOL_PACKET = 263
 ETH_P_ALL = 0x0003
 ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
 ETH_HLEN = 14
 ETH_ALEN = 6
 VLAN_HLEN = 4                           # linux/if_vlan.h (not uapi): TPID + TCI
@@ -208,6 +210,7 @@ BPF_W, BPF_ABS, BPF_JEQ, BPF_K = 0x00, 0x20, 0x10, 0x00
 SKF_AD_OFF = -0x1000
 SKF_AD_PKTTYPE = 4
 PACKET_OUTGOING = 4                     # linux/if_packet.h: sll_pkttype, skb->pkt_type
+BPF_MAXINSNS = 4096
 
 # linux/eventfd.h: O_CLOEXEC and O_NONBLOCK of asm-generic/fcntl.h (x86, arm64)
 EFD_CLOEXEC = 0o2000000
@@ -818,6 +821,12 @@ RECV_BATCH = 16                          # packets per recvmmsg(2) from the NIC
 VHOST_BUF_SIZE = _page_round(VLAN_HLEN + VIRTIO_NET_HDR_MRG_RXBUF_LEN + MAX_FRAME)
 MERGED_BUF_SIZE = 16384
 NIC_RING_BYTES = 4 << 20                 # the packet receive ring: a burst's worth
+# VhostBridge: a batch of at most DIRECT_BATCH frames for a ring with nothing in
+# flight is written straight to the tap or sent on the packet socket, one system
+# call each, instead of waking a vhost worker: a ping's round trip then wakes two
+# threads fewer.  A ring with frames in flight keeps the vhost path, so frames
+# never overtake each other, and bulk traffic keeps its zero-copy batches.
+DIRECT_BATCH = 4
 
 
 ########################################################################################
@@ -1427,6 +1436,113 @@ class Rtnl:
 
 
 ########################################################################################
+# Frames: VLAN tags put back, and frames for a Python dataplane
+########################################################################################
+
+
+def insert_vlan_tag(buf, hdr, hdr_len, tpid, tci):
+    """Put back the VLAN tag the kernel took off a received frame: a packet socket
+    sees a tagged frame untagged, its tag in tp_vlan_tci (or PACKET_AUXDATA).
+
+    ``buf[hdr:]`` holds a ``hdr_len``-byte virtio_net_hdr and the frame, with
+    VLAN_HLEN free bytes before ``hdr``.  The header and the two MAC addresses
+    move 4 bytes to the front, the tag (``tpid``, ``tci``) goes after them
+    (IEEE 802.1Q), and the header's frame offsets grow by 4: csum_start with
+    NEEDS_CSUM, hdr_len with GSO (virtio spec 5.1.6).  Returns the new header
+    offset.
+    """
+    front = hdr - VLAN_HLEN
+    buf[front:front + hdr_len + 2 * ETH_ALEN] = buf[hdr:hdr + hdr_len + 2 * ETH_ALEN].tobytes()
+    struct.pack_into("!HH", buf, front + hdr_len + 2 * ETH_ALEN, tpid, tci)
+    vnet = virtio_net_hdr.from_buffer_copy(buf[front:front + VIRTIO_NET_HDR_LEN])
+    if vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        vnet.csum_start += VLAN_HLEN
+    if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE and vnet.hdr_len:
+        vnet.hdr_len += VLAN_HLEN
+    buf[front:front + ctypes.sizeof(vnet)] = bytes(vnet)
+    return front
+
+
+def insert_vlan_tag_scattered(views, nbytes, tpid, tci):
+    """insert_vlan_tag for a frame received over ``views`` (memoryviews, the socket's
+    10-byte header first, ``nbytes`` in all): gathered, tagged and written back.
+    Returns the new byte count, or None if the views have no room for the tag."""
+    if sum(map(len, views)) < VLAN_HLEN + nbytes:
+        return None
+    flat = bytearray(VLAN_HLEN)
+    for view in views:
+        flat += view[:VLAN_HLEN + nbytes - len(flat)]
+    insert_vlan_tag(memoryview(flat), VLAN_HLEN, VIRTIO_NET_HDR_LEN, tpid, tci)
+    done = 0
+    for view in views:
+        k = min(len(view), len(flat) - done)
+        view[:k] = flat[done:done + k]
+        done += k
+    return len(flat)
+
+
+class Frame:
+    """An Ethernet frame and its virtio_net_hdr (virtio spec 5.1.6), as the
+    dataplane calls (``recv_frames``, ``send_frames``) carry them.
+
+    ``data``: the frame, bytes-like, its VLAN tag (if any) in place.  ``hdr``:
+    the 10-byte virtio_net_hdr; all zero (the default) for a whole frame
+    with its checksums done.  A frame from the kernel with LRO or rx_cksum
+    may be a GSO super-frame (``gso_type``, ``gso_size``) or carry a partial
+    checksum (``needs_csum``, ``csum_start``, ``csum_offset``); the NIC's
+    side or the kernel completes them when the frame is sent on unchanged.
+    """
+
+    __slots__ = ("data", "hdr")
+
+    def __init__(self, data, hdr=bytes(VIRTIO_NET_HDR_LEN)):
+        if len(hdr) != VIRTIO_NET_HDR_LEN:
+            raise ValueError(f"a virtio_net_hdr is {VIRTIO_NET_HDR_LEN} bytes, not {len(hdr)}")
+        self.data, self.hdr = data, hdr
+
+    def _vnet(self):
+        return virtio_net_hdr.from_buffer_copy(bytes(self.hdr))
+
+    @property
+    def gso_type(self):
+        """VIRTIO_NET_HDR_GSO_* (0: not a super-frame)."""
+        return self._vnet().gso_type
+
+    @property
+    def gso_size(self):
+        """The segment size a super-frame is cut into."""
+        return self._vnet().gso_size
+
+    @property
+    def needs_csum(self):
+        """Whether the checksum at csum_start + csum_offset is still to be completed."""
+        return bool(self._vnet().flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
+
+    @property
+    def csum_start(self):
+        return self._vnet().csum_start
+
+    @property
+    def csum_offset(self):
+        return self._vnet().csum_offset
+
+    @property
+    def vlan(self):
+        """(TPID, TCI) of the frame's outer VLAN tag, or None."""
+        if len(self.data) >= 2 * ETH_ALEN + VLAN_HLEN:
+            tpid, tci = struct.unpack_from("!HH", self.data, 2 * ETH_ALEN)
+            if tpid in (ETH_P_8021Q, ETH_P_8021AD):
+                return tpid, tci
+        return None
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        return f"<Frame {len(self.data)} bytes hdr={bytes(self.hdr).hex()}>"
+
+
+########################################################################################
 # Devices: tap, vhost-net, packet socket
 ########################################################################################
 
@@ -1706,6 +1822,9 @@ class PacketSocket:
     sees it, comes in its PACKET_AUXDATA control message (``auxdata_vlan``).
     Sockets given the same ``fanout_group`` (a 16-bit id) share the NIC's
     traffic by flow (PACKET_FANOUT_HASH), one socket per queue pair.
+    ``program``, a classic BPF program ((code, jt, jf, k) tuples, see
+    load_filter), selects the frames received: the rest never leave the
+    kernel's softirq (SO_ATTACH_FILTER).
     """
 
     # CMSG_SPACE(sizeof(struct tpacket_auxdata)): room for the PACKET_AUXDATA message.
@@ -1713,7 +1832,7 @@ class PacketSocket:
     # cmsg_level, cmsg_type, then tpacket_auxdata: tp_status .. tp_vlan_tpid.
     _AUXDATA = struct.Struct("=ii" + "IIIHHHH")
 
-    def __init__(self, iface, fanout_group=None):
+    def __init__(self, iface, fanout_group=None, program=None):
         self.iface = iface
         try:
             self.ifindex = socket.if_nametoindex(iface)
@@ -1724,7 +1843,7 @@ class PacketSocket:
         self.hdr_len = VIRTIO_NET_HDR_LEN       # the header before each frame
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            ignore_outgoing = self._ignore_outgoing()
+            ignore_outgoing = self._ignore_outgoing(program)
             self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
             with contextlib.suppress(OSError):   # SO_RCVBUFFORCE needs CAP_NET_ADMIN
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
@@ -1741,16 +1860,22 @@ class PacketSocket:
             self.sock.close()
             raise
 
-    def _ignore_outgoing(self):
-        """Keep this host's own transmissions out; returns the fanout flag that does the
-        same for a fanout group (0 where the filter does it for the socket)."""
+    def _ignore_outgoing(self, program):
+        """Keep this host's own transmissions out and attach ``program`` (if any);
+        returns the fanout flag that does the same for a fanout group (0 where
+        the filter does it for the socket)."""
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError as e:
             if e.errno != errno.ENOPROTOOPT:
                 raise
-            attach_filter(self.sock, DROP_OUTGOING)     # Linux < 4.20: no option, no flag
+            # Linux < 4.20: no option, no flag.  DROP_OUTGOING's test, then on into
+            # ``program``, whose jumps are relative and loads its own.
+            attach_filter(self.sock, DROP_OUTGOING[:3] + list(program) if program
+                          else DROP_OUTGOING)
             return 0
+        if program:
+            attach_filter(self.sock, program)
         return PACKET_FANOUT_FLAG_IGNORE_OUTGOING
 
     def set_hdr_len(self, size):
@@ -1771,6 +1896,52 @@ class PacketSocket:
         if (level, kind) != (SOL_PACKET, PACKET_AUXDATA) or not status & TP_STATUS_VLAN_VALID:
             return None
         return _reported_tag(status, tpid, tci)
+
+    def send(self, frame):
+        """Send one frame, its virtio_net_hdr first, without blocking.
+        BlockingIOError if the socket's send buffer is full."""
+        self.sock.send(frame)
+
+    # -- for a Python dataplane: whole frames, copied -----------------------------------
+
+    def recv_frames(self, max_frames=32):
+        """Up to ``max_frames`` frames the NIC received, without blocking: a list of
+        Frame, [] when none is queued.  The socket (``fileno()``) polls readable
+        while one is; read until [] before waiting again.  A VLAN tag the
+        kernel took off is put back (insert_vlan_tag).  Not with a receive
+        ring on the socket (VhostBridge's)."""
+        h, frames = self.hdr_len, []
+        buf = memoryview(bytearray(VLAN_HLEN + h + MAX_FRAME))
+        while len(frames) < max_frames:
+            try:
+                n, control, flags, _ = self.sock.recvmsg_into([buf[VLAN_HLEN:]],
+                                                              self.AUXDATA_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            if flags & MSG_TRUNC or n < h + ETH_HLEN:
+                continue                    # over 64 KB, or a runt: not a frame to pass on
+            at, tag = VLAN_HLEN, self.auxdata_vlan(control)
+            if tag:
+                at = insert_vlan_tag(buf, at, h, *tag)
+                n += VLAN_HLEN
+            frames.append(Frame(bytes(buf[at + h:at + n]), bytes(buf[at:at + VIRTIO_NET_HDR_LEN])))
+        return frames
+
+    def send_frames(self, frames):
+        """Send Frames (or bytes-like whole frames) out of the NIC without blocking;
+        return how many left.  Stops at a full socket buffer (wait for POLLOUT);
+        a frame the kernel refuses (too long, the NIC down) is dropped and
+        counted among those."""
+        pad = bytes(self.hdr_len - VIRTIO_NET_HDR_LEN)
+        for k, frame in enumerate(frames):
+            frame = frame if isinstance(frame, Frame) else Frame(frame)
+            try:
+                self.sock.sendmsg([frame.hdr, pad, frame.data])
+            except BlockingIOError:
+                return k
+            except OSError:
+                pass
+        return len(frames)
 
     def recv_into(self, buf):
         """Receive one frame (its virtio_net_hdr first) into ``buf`` without blocking:
@@ -2225,52 +2396,6 @@ def describe_tap(tap, hdr_len, features):
 
 
 ########################################################################################
-# Frames: VLAN tags put back
-########################################################################################
-
-
-def insert_vlan_tag(buf, hdr, hdr_len, tpid, tci):
-    """Put back the VLAN tag the kernel took off a received frame: a packet socket
-    sees a tagged frame untagged, its tag in tp_vlan_tci (or PACKET_AUXDATA).
-
-    ``buf[hdr:]`` holds a ``hdr_len``-byte virtio_net_hdr and the frame, with
-    VLAN_HLEN free bytes before ``hdr``.  The header and the two MAC addresses
-    move 4 bytes to the front, the tag (``tpid``, ``tci``) goes after them
-    (IEEE 802.1Q), and the header's frame offsets grow by 4: csum_start with
-    NEEDS_CSUM, hdr_len with GSO (virtio spec 5.1.6).  Returns the new header
-    offset.
-    """
-    front = hdr - VLAN_HLEN
-    buf[front:front + hdr_len + 2 * ETH_ALEN] = buf[hdr:hdr + hdr_len + 2 * ETH_ALEN].tobytes()
-    struct.pack_into("!HH", buf, front + hdr_len + 2 * ETH_ALEN, tpid, tci)
-    vnet = virtio_net_hdr.from_buffer_copy(buf[front:front + VIRTIO_NET_HDR_LEN])
-    if vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-        vnet.csum_start += VLAN_HLEN
-    if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE and vnet.hdr_len:
-        vnet.hdr_len += VLAN_HLEN
-    buf[front:front + ctypes.sizeof(vnet)] = bytes(vnet)
-    return front
-
-
-def insert_vlan_tag_scattered(views, nbytes, tpid, tci):
-    """insert_vlan_tag for a frame received over ``views`` (memoryviews, the socket's
-    10-byte header first, ``nbytes`` in all): gathered, tagged and written back.
-    Returns the new byte count, or None if the views have no room for the tag."""
-    if sum(map(len, views)) < VLAN_HLEN + nbytes:
-        return None
-    flat = bytearray(VLAN_HLEN)
-    for view in views:
-        flat += view[:VLAN_HLEN + nbytes - len(flat)]
-    insert_vlan_tag(memoryview(flat), VLAN_HLEN, VIRTIO_NET_HDR_LEN, tpid, tci)
-    done = 0
-    for view in views:
-        k = min(len(view), len(flat) - done)
-        view[:k] = flat[done:done + k]
-        done += k
-    return len(flat)
-
-
-########################################################################################
 # Configuration: one validated object from the command line or library arguments
 ########################################################################################
 
@@ -2299,6 +2424,60 @@ def _parse_mac(text):
     if mac[0] & 1 or mac == bytes(6):
         raise ConfigError("mac", f"MAC address {text} is not a unicast address")
     return mac
+
+
+def check_filter(program):
+    """``program`` as a list of (code, jt, jf, k) tuples, once the kernel's own
+    checker took it (attached to a throwaway AF_UNIX socket: no privilege, no
+    device).  ConfigError ("filter") otherwise."""
+    try:
+        program = [tuple(insn) for insn in program]
+        if not 1 <= len(program) <= BPF_MAXINSNS:
+            raise ValueError(f"{len(program)} instructions, not 1 to {BPF_MAXINSNS}")
+        for n, insn in enumerate(program):
+            if len(insn) != 4 or not all(isinstance(v, int) for v in insn) or not (
+                    0 <= insn[0] <= 0xFFFF and 0 <= insn[1] <= 0xFF and 0 <= insn[2] <= 0xFF
+                    and 0 <= insn[3] <= 0xFFFFFFFF):
+                raise ValueError(f"instruction {n} {insn!r} is not (code u16, jt u8, jf u8, "
+                                 "k u32)")
+    except (TypeError, ValueError) as e:
+        raise ConfigError("filter", f"not a classic BPF program: {e}") from None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            attach_filter(probe, program)
+        except OSError as e:
+            raise ConfigError("filter", f"the kernel refuses the program ({e.strerror}): "
+                                        "a jump out of it, no return at its end, or an "
+                                        "unknown instruction") from None
+    return program
+
+
+def load_filter(path):
+    """The classic BPF program in file ``path``, as ``tcpdump -ddd EXPR`` prints it
+    (the instruction count, then "code jt jf k" per line, decimal), checked by
+    check_filter.  ConfigError ("filter") names the file and the line."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("filter", f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines or len(lines[0][1]) != 1 or not lines[0][1][0].isdigit():
+        raise ConfigError("filter", f"{path}: line 1 is not an instruction count: expected "
+                                    "what 'tcpdump -ddd EXPR' prints")
+    if int(lines[0][1][0]) != len(lines) - 1:
+        raise ConfigError("filter", f"{path}: says {lines[0][1][0]} instructions but has "
+                                    f"{len(lines) - 1}")
+    program = []
+    for n, fields in lines[1:]:
+        if len(fields) != 4 or not all(field.isdigit() for field in fields):
+            raise ConfigError("filter", f"{path}: line {n}: expected 'code jt jf k' "
+                                        f"(4 decimal numbers), not {' '.join(fields)!r}")
+        program.append(tuple(int(field) for field in fields))
+    try:
+        return check_filter(program)
+    except ConfigError as e:
+        raise ConfigError("filter", f"{path}: {e.why}") from None
 
 
 def _parse_addresses(texts):
@@ -2354,6 +2533,10 @@ class Config:
         lro: VIRTIO_NET_F_GUEST_TSO4/6: the kernel may hand over 64 KB TCP
             segments (needs rx_cksum).
         queues: queue pairs (QueuePairs), 1 to MAX_TAP_QUEUES.
+        filter: a classic BPF program ((code, jt, jf, k) tuples; load_filter
+            reads one from ``tcpdump -ddd`` output) on the NIC's packet sockets
+            made by QueuePairs or the command line: only the frames it accepts
+            reach the kernel through the tap; None: every frame.
 
     Raises:
         ConfigError: a value out of range or a refused combination, naming
@@ -2361,13 +2544,13 @@ class Config:
     """
 
     OPTIONS = ("tap_io", "nic_io", "path", "queue_size", "tap", "mac", "netns", "address",
-               "up", "rx_cksum", "lro", "queues", "busy_poll")
+               "up", "rx_cksum", "lro", "queues", "busy_poll", "filter")
     TAP_IO = ("vhost-net", "read-write")
     NIC_IO = ("vhost-net", "socket")
 
     def __init__(self, tap_io="vhost-net", nic_io=None, path="/dev/vhost-net",
                  queue_size=256, tap="tap%d", mac=None, netns=None, address=(), up=False,
-                 rx_cksum=False, lro=False, queues=1, busy_poll=0):
+                 rx_cksum=False, lro=False, queues=1, busy_poll=0, filter=None):
         if tap_io not in self.TAP_IO:
             raise ConfigError("tap_io", f"{tap_io!r} is not one of {', '.join(self.TAP_IO)}")
         if nic_io is None:
@@ -2401,6 +2584,7 @@ class Config:
         self.netns, self.address, self.up = netns, _parse_addresses(address), up
         self.rx_cksum, self.lro = rx_cksum, lro
         self.offloads = offload_features(rx_cksum, lro)
+        self.filter = None if filter is None else check_filter(filter)
 
     def options(self):
         """{keyword: value} of every option: ``Config(**c.options())`` is ``c`` again."""
@@ -2443,14 +2627,18 @@ class PortStats(ctypes.Structure):
     A ctypes structure, so that worker processes can keep theirs in shared
     memory (``from_buffer``) where the parent reads them.  ``busy_passes``
     counts a forwarder's passes that found work while busy-polling (its
-    NIC port's).  ``rx_oversize`` /
+    NIC port's); ``tx_direct`` the frames of ``tx_packets`` a VhostBridge
+    wrote to the port itself instead of through a vhost device
+    (DIRECT_BATCH).  ``hook_*`` count a Bridge hook's verdicts other than
+    PASS on the frames the port received.  ``rx_oversize`` /
     ``tx_oversize`` count frames longer than the port's MTU allows (GSO
     super-frames carried whole); they are reported for a port whose ``mtu``
     is known.
     """
 
     FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
-              "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize", "busy_passes")
+              "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize", "tx_direct",
+              "busy_passes", "hook_bounced", "hook_dropped", "hook_kept")
     LINK_UNKNOWN, LINK_DOWN, LINK_UP = 0, 1, 2
     # ``link``: the NIC's state now (LINK_*); ``link_changes``: how often it went
     # down or up since the start.  The same for every queue pair, so not summed.
@@ -2485,8 +2673,14 @@ class PortStats(ctypes.Structure):
             lines.append(line)
         if self.link_state():
             lines.append(f"  Link: {self.link_state()}, {self.link_changes} changes")
+        if self.tx_direct:
+            lines.append(f"  TX-direct: {self.tx_direct} (of TX-packets, written by this "
+                         "process: no vhost worker woken)")
         if self.busy_passes:
             lines.append(f"  Busy-poll passes that found work: {self.busy_passes}")
+        if self.hook_bounced or self.hook_dropped or self.hook_kept:
+            lines.append(f"  Hook: {self.hook_bounced} bounced, {self.hook_dropped} dropped, "
+                         f"{self.hook_kept} kept")
         return "\n".join(lines)
 
     def summary(self):
@@ -2506,10 +2700,15 @@ class Port:
     iovecs for recvmmsg, ``tx_views`` gives memoryviews) / ``tx_commit`` or
     ``tx_cancel`` / ``tx_flush``, and ``rx_packet`` (views holding a packet,
     the virtio-net header first) or ``rx_segments`` (addresses for sendmmsg)
-    / ``rx_release`` or ``rx_unget`` / ``rx_flush``.  On top of
-    them ``tx_burst`` and ``rx_burst`` copy whole frames for library users.
-    ``call_fds()`` are the (RX, TX) fds to poll, ``ack_calls()`` resets them.
-    Subclasses set ``config``, ``tap``, ``hdr_len``, ``features`` and ``stats``.
+    / ``rx_release`` or ``rx_unget`` / ``rx_flush``.  ``call_fds()`` are
+    the (RX, TX) fds to poll (TX None where there is none), ``ack_calls()``
+    resets them.
+
+    For a Python dataplane, on top of them, whole frames copied:
+    ``recv_frames`` / ``send_frames`` (Frame objects, header facts included)
+    and ``rx_burst`` / ``tx_burst`` (bytes); ``fileno()`` for ``selectors``
+    and ``asyncio``.  Subclasses set ``config``, ``tap``, ``hdr_len``,
+    ``features`` and ``stats``.
     """
 
     @property
@@ -2523,41 +2722,60 @@ class Port:
     def __exit__(self, *exc):
         self.close()
 
-    def tx_burst(self, frames, hdr=b""):
-        """Copy Ethernet frames into the kernel; return how many were queued.
+    def fileno(self):
+        """The fd that polls readable while the kernel has sent frames (the RX call
+        eventfd, or the tap): for ``selectors`` and ``asyncio``.  Edge-like
+        for an eventfd: once readable, read with recv_frames / rx_burst until
+        they return [] (they reset it first), and only then wait again."""
+        return self.call_fds()[0]
 
-        ``hdr`` is an optional virtio_net_hdr (10 bytes) applied to every
-        frame; the default is all zero (no offload).
-        """
-        head = bytes(hdr).ljust(VIRTIO_NET_HDR_LEN, b"\0")[:VIRTIO_NET_HDR_LEN]
+    def send_frames(self, frames):
+        """Copy Frames (or bytes-like whole frames) into the kernel, each with its
+        header; return how many were queued.  Never blocks: a frame with no
+        room on the ring (or over 64 KB) is dropped and counted (tx_dropped)."""
         sent = 0
         for frame in frames:
-            slots = self.tx_reserve(1) if len(frame) <= MAX_FRAME else []
+            frame = frame if isinstance(frame, Frame) else Frame(frame)
+            slots = self.tx_reserve(1) if len(frame.data) <= MAX_FRAME else []
             if not slots:
                 self.stats.tx_dropped += 1
                 continue
-            data, off = memoryview(head + bytes(frame)), 0
+            # The slot's views: the 10-byte header, then the frame's room (tx_iov).
+            data, off = memoryview(b"".join([frame.hdr, frame.data])), 0
             for v in self.tx_views(slots[0]):
                 n = min(len(v), len(data) - off)
                 v[:n] = data[off:off + n]
                 off += n
                 if off == len(data):
                     break
-            sent += self.tx_commit(slots[0], self.hdr_len + len(frame))
+            sent += self.tx_commit(slots[0], self.hdr_len + len(frame.data))
         self.tx_flush()
         return sent
 
-    def rx_burst(self, max_packets=32):
-        """Copy up to ``max_packets`` frames the kernel sent; return them as bytes (no header)."""
-        frames = []
-        while len(frames) < max_packets:
+    def recv_frames(self, max_frames=32):
+        """Copy up to ``max_frames`` frames the kernel sent: a list of Frame, [] when
+        none is left (the RX call is reset first: see fileno)."""
+        self.ack_calls([self.fileno()])
+        frames, h = [], self.hdr_len
+        while len(frames) < max_frames:
             views = self.rx_packet()
             if views is None:
                 break
-            frames.append(b"".join([views[0][self.hdr_len:], *views[1:]]))
+            frames.append(Frame(b"".join([views[0][h:], *views[1:]]),
+                                bytes(views[0][:VIRTIO_NET_HDR_LEN])))
             self.rx_release()
         self.rx_flush()
         return frames
+
+    def tx_burst(self, frames, hdr=b""):
+        """send_frames for bytes-like frames that all take ``hdr``, a virtio_net_hdr
+        (10 bytes; shorter is zero-padded; default all zero: no offload)."""
+        head = bytes(hdr).ljust(VIRTIO_NET_HDR_LEN, b"\0")[:VIRTIO_NET_HDR_LEN]
+        return self.send_frames([Frame(frame, head) for frame in frames])
+
+    def rx_burst(self, max_packets=32):
+        """recv_frames, as bytes (the frames only)."""
+        return [frame.data for frame in self.recv_frames(max_packets)]
 
 
 class VirtioUserPort(Port):
@@ -2947,6 +3165,11 @@ class TapPort(Port):
 
 _POLL_FAULTS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
+# A Bridge hook's verdicts on a frame: pass it on, send it back out where it came
+# from, drop it, or keep it (the hook consumed it).  The directions it is told.
+PASS, BOUNCE, DROP, KEEP = "pass", "bounce", "drop", "keep"
+INWARD, OUTWARD = "inward", "outward"           # NIC -> kernel, kernel -> NIC
+
 
 class _Forwarder:
     """What Bridge and VhostBridge share: the NIC, the poll loop, stop() and statistics.
@@ -3153,10 +3376,23 @@ class Bridge(_Forwarder):
     after ``close()``.  ``nic_stats`` may be given (shared memory);
     ``quiet_nic`` makes the NIC's own stack silent on ARP while bridging
     (QuietNic).
+
+    ``hook(direction, frame)``, if given, sees every frame: ``direction`` is
+    INWARD (from the NIC) or OUTWARD (from the kernel), ``frame`` a writable
+    memoryview of the Ethernet frame (its virtio_net_hdr travels with it,
+    unchanged), valid only during the call: copy what you keep.  It returns
+    PASS (on its way, with the hook's changes), BOUNCE (back out where it
+    came from, changed: a reply), DROP or KEEP; the last three are counted
+    (``hook_*`` of the receiving port's statistics).  Anything else, or an
+    exception, ends run().  Without a hook the data path is as without this.
+    Outwards, a hook sends frame by frame (one system call each).
     """
 
-    def __init__(self, nic, port, nic_stats=None, quiet_nic=True):
-        self.port = port
+    VERDICTS = (PASS, BOUNCE, DROP, KEEP)
+
+    def __init__(self, nic, port, nic_stats=None, quiet_nic=True, hook=None):
+        self.port, self.hook = port, hook
+        self._judged = False             # OUTWARD: the first frame taken next was PASSed
         self.busy_poll = port.config.busy_poll
         self._attach_nic(nic, nic_stats)
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
@@ -3234,6 +3470,10 @@ class Bridge(_Forwarder):
                     dropped += 1
                     port.tx_cancel(slots[j:j + 1])
                     continue
+                if self.hook is not None and not self._hook_inward(port.tx_views(slots[j]),
+                                                                   size):
+                    port.tx_cancel(slots[j:j + 1])
+                    continue
                 done += 1
                 nbytes += size
                 if size > max_frame:
@@ -3250,6 +3490,88 @@ class Bridge(_Forwarder):
         st.rx_dropped += dropped
         return done
 
+    def _judge(self, direction, views, size):
+        """The hook's verdict on the ``size``-byte frame held in ``views`` (in order):
+        (verdict, frame).  The hook sees the buffer where the frame is in one
+        piece, else a copy, written back for PASS."""
+        if size <= len(views[0]):
+            frame = views[0][:size]
+            verdict = self.hook(direction, frame)
+        else:
+            frame = memoryview(bytearray(b"".join(views)[:size]))
+            verdict = self.hook(direction, frame)
+            done = 0
+            for view in views if verdict == PASS else ():
+                k = min(len(view), size - done)
+                view[:k] = frame[done:done + k]
+                done += k
+        if verdict not in self.VERDICTS:
+            raise VhostPathError(f"the hook returned {verdict!r}, not one of "
+                                 f"{', '.join(self.VERDICTS)}: stopping")
+        return verdict, frame
+
+    def _hook_inward(self, views, size):
+        """Judge a frame from the NIC (``views``: the socket's 10-byte header, then
+        the frame); True to pass it to the kernel, else done with here."""
+        verdict, frame = self._judge(INWARD, views[1:], size)
+        if verdict == PASS:
+            return True
+        st = self.nic_stats
+        st.rx_packets += 1
+        st.rx_bytes += size
+        if verdict == BOUNCE:
+            st.hook_bounced += 1
+            try:
+                self.nic.send(b"".join([views[0], frame]))
+            except OSError:                  # a full socket buffer, the NIC down...
+                st.tx_dropped += 1
+            else:
+                st.tx_packets += 1
+                st.tx_bytes += size
+        elif verdict == DROP:
+            st.hook_dropped += 1
+        else:
+            st.hook_kept += 1
+        return False
+
+    def _kernel_to_nic_hooked(self):
+        """kernel_to_nic with a hook: each frame judged, then sent alone."""
+        port, h, st = self.port, self.port.hdr_len, self.nic_stats
+        done = 0
+        self._nic_blocked = False
+        while True:
+            views = port.rx_packet()
+            if views is None:
+                break
+            size = sum(map(len, views)) - h
+            parts = [views[0][h:], *views[1:]]
+            verdict = PASS if self._judged else self._judge(OUTWARD, parts, size)[0]
+            self._judged = False
+            if verdict == PASS:
+                try:
+                    self.nic.send(b"".join([views[0][:VIRTIO_NET_HDR_LEN], *parts]))
+                except BlockingIOError:      # retry on POLLOUT, not judged again
+                    port.rx_unget()
+                    self._judged = self._nic_blocked = True
+                    break
+                except OSError:              # EMSGSIZE, ENETDOWN, ...: dropped
+                    st.tx_dropped += 1
+                else:
+                    done += 1
+                    st.tx_packets += 1
+                    st.tx_bytes += size
+                    st.tx_oversize += size > self._max_frame
+            elif verdict == BOUNCE:
+                self.tap_stats.hook_bounced += 1
+                port.tx_burst([b"".join(parts)], views[0][:VIRTIO_NET_HDR_LEN])
+            elif verdict == DROP:
+                self.tap_stats.hook_dropped += 1
+            else:
+                self.tap_stats.hook_kept += 1
+            port.rx_release()
+        port.rx_flush()
+        return done
+
     def kernel_to_nic(self):
         """Send what the kernel put on the RX ring out of the NIC; return how many.
 
@@ -3257,6 +3579,8 @@ class Bridge(_Forwarder):
         ring buffers; the 12-byte header layout is split to the packet
         socket's 10 bytes by the iovecs.  Counters as in nic_to_kernel.
         """
+        if self.hook is not None:
+            return self._kernel_to_nic_hooked()
         port, h, batch, max_frame = self.port, self.port.hdr_len, self._send, self._max_frame
         fd, done, nbytes, oversize, dropped = self.nic.fileno(), 0, 0, 0, 0
         self._nic_blocked = False
@@ -3366,6 +3690,10 @@ class VhostBridge(_Forwarder):
     and the kicks vhost asks for.  No TX ring can be full: when the kernel
     falls behind, the packet ring or the tap RX ring runs out of room and
     the kernel drops (counted).
+
+    A few frames for a ring with nothing in flight (DIRECT_BATCH: a ping, an
+    ARP, a TCP request) go without a vhost worker: written to the tap, or
+    sent on the packet socket, from here (``tx_direct`` in the statistics).
 
     ``nic`` is an open PacketSocket (not owned; its ring is removed again on
     close).  ``config`` (or its keyword arguments instead) and ``tap`` as for
@@ -3533,14 +3861,16 @@ class VhostBridge(_Forwarder):
         and the arena: the bring-up's mirror."""
         self._stack.close()
 
-    def _count(self, rx_stats, tx_stats, lengths):
-        """Count frames of ``lengths`` bytes (virtio_net_hdr included) forwarded."""
+    def _count(self, rx_stats, tx_stats, lengths, lost=()):
+        """Count frames of ``lengths`` bytes (virtio_net_hdr included) received and
+        forwarded; those of ``lost`` (some of the same lengths) as dropped instead."""
         h, n = self.hdr_len, len(lengths)
         nbytes = sum(lengths) - h * n
         rx_stats.rx_packets += n
         rx_stats.rx_bytes += nbytes
-        tx_stats.tx_packets += n
-        tx_stats.tx_bytes += nbytes
+        tx_stats.tx_packets += n - len(lost)
+        tx_stats.tx_bytes += nbytes - (sum(lost) - h * len(lost))
+        tx_stats.tx_dropped += len(lost)
         limit = self._max_frame + h
         if max(lengths) > limit:
             over = sum(1 for length in lengths if length > limit)
@@ -3560,14 +3890,36 @@ class VhostBridge(_Forwarder):
             # The usual run: a packet per buffer (num_buffers 1 in each, merged).
             if not self.merged or (self._merging is None and min(lengths) >= h and
                                    self._num_buffers[first:first + count] == self._ones[:count]):
-                txq.add_run(first, count, lengths)
-                self._count(self.tap_stats, self.nic_stats, lengths)
+                done, lost = (self._send_nic(first, count, lengths)
+                              if count <= DIRECT_BATCH and not txq.in_flight() else (0, []))
+                if done:
+                    rxq.add_run(first, done)        # recycled now: see _recycle
+                if done < count:
+                    txq.add_run(first + done, count - done, lengths[done:])
+                self._count(self.tap_stats, self.nic_stats, lengths, lost)
                 moved += count
             else:
                 moved += self._forward_merged(first, count, lengths)
         if moved and txq.kick_prepare():
             kicks.append(txq)
         return moved
+
+    def _send_nic(self, first, count, lengths):
+        """Send the frames in tap RX buffers ``first``, ... (``lengths`` bytes each)
+        on the packet socket from here (DIRECT_BATCH): (how many are done with,
+        the lengths of those of them the socket refused).  Those after a full
+        send buffer are left for the NIC device."""
+        bufs, num, lost = self.tap_rxq.bufs, self.queue_size, []
+        for k in range(count):
+            try:
+                self.nic.send(bufs[(first + k) & (num - 1)][:lengths[k]])
+            except BlockingIOError:
+                return k, lost
+            except OSError:                 # the NIC down (ENETDOWN), a qdisc drop...
+                lost.append(lengths[k])
+            else:
+                self.nic_stats.tx_direct += 1
+        return count, lost
 
     def _forward_merged(self, first, count, lengths):
         """_forward for a run holding packets that span several buffers (or the end of
@@ -3646,10 +3998,14 @@ class VhostBridge(_Forwarder):
                 tag = VLAN_HLEN if ring.vlan_tagged(start, n) else 0
                 if tag and not ring.retag(start, n, self.hdr_len):
                     tag = None
+            lost = []                           # written directly, refused by the tap
             if tag is not None:
-                txq.set_addrs(first, self._frame_addrs[bool(tag)][start:start + n])
                 lengths = array.array("I", [length + self.hdr_len + tag for length in snaplen])
-                txq.add_run(first, n, memoryview(lengths))
+                if n <= DIRECT_BATCH and not txq.in_flight():
+                    lost = self._write_tap(start, n, tag, lengths)
+                else:
+                    txq.set_addrs(first, self._frame_addrs[bool(tag)][start:start + n])
+                    txq.add_run(first, n, memoryview(lengths))
                 taken = n
             else:
                 ids, lengths, taken = self._receive_odd(start, status, tp_len, snaplen, mac,
@@ -3658,13 +4014,33 @@ class VhostBridge(_Forwarder):
             self._nic_head = (start + taken) % ring.frame_nr
             room -= taken
             if lengths:
-                self._count(self.nic_stats, self.tap_stats, lengths)
+                self._count(self.nic_stats, self.tap_stats, lengths, lost)
                 moved += len(lengths)
             if taken < limit:
                 break
         if moved and txq.kick_prepare():
             kicks.append(txq)
         return moved
+
+    def _write_tap(self, start, n, tag, lengths):
+        """Write ring frames ``start``, ... (``lengths`` bytes each from their header,
+        ``tag`` bytes in front of the usual place) to the tap from here
+        (DIRECT_BATCH), then hand them back; return the lengths of those the tap
+        refused.  Called only with no frame out, so none is handed back before
+        an earlier one."""
+        ring, fd, lost = self.nic_ring, self.tap.fileno(), []
+        offset = ring.mac_offset - self.hdr_len - tag
+        for f, length in zip(range(start, start + n), lengths):
+            at = f * ring.frame_size + offset
+            try:
+                os.write(fd, ring.view[at:at + length])
+            except OSError:                 # the tap down (EIO), a bad header (EINVAL)
+                lost.append(length)
+            else:
+                self.tap_stats.tx_direct += 1
+        ring.release(start, n)
+        self._nic_tail = (start + n) % ring.frame_nr
+        return lost
 
     def _receive_odd(self, start, status, tp_len, snaplen, mac, fronted):
         """The slow path of _receive, frame by frame: a frame too big for its slot is
@@ -3874,7 +4250,7 @@ class QueuePairs:
         group = os.getpid() & 0xFFFF if multi else None
         nics = []
         for _ in range(self.queues):
-            nics.append(PacketSocket(iface, group))
+            nics.append(PacketSocket(iface, group, self.config.filter))
             push(nics[-1].close)
         # The device is configured once, here, its MAC first (an IPv6 link-local
         # address is made from it when it comes up); every queue is told its namespace.
@@ -4098,6 +4474,11 @@ def _add_port_options(p):
                    help="tap name, or a template the kernel completes (default %(default)s)")
     p.add_argument("--mac", help="MAC address for the tap, or 'nic' for the NIC's (default: "
                                  "the kernel's random one)")
+    p.add_argument("--filter", metavar="FILE",
+                   help="only frames this classic BPF program accepts go from the NIC to "
+                        "the kernel (FILE: what 'tcpdump -ddd EXPR' prints, e.g. for "
+                        "'arp or icmp or tcp port 179'); the rest are dropped in the NIC's "
+                        "softirq (default: every frame)")
     p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
                    help="after a pass that moved frames, keep passing over the rings for "
                         "USEC microseconds before sleeping, and let the vhost workers spin "
@@ -4190,6 +4571,8 @@ def _config_from_args(args):
         args.lro = args.rx_cksum
     options = {name: getattr(args, name) for name in Config.OPTIONS if hasattr(args, name)}
     try:
+        if options.get("filter") is not None:
+            options["filter"] = load_filter(options["filter"])
         return Config(**options)
     except ConfigError as e:
         raise VhostPathError(f"--{e.option.replace('_', '-')}: {e.why}") from None
@@ -4242,7 +4625,7 @@ def _bridge_main(args):
     if config.queues > 1:
         return _queues_main(args, config)
     with contextlib.ExitStack() as stack:
-        nic = PacketSocket(args.iface)
+        nic = PacketSocket(args.iface, program=config.filter)
         stack.callback(nic.close)
         bridge = open_bridge(config, nic, stack)
         _on_signals(bridge.stop)                     # before anyone is told we run
@@ -4251,6 +4634,9 @@ def _bridge_main(args):
         if args.verbose:
             for line in bridge.describe():
                 _say(line)
+            if config.filter:
+                _say(f"filter: {len(config.filter)} BPF instructions on {args.iface}'s packet "
+                     f"socket: only the frames they accept reach {bridge.name}")
         elif not bridge.carrier_follows:
             _say("warning: " + bridge.describe_following())
 
@@ -4472,7 +4858,7 @@ def _demo_main(args):
         step(f"outside host {DEMO_OUTSIDE_IP} in namespace {DEMO_NS}, behind veth "
              f"{DEMO_PEER}; its near end {DEMO_NIC} plays the NIC")
         peer = _demo_start_peer(stack, args.bytes)
-        nic = PacketSocket(DEMO_NIC)
+        nic = PacketSocket(DEMO_NIC, program=config.filter)
         stack.callback(nic.close)
         config = Config(**dict(config.options(), address=[f"{DEMO_KERNEL_IP}/24"]))
         bridge = open_bridge(config, nic, stack)

@@ -10,8 +10,10 @@ import errno
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -101,6 +103,14 @@ class BridgeCase(OutsideCase):
         self.assertEqual(nic["TX-packets"] + nic["TX-dropped"], tap["RX-packets"])
         self.assertEqual(nic["RX-packets"], tap["TX-packets"] + tap["TX-dropped"])
         self.assertEqual(nic["TX-dropped"], 0)
+        # VhostBridge: a ping's frames find their ring idle and go straight to the
+        # tap or the NIC socket (DIRECT_BATCH), bulk traffic through vhost.
+        if vhost_threads_per_pair(self.TAP_IO, self.ARGS) == 2:
+            for counters in (nic, tap):
+                self.assertGreaterEqual(counters.get("TX-direct", 0), 3, out)
+                self.assertLess(counters["TX-direct"], counters["TX-packets"], out)
+        else:
+            self.assertNotIn("TX-direct", out)
         # Frames above the MTU: from the kernel only with LRO, from the NIC only
         # when the outside sends TSO super-frames.
         if self.LRO:
@@ -661,3 +671,198 @@ class BusyPollCase(OutsideCase):
         passes = re.search(r"Busy-poll passes that found work: (\d+)", out)
         self.assertTrue(passes and int(passes.group(1)) > 0, out)
 
+
+
+# What `tcpdump -ddd 'arp or icmp'` prints: the instruction count, then "code jt jf k".
+ARP_OR_ICMP = """7
+40 0 0 12
+21 3 0 2054
+21 0 3 2048
+48 0 0 23
+21 0 1 1
+6 0 0 262144
+6 0 0 0
+"""
+
+
+class FilterCase(OutsideCase):
+    """--filter: a classic BPF program on the NIC's packet socket(s) decides what
+    reaches the kernel through the tap, in each of MODES (further tool options)."""
+
+    TAP_IO = "vhost-net"
+    MODES = ((),)
+
+    def program_file(self, text):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        path = os.path.join(tmp.name, "filter.bpf")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_arp_or_icmp_keeps_tcp_from_the_kernel(self):
+        """Pings cross both ways; a TCP connect from the outside to a listening socket
+        on the kernel side times out: its SYNs never reach the kernel."""
+        path = self.program_file(ARP_OR_ICMP)
+        for mode in self.MODES:
+            with self.subTest(mode=mode):
+                tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--address",
+                                 f"{topo.KERNEL_IP}/24", "--filter", path, *mode)
+                self.addCleanup(tool.kill)
+                self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+                self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS), 3)
+                with socket.socket() as listener:
+                    listener.bind((topo.KERNEL_IP, 0))
+                    listener.listen(1)
+                    listener.setblocking(False)
+                    with vp.socket_in_netns(topo.NS) as client:
+                        client.settimeout(2)
+                        with self.assertRaises(socket.timeout):
+                            client.connect((topo.KERNEL_IP, listener.getsockname()[1]))
+                    with self.assertRaises(BlockingIOError):
+                        listener.accept()
+                rc, out, err = tool.stop()
+                self.assertEqual(rc, 0, err)
+
+    def test_malformed_program_fails_before_anything_is_made(self):
+        before = (topo.interfaces(), topo.nic_settings())
+        for text, why in (("7\n40 0 0 12\n", "says 7 instructions but has 1"),
+                          ("2\n40 0 0 12\n21 9 0 2054\n", "the kernel refuses the program"),
+                          ("1\nret 0 0 0\n", "line 2: expected 'code jt jf k'")):
+            with self.subTest(why=why):
+                path = self.program_file(text)
+                proc = subprocess.run([sys.executable, topo.TOOL, "--iface", "veth0",
+                                       "--tap-io", self.TAP_IO, "--filter", path],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      universal_newlines=True, timeout=60)
+                self.assertEqual(proc.returncode, 1, proc.stderr)
+                lines = proc.stderr.splitlines()
+                self.assertEqual(len(lines), 1, proc.stderr)
+                self.assertTrue(lines[0].startswith(f"vhostpath: --filter: {path}: "), lines)
+                self.assertIn(why, lines[0])
+                self.assertEqual((topo.interfaces(), topo.nic_settings()), before)
+
+
+class HookCase(OutsideCase):
+    """Bridge(hook=...): each verdict does what it says, and is counted."""
+
+    TAP_IO = "vhost-net"
+    DROP_PORT, KEEP_PORT, DATAGRAMS = 9998, 9999, 5
+
+    def start(self, hook):
+        nic = vp.PacketSocket("veth0")
+        self.addCleanup(nic.close)
+        config = vp.Config(tap_io=self.TAP_IO, address=[f"{topo.KERNEL_IP}/24"])
+        port = vp.VirtioUserPort(config) if self.TAP_IO == "vhost-net" else vp.TapPort(config)
+        self.addCleanup(port.close)
+        bridge = vp.Bridge(nic, port, hook=hook)
+        self.addCleanup(bridge.close)
+        worker = _Background(bridge.run)
+        self.addCleanup(self.stop, bridge, worker)
+        return bridge, worker
+
+    def stop(self, bridge, worker):
+        bridge.stop()
+        with contextlib.suppress(vp.VhostPathError):       # what a test checked
+            worker.result(30)
+
+    def test_pass_bounce_drop_keep(self):
+        """Echo requests to the kernel side are answered by the hook inwards (BOUNCE,
+        TTL 222), and those from the kernel outwards too; UDP to one port is
+        dropped, to another kept (the hook has the payloads, the kernel none);
+        the rest passes (a sha256-checked transfer each way)."""
+        from tests.example_responder import MARK_TTL, echo_reply
+        kept, seen = [], {vp.INWARD: 0, vp.OUTWARD: 0}
+        kernel, outside = (socket.inet_aton(ip) for ip in (topo.KERNEL_IP, topo.OUTSIDE_IP))
+
+        def hook(direction, frame):
+            seen[direction] += 1
+            reply = echo_reply(vp.Frame(bytes(frame)),
+                               kernel if direction == vp.INWARD else outside)
+            if reply is not None:
+                frame[:] = reply
+                return vp.BOUNCE
+            udp = len(frame) >= 42 and frame[12:14] == b"\x08\x00" and frame[23] == 17
+            port = int.from_bytes(frame[36:38], "big") if udp else None
+            if direction == vp.INWARD and port == self.DROP_PORT:
+                return vp.DROP
+            if direction == vp.INWARD and port == self.KEEP_PORT:
+                kept.append(bytes(frame[42:]))
+                return vp.KEEP
+            return vp.PASS
+
+        bridge, worker = self.start(hook)
+        for target, ns in ((topo.KERNEL_IP, topo.NS), (topo.OUTSIDE_IP, None)):
+            out = topo.sh("ping", "-c", "3", "-W", "5", target, ns=ns, check=False)
+            self.assertEqual(re.findall(r"ttl=(\d+)", out), [str(MARK_TTL)] * 3, out)
+        receivers = []
+        for port in (self.DROP_PORT, self.KEEP_PORT):
+            receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(receiver.close)
+            receiver.bind((topo.KERNEL_IP, port))
+            receiver.setblocking(False)
+            receivers.append(receiver)
+        payloads = [f"datagram {i}".encode() for i in range(self.DATAGRAMS)]
+        with vp.socket_in_netns(topo.NS, socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for port in (self.DROP_PORT, self.KEEP_PORT):
+                for payload in payloads:
+                    sender.sendto(payload, (topo.KERNEL_IP, port))
+        topo.wait_until(lambda: len(kept) == self.DATAGRAMS, 10, "the hook kept every datagram")
+        for direction in ("in", "out"):
+            sent, received = topo.tcp_transfer(direction, 4 * MB)
+            self.assertEqual(sent, received, direction)
+        for receiver in receivers:      # the transfers came after: nothing is late
+            with self.assertRaises(BlockingIOError):
+                receiver.recv(100)
+        self.assertEqual(kept, payloads)
+        nic, tap = bridge.nic_stats, bridge.tap_stats
+        self.assertEqual((nic.hook_bounced, nic.hook_dropped, nic.hook_kept),
+                         (3, self.DATAGRAMS, self.DATAGRAMS))
+        self.assertEqual((tap.hook_bounced, tap.hook_dropped, tap.hook_kept), (3, 0, 0))
+        self.assertGreater(min(seen.values()), 100, seen)     # every frame is seen
+        self.assertIn(f"Hook: 3 bounced, {self.DATAGRAMS} dropped, {self.DATAGRAMS} kept",
+                      bridge.report())
+        bridge.stop()
+        self.assertIsNone(worker.result(30))
+
+    def test_a_bad_verdict_stops_the_bridge(self):
+        bridge, worker = self.start(lambda direction, frame: "forward")
+        topo.ping(topo.KERNEL_IP, ns=topo.NS, count=1, wait=2)
+        with self.assertRaisesRegex(vp.VhostPathError, "the hook returned 'forward'"):
+            worker.result(30)
+
+
+class ExampleCase(OutsideCase):
+    """tests/example_responder.py, the worked example of a Python dataplane: it
+    answers pings to the kernel side's address itself (TTL 222) while the kernel
+    behind it answers ARP and TCP, with either event loop; SIGINT ends it
+    cleanly, tap0 gone and the NIC's settings put back."""
+
+    TAP_IO = "vhost-net"
+
+    def check(self, loop):
+        from tests.example_responder import MARK_TTL
+        before = (topo.interfaces(), topo.nic_settings())
+        proc = subprocess.Popen([sys.executable, os.path.join(topo.ROOT, "tests",
+                                                              "example_responder.py"),
+                                 "--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24",
+                                 "--tap-io", self.TAP_IO, "--loop", loop],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
+        self.assertEqual(topo.readline(proc.stdout, time.monotonic() + 60), "ready\n")
+        out = topo.sh("ping", "-c", "3", "-W", "5", topo.KERNEL_IP, ns=topo.NS, check=False)
+        self.assertEqual(re.findall(r"ttl=(\d+)", out), [str(MARK_TTL)] * 3, out)
+        for direction in ("in", "out"):
+            sent, received = topo.tcp_transfer(direction, 4 * MB)
+            self.assertEqual(sent, received, direction)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertRegex(out.decode(), r"answered 3, to kernel \d+, to NIC \d+, lost 0")
+        self.assertEqual((topo.interfaces(), topo.nic_settings()), before)
+
+    def test_selectors(self):
+        self.check("selectors")
+
+    def test_asyncio(self):
+        self.check("asyncio")

@@ -18,9 +18,9 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import (BridgeCase, BusyPollCase, DemoCase, LifeCycleCase, LinkLossCase,
-                         OutsideCase, QueuesCase, QueuesShutdownCase, ShutdownCase, UdpGsoCase,
-                         UnwindCase)
+from tests.cases import (BridgeCase, BusyPollCase, DemoCase, ExampleCase, FilterCase, HookCase,
+                         LifeCycleCase, LinkLossCase, OutsideCase, QueuesCase,
+                         QueuesShutdownCase, ShutdownCase, UdpGsoCase, UnwindCase)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -572,6 +572,20 @@ class TestBusyPollReadWrite(BusyPollCase, unittest.TestCase):
 class TestUdpGsoReadWrite(UdpGsoCase, unittest.TestCase):
     TAP_IO = "read-write"
     PACKET_RING = False
+
+
+class TestExampleReadWrite(ExampleCase, unittest.TestCase):
+    TAP_IO = "read-write"
+
+
+class TestHookReadWrite(HookCase, unittest.TestCase):
+    TAP_IO = "read-write"
+
+
+class TestFilterReadWrite(FilterCase, unittest.TestCase):
+    """--filter with the tap read and written by the tool, one and two queue pairs."""
+    TAP_IO = "read-write"
+    MODES = ((), ("--queues", "2"))
 
 
 class TestCarrierFallback(OutsideCase, unittest.TestCase):

@@ -14,8 +14,9 @@ import unittest
 
 import vhostpath as vp
 from tests import topo
-from tests.cases import (BridgeCase, BusyPollCase, DemoCase, LifeCycleCase, LinkLossCase,
-                         OutsideCase, ShutdownCase, UdpGsoCase, UnwindCase)
+from tests.cases import (BridgeCase, BusyPollCase, DemoCase, ExampleCase, FilterCase, HookCase,
+                         LifeCycleCase, LinkLossCase, OutsideCase, ShutdownCase, UdpGsoCase,
+                         UnwindCase)
 OUR_MAC = bytes.fromhex("020000000002")
 MB = 1 << 20
 
@@ -276,6 +277,20 @@ class TestBusyPoll(BusyPollCase, unittest.TestCase):
 
 class TestUdpGso(UdpGsoCase, unittest.TestCase):
     """UDP GSO through vhost-net both ways: one super-frame on 6.2+, segmented before."""
+
+
+class TestExample(ExampleCase, unittest.TestCase):
+    """The worked example on a VirtioUserPort (real vhost-net)."""
+
+
+class TestHook(HookCase, unittest.TestCase):
+    """Bridge hooks with a VirtioUserPort (real vhost-net)."""
+
+
+class TestFilter(FilterCase, unittest.TestCase):
+    """--filter on the packet ring (VhostBridge), on recvmmsg (--nic-io socket) and on
+    two queue pairs' fanout sockets."""
+    MODES = ((), ("--nic-io", "socket"), ("--queues", "2"))
 
 
 class TestRingBroken(OutsideCase, unittest.TestCase):
