@@ -821,11 +821,15 @@ RECV_BATCH = 16                          # packets per recvmmsg(2) from the NIC
 VHOST_BUF_SIZE = _page_round(VLAN_HLEN + VIRTIO_NET_HDR_MRG_RXBUF_LEN + MAX_FRAME)
 MERGED_BUF_SIZE = 16384
 NIC_RING_BYTES = 4 << 20                 # the packet receive ring: a burst's worth
-# VhostBridge: a batch of at most DIRECT_BATCH frames for a ring with nothing in
-# flight is written straight to the tap or sent on the packet socket, one system
-# call each, instead of waking a vhost worker: a ping's round trip then wakes two
-# threads fewer.  A ring with frames in flight keeps the vhost path, so frames
-# never overtake each other, and bulk traffic keeps its zero-copy batches.
+# VhostBridge: a batch of at most DIRECT_BATCH frames while neither TX ring has
+# anything in flight is written straight to the tap or sent on the packet
+# socket, one system call each, instead of waking a vhost worker: a ping's round
+# trip then wakes two threads fewer.  Frames in flight keep the vhost path, so
+# frames never overtake each other, and bulk traffic keeps its zero-copy batches
+# and leaves the stack's work to the vhost workers (a TCP ACK written from here
+# makes the kernel send the next segments in this process's system call): with
+# the destination ring alone checked, TCP moved 2-11 % less at 26 % more CPU per
+# GB in one boot.
 DIRECT_BATCH = 4
 
 
@@ -3691,8 +3695,8 @@ class VhostBridge(_Forwarder):
     falls behind, the packet ring or the tap RX ring runs out of room and
     the kernel drops (counted).
 
-    A few frames for a ring with nothing in flight (DIRECT_BATCH: a ping, an
-    ARP, a TCP request) go without a vhost worker: written to the tap, or
+    A few frames while neither TX ring has any in flight (DIRECT_BATCH: a
+    ping, an ARP, a TCP request) go without a vhost worker: written to the tap, or
     sent on the packet socket, from here (``tx_direct`` in the statistics).
 
     ``nic`` is an open PacketSocket (not owned; its ring is removed again on
@@ -3891,7 +3895,7 @@ class VhostBridge(_Forwarder):
             if not self.merged or (self._merging is None and min(lengths) >= h and
                                    self._num_buffers[first:first + count] == self._ones[:count]):
                 done, lost = (self._send_nic(first, count, lengths)
-                              if count <= DIRECT_BATCH and not txq.in_flight() else (0, []))
+                              if count <= DIRECT_BATCH and self._rings_idle() else (0, []))
                 if done:
                     rxq.add_run(first, done)        # recycled now: see _recycle
                 if done < count:
@@ -3903,6 +3907,10 @@ class VhostBridge(_Forwarder):
         if moved and txq.kick_prepare():
             kicks.append(txq)
         return moved
+
+    def _rings_idle(self):
+        """Whether neither TX ring has a frame in flight (DIRECT_BATCH)."""
+        return not self.tap_txq.in_flight() and not self.nic_txq.in_flight()
 
     def _send_nic(self, first, count, lengths):
         """Send the frames in tap RX buffers ``first``, ... (``lengths`` bytes each)
@@ -4001,7 +4009,7 @@ class VhostBridge(_Forwarder):
             lost = []                           # written directly, refused by the tap
             if tag is not None:
                 lengths = array.array("I", [length + self.hdr_len + tag for length in snaplen])
-                if n <= DIRECT_BATCH and not txq.in_flight():
+                if n <= DIRECT_BATCH and self._rings_idle():
                     lost = self._write_tap(start, n, tag, lengths)
                 else:
                     txq.set_addrs(first, self._frame_addrs[bool(tag)][start:start + n])
