@@ -702,27 +702,41 @@ class FilterCase(OutsideCase):
 
     def test_arp_or_icmp_keeps_tcp_from_the_kernel(self):
         """Pings cross both ways; a TCP connect from the outside to a listening socket
-        on the kernel side times out: its SYNs never reach the kernel."""
+        on the kernel side times out, and that kernel's TCP counters do not move:
+        its SYNs never reach it.  The tap is in a namespace of its own (--netns),
+        where nothing else speaks TCP."""
         path = self.program_file(ARP_OR_ICMP)
+        ns = "vpfilter"
+        topo.sh("ip", "netns", "add", ns)
+        self.addCleanup(topo.sh, "ip", "netns", "del", ns, check=False)
         for mode in self.MODES:
             with self.subTest(mode=mode):
-                tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--address",
-                                 f"{topo.KERNEL_IP}/24", "--filter", path, *mode)
+                tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--netns", ns,
+                                 "--address", f"{topo.KERNEL_IP}/24", "--filter", path, *mode)
                 self.addCleanup(tool.kill)
-                self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+                self.assertEqual(topo.ping(topo.OUTSIDE_IP, ns=ns), 3)
                 self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS), 3)
-                with socket.socket() as listener:
+                with vp.socket_in_netns(ns) as listener:
                     listener.bind((topo.KERNEL_IP, 0))
                     listener.listen(1)
                     listener.setblocking(False)
+                    before = self.tcp_in_segs(ns)
                     with vp.socket_in_netns(topo.NS) as client:
                         client.settimeout(2)
                         with self.assertRaises(socket.timeout):
                             client.connect((topo.KERNEL_IP, listener.getsockname()[1]))
+                    self.assertEqual(self.tcp_in_segs(ns), before)
                     with self.assertRaises(BlockingIOError):
                         listener.accept()
                 rc, out, err = tool.stop()
                 self.assertEqual(rc, 0, err)
+
+    @staticmethod
+    def tcp_in_segs(ns):
+        """Tcp InSegs of /proc/net/snmp in namespace ``ns``."""
+        lines = [line.split() for line in topo.sh("cat", "/proc/net/snmp", ns=ns).splitlines()
+                 if line.startswith("Tcp:")]
+        return int(lines[1][lines[0].index("InSegs")])
 
     def test_malformed_program_fails_before_anything_is_made(self):
         before = (topo.interfaces(), topo.nic_settings())
