@@ -1573,6 +1573,7 @@ class Tap:
             _ioctl(self.fd, "TUNSETIFF", TUNSETIFF, req, name)
             self.name = req.ifr_name.decode()
             self.netns, self._rtnl = None, None     # this network namespace; see move_to
+            self._index = None                      # its ifindex there, once asked
         except BaseException:
             os.close(self.fd)
             raise
@@ -1632,8 +1633,10 @@ class Tap:
         return self._rtnl
 
     def index(self):
-        """The tap's ifindex in its network namespace."""
-        return self.rtnl().link(name=self.name).index
+        """The tap's ifindex in its network namespace (asked once per namespace)."""
+        if self._index is None:
+            self._index = self.rtnl().link(name=self.name).index
+        return self._index
 
     def set_mtu(self, mtu):
         self.rtnl().set_link(self.index(), f"MTU {mtu} on {self.name}", mtu=mtu)
@@ -1656,7 +1659,7 @@ class Tap:
         finally:
             os.close(fd)
         self.rtnl().close()
-        self._rtnl, self.netns = None, netns
+        self._rtnl, self.netns, self._index = None, netns, None
 
     def configure(self, netns=None, addresses=(), up=False):
         """Move the tap into ``netns`` (unless None), add ``addresses`` there, and bring
@@ -2211,6 +2214,35 @@ def _state_file(iface):
     return os.path.join(STATE_DIR, f"{iface}.json")
 
 
+def _write_record(iface, sysctls):
+    """Record, before they change, the values ``sysctls`` ({/proc/sys path: value})
+    of ``iface`` and who changes them: this process (pid and start time) and the
+    NIC (its ifindex).  Written aside and renamed: whole or absent."""
+    import json
+    os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
+    temp = f"{_state_file(iface)}.{os.getpid()}"
+    with open(temp, "w") as f:
+        json.dump({"owner": _process_id(os.getpid()), "ifindex": socket.if_nametoindex(iface),
+                   "sysctls": sysctls}, f)
+    os.rename(temp, _state_file(iface))
+
+
+def _read_record(iface):
+    """(owner, ifindex, sysctls) of ``iface``'s record (see _write_record); None if
+    there is none, or it is torn or foreign (then it is removed: nothing in it
+    can be trusted)."""
+    import json
+    try:
+        with open(_state_file(iface)) as f:
+            record = json.load(f)
+        return str(record["owner"]), record["ifindex"], dict(record["sysctls"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        os.unlink(_state_file(iface))
+        return None
+
+
 def restore_nic(iface):
     """Put back what a vhostpath that is no longer running changed on ``iface``, from
     its record under STATE_DIR (written before the change), and remove the
@@ -2219,26 +2251,20 @@ def restore_nic(iface):
 
     Raises VhostPathError if the process that wrote the record still runs.
     """
-    import json
-    try:
-        with open(_state_file(iface)) as f:
-            record = json.load(f)
-    except FileNotFoundError:
+    record = _read_record(iface)
+    if record is None:
         return {}
-    except ValueError:                    # torn or foreign: nothing trustworthy to restore
-        os.unlink(_state_file(iface))
-        return {}
-    owner = record.get("owner", "")
+    owner, ifindex, sysctls = record
     if _process_id(owner.partition("@")[0]) == owner:
         raise VhostPathError(f"{iface} is bridged by vhostpath (pid {owner.partition('@')[0]}); "
                              "stop it first")
     try:
-        same_nic = socket.if_nametoindex(iface) == record.get("ifindex")
+        same_nic = socket.if_nametoindex(iface) == ifindex
     except OSError:
         same_nic = False
     restored = {}
     if same_nic:            # not a NIC since removed: a new one under the name is not it
-        for path, value in record.get("sysctls", {}).items():
+        for path, value in sysctls.items():
             if _sysctl_swap(path, value) is not None:
                 restored[path] = value
     os.unlink(_state_file(iface))
@@ -2267,7 +2293,6 @@ class QuietNic:
                 ("ipv6/conf/{}/disable_ipv6", "1"))
 
     def __init__(self, iface):
-        import json
         restore_nic(iface)
         self.record = _state_file(iface)
         self.old = {}
@@ -2278,12 +2303,7 @@ class QuietNic:
                     self.old[path] = f.read().strip()
         if not self.old:
             return
-        os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
-        temp = f"{self.record}.{os.getpid()}"
-        with open(temp, "w") as f:            # whole or absent: written aside, renamed
-            json.dump({"owner": _process_id(os.getpid()), "ifindex": socket.if_nametoindex(iface),
-                       "sysctls": self.old}, f)
-        os.rename(temp, self.record)
+        _write_record(iface, self.old)
         try:
             for path, value in self.SETTINGS:
                 _sysctl_swap("/proc/sys/net/" + path.format(iface), value)
@@ -2733,17 +2753,29 @@ class Port:
         they return [] (they reset it first), and only then wait again."""
         return self.call_fds()[0]
 
+    def tx_fileno(self):
+        """The fd that polls readable once the kernel has taken frames sent before, so
+        a ring that was full has room again (see send_frames); None where
+        sending never runs out of room."""
+        return self.call_fds()[1]
+
     def send_frames(self, frames):
-        """Copy Frames (or bytes-like whole frames) into the kernel, each with its
-        header; return how many were queued.  Never blocks: a frame with no
-        room on the ring (or over 64 KB) is dropped and counted (tx_dropped)."""
-        sent = 0
-        for frame in frames:
+        """Copy a sequence of Frames (or bytes-like whole frames) into the kernel,
+        each with its header, without blocking; return how many were taken.
+        Stops at the first with no room on the ring: keep the rest, wait for
+        tx_fileno() and send them again.  A frame over 64 KB, or one the tap
+        refuses (TapPort, the tap down), is dropped and counted (tx_dropped)."""
+        for k, frame in enumerate(frames):
             frame = frame if isinstance(frame, Frame) else Frame(frame)
-            slots = self.tx_reserve(1) if len(frame.data) <= MAX_FRAME else []
-            if not slots:
+            if len(frame.data) > MAX_FRAME:
                 self.stats.tx_dropped += 1
                 continue
+            if not self.tx_room():          # reset before the last look: room made after
+                self.ack_calls([self.tx_fileno()])      # it signals tx_fileno() again
+            slots = self.tx_reserve(1)
+            if not slots:
+                self.tx_flush()
+                return k
             # The slot's views: the 10-byte header, then the frame's room (tx_iov).
             data, off = memoryview(b"".join([frame.hdr, frame.data])), 0
             for v in self.tx_views(slots[0]):
@@ -2752,9 +2784,9 @@ class Port:
                 off += n
                 if off == len(data):
                     break
-            sent += self.tx_commit(slots[0], self.hdr_len + len(frame.data))
+            self.tx_commit(slots[0], self.hdr_len + len(frame.data))
         self.tx_flush()
-        return sent
+        return len(frames)
 
     def recv_frames(self, max_frames=32):
         """Copy up to ``max_frames`` frames the kernel sent: a list of Frame, [] when
@@ -2772,8 +2804,9 @@ class Port:
         return frames
 
     def tx_burst(self, frames, hdr=b""):
-        """send_frames for bytes-like frames that all take ``hdr``, a virtio_net_hdr
-        (10 bytes; shorter is zero-padded; default all zero: no offload)."""
+        """send_frames for bytes-like frames (a sequence) that all take ``hdr``, a
+        virtio_net_hdr (10 bytes; shorter is zero-padded; default all zero: no
+        offload)."""
         head = bytes(hdr).ljust(VIRTIO_NET_HDR_LEN, b"\0")[:VIRTIO_NET_HDR_LEN]
         return self.send_frames([Frame(frame, head) for frame in frames])
 
@@ -3785,11 +3818,14 @@ class VhostBridge(_Forwarder):
         self.nic_txq = self.vhost.vring(1, VHOST_NET_VQ_TX, nic_fd, self.callfd, ring=2 * ring,
                                         bufs=pool_out, buf_size=out_size, device_writes=False)
         self.tap_rxq.add_run(0, num)                # the whole pool to the tap RX ring
-        # num_buffers of each pool buffer (merged): a u16 10 bytes into it.
-        self._num_buffers = self.arena.view[pool_out:pool_out + num * out_size].cast("H")[
-            VIRTIO_NET_HDR_LEN // 2::out_size // 2]
-        push(self._num_buffers.release)
-        self._ones = memoryview(array.array("H", [1] * num))
+        # Merged: num_buffers of each pool buffer, a u16 10 bytes into it (read by
+        # _forward only then).
+        self._num_buffers = self._ones = None
+        if self.merged:
+            self._num_buffers = self.arena.view[pool_out:pool_out + num * out_size].cast("H")[
+                VIRTIO_NET_HDR_LEN // 2::out_size // 2]
+            push(self._num_buffers.release)
+            self._ones = memoryview(array.array("H", [1] * num))
         self._merging = None                    # (ids, lengths, num_buffers) of a packet
         self._chains = {}                       # NIC TX head -> the ids chained there
         # Where tap TX descriptors point: a frame's header in its ring slot.

@@ -872,7 +872,7 @@ class ExampleCase(OutsideCase):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         self.assertEqual(proc.returncode, 0, err)
-        self.assertRegex(out.decode(), r"answered 3, to kernel \d+, to NIC \d+, lost 0")
+        self.assertRegex(out.decode(), r"answered 3, to kernel \d+, to NIC \d+, waiting 0")
         self.assertEqual((topo.interfaces(), topo.nic_settings()), before)
 
     def test_selectors(self):

@@ -65,9 +65,11 @@ def echo_reply(frame, address):
 
 
 class Responder:
-    """The two sides and what moves between them.  ``answered``: echo replies sent;
-    ``to_kernel`` / ``to_nic``: frames passed on; ``lost``: frames a full NIC
-    socket buffer or a full port ring refused (never silently)."""
+    """The two sides and what moves between them.  Nothing is dropped here: frames
+    a full ring or socket buffer did not take wait (``for_kernel``,
+    ``for_nic``), and meanwhile their source is not read, so the backlog is one
+    batch at most; the kernel drops, and counts, what cannot wait in its own
+    queues.  ``wanted()`` says which fds to wait on now, for either loop."""
 
     def __init__(self, iface, address, config):
         self.address = ipaddress.ip_interface(address).ip.packed
@@ -79,34 +81,62 @@ class Responder:
         except BaseException:
             self.nic.close()
             raise
-        self.answered = self.to_kernel = self.to_nic = self.lost = 0
+        self.for_kernel, self.for_nic = [], []
+        self.kernel_unread = False          # the port signalled while for_nic waited
+        self.answered = self.to_kernel = self.to_nic = 0
+
+    def wanted(self):
+        """{(fd, "read" or "write"): what to call when it is ready}."""
+        want = {}
+        if self.for_kernel:                 # the port's ring was full: wait for room
+            want[(self.port.tx_fileno(), "read")] = self.to_port
+        if self.for_nic:                    # the NIC's socket buffer was full
+            want[(self.nic.fileno(), "write")] = self.nic_writable
+        else:
+            want[(self.port.fileno(), "read")] = self.from_kernel
+            if not self.for_kernel:
+                want[(self.nic.fileno(), "read")] = self.from_nic
+        return want
 
     def from_nic(self):
         """A batch the NIC received: echo requests to us answered, the rest to the
         kernel.  The socket polls readable while more wait (level-triggered)."""
-        passed, replies = [], []
         for frame in self.nic.recv_frames():
             reply = echo_reply(frame, self.address)
             if reply is None:
-                passed.append(frame)
+                self.for_kernel.append(frame)
             else:
-                replies.append(reply)
-        answered = self.nic.send_frames(replies)
-        sent = self.port.send_frames(passed)
-        self.answered += answered
-        self.to_kernel += sent
-        self.lost += len(replies) - answered + len(passed) - sent
+                self.answered += 1
+                self.for_nic.append(reply)
+        self.to_port()
+        self.out()
+
+    def to_port(self):
+        taken = self.port.send_frames(self.for_kernel)
+        self.to_kernel += taken
+        del self.for_kernel[:taken]
+
+    def out(self):
+        taken = self.nic.send_frames(self.for_nic)
+        self.to_nic += taken
+        del self.for_nic[:taken]
 
     def from_kernel(self):
-        """Everything the kernel sent, out of the NIC: read until [], since the
-        port's fd (an eventfd) signals once per batch of news."""
-        while True:
-            frames = self.port.recv_frames()
-            if not frames:
+        """What the kernel sent, out of the NIC: read until [], since the port's fd (an
+        eventfd) signals once per batch of news; paused while frames for the NIC
+        wait."""
+        while not self.for_nic:
+            self.for_nic = self.port.recv_frames()
+            if not self.for_nic:
+                self.kernel_unread = False
                 return
-            sent = self.nic.send_frames(frames)
-            self.to_nic += sent
-            self.lost += len(frames) - sent
+            self.out()
+        self.kernel_unread = True
+
+    def nic_writable(self):
+        self.out()
+        if not self.for_nic and self.kernel_unread:
+            self.from_kernel()
 
     def close(self):
         self.quiet.restore()
@@ -115,7 +145,7 @@ class Responder:
 
     def report(self):
         return (f"answered {self.answered}, to kernel {self.to_kernel}, to NIC {self.to_nic}, "
-                f"lost {self.lost}")
+                f"waiting {len(self.for_kernel) + len(self.for_nic)}")
 
 
 def run_selectors(responder):
@@ -123,25 +153,54 @@ def run_selectors(responder):
     stop_r, stop_w = os.pipe()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: os.write(stop_w, b"x"))
+    events = {"read": selectors.EVENT_READ, "write": selectors.EVENT_WRITE}
     with selectors.DefaultSelector() as sel:
-        sel.register(responder.nic, selectors.EVENT_READ, responder.from_nic)
-        sel.register(responder.port, selectors.EVENT_READ, responder.from_kernel)
-        sel.register(stop_r, selectors.EVENT_READ, None)
+        sel.register(stop_r, selectors.EVENT_READ)
+        watched = {}                        # fd -> events registered
         print("ready", flush=True)
         while True:
-            for key, _ in sel.select():
-                if key.data is None:
+            want = responder.wanted()
+            masks = {}
+            for fd, kind in want:
+                masks[fd] = masks.get(fd, 0) | events[kind]
+            for fd in set(watched) | set(masks):
+                if fd not in masks:
+                    sel.unregister(fd)
+                elif fd not in watched:
+                    sel.register(fd, masks[fd])
+                elif watched[fd] != masks[fd]:
+                    sel.modify(fd, masks[fd])
+            watched = masks
+            for key, ready in sel.select():
+                if key.fd == stop_r:
                     return
-                key.data()
+                for kind, event in events.items():
+                    if ready & event and (key.fd, kind) in want:
+                        want[key.fd, kind]()
 
 
 def run_asyncio(responder):
-    """The same with asyncio: a reader callback per side (Python 3.6's API too)."""
+    """The same with asyncio: readers and writers as wanted() says, after each call
+    (Python 3.6's API too)."""
     loop = asyncio.new_event_loop()
+    watched = set()
+
+    def call(callback):
+        callback()
+        rewatch()
+
+    def rewatch():
+        want = responder.wanted()
+        for fd, kind in watched - set(want):
+            (loop.remove_reader if kind == "read" else loop.remove_writer)(fd)
+        for (fd, kind), callback in want.items():
+            (loop.add_reader if kind == "read" else loop.add_writer)(fd, call, callback)
+        watched.clear()
+        watched.update(want)
+
     try:
         stopped = loop.create_future()
-        loop.add_reader(responder.nic.fileno(), responder.from_nic)
-        loop.add_reader(responder.port.fileno(), responder.from_kernel)
+        rewatch()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: stopped.done() or stopped.set_result(None))
         print("ready", flush=True)
