@@ -3600,7 +3600,9 @@ class Bridge(_Forwarder):
                     st.tx_oversize += size > self._max_frame
             elif verdict == BOUNCE:
                 self.tap_stats.hook_bounced += 1
-                port.tx_burst([b"".join(parts)], views[0][:VIRTIO_NET_HDR_LEN])
+                bounced = Frame(b"".join(parts), bytes(views[0][:VIRTIO_NET_HDR_LEN]))
+                if not port.send_frames([bounced]):     # the TX ring full: lost, counted
+                    self.tap_stats.tx_dropped += 1
             elif verdict == DROP:
                 self.tap_stats.hook_dropped += 1
             else:
