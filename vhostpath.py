@@ -2004,6 +2004,7 @@ _USER_BIT = bytes(b & TP_STATUS_USER for b in range(256))
 _VLAN_BIT = bytes(1 if b & TP_STATUS_VLAN_VALID else 0 for b in range(256))
 _TPID_BIT = bytes(1 if b & TP_STATUS_VLAN_TPID_VALID else 0 for b in range(256))
 _NO_OFFSETS = bytes([0, VIRTIO_NET_HDR_F_DATA_VALID])   # virtio_net_hdr flags retag accepts
+_TPACKET2_HEAD = struct.Struct("=IIIH")    # tpacket2_hdr: tp_status, tp_len, tp_snaplen, tp_mac
 
 
 class PacketRxRing:
@@ -2026,6 +2027,7 @@ class PacketRxRing:
     """
 
     SLOT = 2048
+    READY_WINDOW = 16                     # ready(): the first frames looked at past one
 
     @staticmethod
     def mac_offset_for(hdr_len):
@@ -2087,10 +2089,21 @@ class PacketRxRing:
         has handed over (TP_STATUS_USER)."""
         if not self.view[start * self.frame_size + self._status_byte] & TP_STATUS_USER:
             return 0                              # none yet: one byte read, not ``limit``
-        n = self._status_bytes(start, limit).translate(_USER_BIT).find(0)
-        if n and not _TSO:
+        # Then windows growing fourfold: the status bytes are a slot apart, so a
+        # look at all ``limit`` of them touches half as many pages (512 for a
+        # ping with 1024 slots idle); a ping's round trip took 8 % less in one
+        # guest boot once it looked at 16.
+        n, window = 1, self.READY_WINDOW
+        while n < limit:
+            k = min(window, limit - n)
+            gap = self._status_bytes(start + n, k).translate(_USER_BIT).find(0)
+            if gap >= 0:
+                n += gap
+                break
+            n, window = n + k, 4 * window
+        if not _TSO:
             _full_barrier()()                     # tp_status before the frame (smp_rmb)
-        return limit if n < 0 else n
+        return n
 
     def headers(self, start, n):
         """tp_status, tp_len, tp_snaplen and tp_mac of frames start .. start+n-1."""
@@ -2099,6 +2112,16 @@ class PacketRxRing:
         return (u32[start * q:end:q].tolist(), u32[start * q + 1:end:q].tolist(),
                 u32[start * q + 2:end:q].tolist(),
                 self._u16[start * h + 6:(start + n) * h:h].tolist())
+
+    def whole(self, i):
+        """The length of frame ``i`` if it is the usual kind: whole (tp_snaplen ==
+        tp_len, no copy queued), at mac_offset and untagged; else None.  One
+        unpack: for a frame alone, cheaper than headers()."""
+        status, tp_len, snaplen, mac = _TPACKET2_HEAD.unpack_from(self.view, i * self.frame_size)
+        if (status & (TP_STATUS_COPY | TP_STATUS_VLAN_VALID) or snaplen != tp_len
+                or mac != self.mac_offset or snaplen > self.frame_size - mac):
+            return None
+        return snaplen
 
     def vlan_tagged(self, start, n):
         """Whether one of frames start .. start+n-1 came with a VLAN tag, which the
@@ -4032,21 +4055,28 @@ class VhostBridge(_Forwarder):
             n = ring.ready(start, limit)
             if not n:
                 break
-            status, tp_len, snaplen, mac = ring.headers(start, n)
             first = start % txq.num                  # frame f is descriptor f % num
-            # The usual batch: whole frames at mac_offset, all untagged, or all tagged
-            # and put back at once (retag), each frame then 4 bytes further in front.
             tag, fronted = None, False
-            if snaplen == tp_len and min(mac) == max(mac) == ring.mac_offset \
-                    and max(snaplen) <= ring.frame_size - ring.mac_offset:
-                ring.front_headers(start, n)
-                fronted = True
-                tag = VLAN_HLEN if ring.vlan_tagged(start, n) else 0
-                if tag and not ring.retag(start, n, self.hdr_len):
-                    tag = None
+            single = ring.whole(start) if n == 1 else None
+            if single is not None:      # one usual frame (a ping, a request): read it alone
+                ring.front_header(start, ring.mac_offset)
+                tag, lengths = 0, array.array("I", [single + self.hdr_len])
+            else:
+                status, tp_len, snaplen, mac = ring.headers(start, n)
+                # The usual batch: whole frames at mac_offset, all untagged, or all tagged
+                # and put back at once (retag), each frame then 4 bytes further in front.
+                if snaplen == tp_len and min(mac) == max(mac) == ring.mac_offset \
+                        and max(snaplen) <= ring.frame_size - ring.mac_offset:
+                    ring.front_headers(start, n)
+                    fronted = True
+                    tag = VLAN_HLEN if ring.vlan_tagged(start, n) else 0
+                    if tag and not ring.retag(start, n, self.hdr_len):
+                        tag = None
+                if tag is not None:
+                    lengths = array.array("I", [length + self.hdr_len + tag
+                                                for length in snaplen])
             lost = []                           # written directly, refused by the tap
             if tag is not None:
-                lengths = array.array("I", [length + self.hdr_len + tag for length in snaplen])
                 if n <= DIRECT_BATCH and self._rings_idle():
                     lost = self._write_tap(start, n, tag, lengths)
                 else:
@@ -4174,9 +4204,12 @@ class VhostBridge(_Forwarder):
         next packet; inwards, the tap TX ring at its next used frame, or the
         packet socket (poll) once no frame is out.  Each avail->idx is
         published as soon as its ring is filled; the kicks go at the end of
-        the pass, since a woken vhost worker may take this CPU.
+        the pass, since a woken vhost worker may take this CPU.  While no
+        frame is in flight, _pass_idle comes first and is often all there is
+        to do.
         """
-        moved, calm, num = 0, False, self.queue_size
+        num = self.queue_size
+        moved, calm = self._pass_idle() if self._rings_idle() else (0, False)
         while not calm:
             kicks = []
             self._release()
@@ -4198,7 +4231,32 @@ class VhostBridge(_Forwarder):
             else:
                 self.tap_txq.disable_cb()
             self._nic_wait = not held
+            # A frame the NIC brought meanwhile (often the answer to one just sent)
+            # is taken now rather than after a poll() that would return at once.
+            calm = calm and not (self._nic_wait and self.nic_ring.ready(self._nic_head, 1))
         return moved
+
+    def _pass_idle(self):
+        """poll_once while neither TX ring has a frame in flight (between a ping's
+        frames, a request's): what the packet ring and the tap RX ring hold, in
+        turns, so that an answer that came back during a send goes on at once;
+        a few frames go straight to the tap or the NIC (DIRECT_BATCH), and only
+        the tap RX ring's interrupt needs setting again.  Returns (frames moved,
+        settled): not settled once a TX ring has frames in flight (a burst, a
+        frame of another kind, a full socket buffer): the full pass goes on."""
+        rxq, moved = self.tap_rxq, 0
+        while True:
+            kicks = []
+            moved += self._receive(kicks) + self._forward(kicks)
+            idle = self._rings_idle()
+            if rxq.kick_prepare():              # buffers _send_nic gave back
+                kicks.append(rxq)
+            for vq in kicks:
+                vq.notify()
+            if not idle:
+                return moved, False
+            if rxq.enable_cb() and not self.nic_ring.ready(self._nic_head, 1):
+                return moved, True
 
     def _poll_fds(self):
         # The packet ring polls readable while a frame is the user's (packet_poll):

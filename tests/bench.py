@@ -258,10 +258,10 @@ def tcp_rr(seconds):
     return done / seconds
 
 
-def peers_suite(seconds, only=None, rounds=1):
+def peers_suite(seconds, only=None, rounds=1, latency_only=False):
     """Every peer, ``rounds`` times over (interleaved, so drift hits all alike); each
     figure is the median of its rounds."""
-    rows = [row for _ in range(rounds) for row in _peers_round(seconds, only)]
+    rows = [row for _ in range(rounds) for row in _peers_round(seconds, only, latency_only)]
     merged = {}
     for row in rows:
         merged.setdefault((row["name"], row["offloads"]), []).append(row)
@@ -284,9 +284,14 @@ def _median_row(group):
     return row
 
 
-def _peers_round(seconds, only):
+def latency_suite(seconds, only=None, rounds=1):
+    """peers, the latency columns only (RTT, wakeups, TCP RR, idle CPU): for iterating."""
+    return peers_suite(seconds, only, rounds, latency_only=True)
+
+
+def _peers_round(seconds, only, latency_only=False):
     rows = []
-    for offloads in (False, True):
+    for offloads in (False,) if latency_only else (False, True):
         for name, start, survives in PEERS:
             if offloads and not survives or only and not any(o in name for o in only):
                 continue
@@ -294,15 +299,17 @@ def _peers_round(seconds, only):
             run = None
             try:
                 run = start()
-                cpu0 = topo.cpu_seconds(run.pid)
-                tcp_in = topo.iperf3(1, seconds, reverse=True)
-                tcp_out = topo.iperf3(1, seconds)
-                cpu_tcp = topo.cpu_seconds(run.pid) - cpu0
-                row = {"name": name, "offloads": offloads, "in": tcp_in, "out": tcp_out,
-                       "cpu_gb": cpu_tcp / ((tcp_in + tcp_out) * seconds / 8e3)}
-                if not offloads:
+                row = {"name": name, "offloads": offloads}
+                if not latency_only:
+                    cpu0 = topo.cpu_seconds(run.pid)
+                    row["in"] = topo.iperf3(1, seconds, reverse=True)
+                    row["out"] = topo.iperf3(1, seconds)
+                    row["cpu_gb"] = (topo.cpu_seconds(run.pid) - cpu0) / (
+                        (row["in"] + row["out"]) * seconds / 8e3)
+                if not offloads and not latency_only:
                     row["pps_in"] = pktgen_kpps(True, run.dev)
                     row["pps_out"] = pktgen_kpps(False, run.dev)
+                if not offloads:
                     woken = topo.wakeups(run.pid)
                     row["rtt"], row["rtt_p99"] = rtt_ms()
                     if run.pid is not None:         # kernel direct: no process of its own
@@ -329,7 +336,7 @@ def peers_table(rows):
             return f"{row[key]:.0f}"
         return f"{row[key]:.0f} ({row[key] / ref[key]:.2f}x)"
     out = []
-    for offloads in (False, True):
+    for offloads in sorted({r["offloads"] for r in rows}):
         ref = next((r for r in rows if r["offloads"] == offloads and "error" not in r
                     and r["name"] == "kernel direct"), None)
         out.append(f"\nOutside veth offloads {'on (veth defaults)' if offloads else 'off'}:\n")
@@ -348,7 +355,7 @@ def peers_table(rows):
                 f"{r['rtt']:.2f} / {r['rtt_p99']:.2f}" if "rtt" in r else "-",
                 f"{r['wakeups']:.1f}" if "wakeups" in r else "-",
                 f"{r['rr']:.0f}" if "rr" in r else "-",
-                "-" if direct else f"{r['cpu_gb']:.1f}",
+                "-" if direct or "cpu_gb" not in r else f"{r['cpu_gb']:.1f}",
                 "-" if direct or "idle" not in r else f"{r['idle']:.1f}"]) + " |")
     return "\n".join(out) + "\n"
 
@@ -418,7 +425,7 @@ def memory_suite(seconds, only=None):
 
 
 SUITES = {"offloads": (offloads_suite, 2), "queues": (queues_suite, 4),
-          "peers": (peers_suite, 2), "profile": (profile_suite, 2),
+          "peers": (peers_suite, 2), "latency": (latency_suite, 2), "profile": (profile_suite, 2),
           "memory": (memory_suite, 2)}                      # (run, vCPUs)
 
 
@@ -426,9 +433,9 @@ def in_guest(suite, seconds, only=None, rounds=1, baselines=()):
     for baseline in baselines:      # other vhostpath.py files (commits before) beside this one
         PEERS.append((f"vhostpath (defaults) of {baseline}", peer_vhostpath(tool=baseline),
                       True))
-    rows = SUITES[suite][0](seconds, only, **({"rounds": rounds} if suite == "peers" else {}))
-    if suite in ("peers", "profile", "memory"):
-        table = peers_table(rows) if suite == "peers" else rows
+    rows = SUITES[suite][0](seconds, only, **({"rounds": rounds} if suite in ("peers", "latency") else {}))
+    if suite in ("peers", "latency", "profile", "memory"):
+        table = peers_table(rows) if suite in ("peers", "latency") else rows
         print(table)
         with open(RESULT, "w") as f:
             f.write(table)
@@ -483,7 +490,7 @@ def main():
     if args.in_guest:
         return in_guest(args.suite, args.seconds, only, args.rounds, args.baseline)
     from tests import guest
-    if args.suite == "peers":
+    if args.suite in ("peers", "latency"):
         ensure_dpdk()
     cpus = SUITES[args.suite][1]
     rc, _, files = guest.run(f"{sys.executable} tests/bench.py --in-guest --suite {args.suite} "

@@ -279,6 +279,26 @@ class TestPacketRxRing(OutsideCase, unittest.TestCase):
         ring.release(0, n)
         self.assertEqual(ring.ready(0, 64), 0)
 
+    def test_ready_counts_past_its_first_window(self):
+        """ready() looks at 16 frames past the first, then windows 4 times as large:
+        the count is the same for any limit, and whole() gives the usual frame's
+        length (a tagged one is left to the batch path)."""
+        ring = vp.PacketRxRing(self.nic, 128, 1518)
+        self.addCleanup(ring.close)
+        self.send_tagged(60, tag=b"")
+        topo.wait_until(lambda: ring.ready(0, 128) >= 60, 10, "60 frames in the ring")
+        n = ring.ready(0, 128)
+        for start in (0, 1, 17, n - 1):
+            for limit in (1, 2, 16, 17, 18, 80, 128 - start):
+                self.assertEqual(ring.ready(start, limit), min(limit, n - start), (start, limit))
+        self.assertEqual(ring.ready(n, 128 - n), 0)
+        lengths = [ring.whole(f) for f in range(n)]
+        self.assertEqual(lengths.count(60), 60, lengths)   # the raw frames, as sent
+        ring.release(0, n)
+        self.send_tagged(1)
+        topo.wait_until(lambda: ring.ready(n, 1), 10, "a tagged frame")
+        self.assertIsNone(ring.whole(n))                   # TP_STATUS_VLAN_VALID
+
     def test_release_across_the_wrap_and_drops_when_full(self):
         ring = vp.PacketRxRing(self.nic, 8, 1518)
         self.addCleanup(ring.close)
@@ -294,15 +314,14 @@ class TestPacketRxRing(OutsideCase, unittest.TestCase):
         self.assertEqual(ring.ready(head, 8 - head) + ring.ready(0, head), 8)
         self.assertGreater(self.nic.drops(), 0)
 
-    def send_tagged(self, count=1):
-        """Send ``count`` frames tagged 0x2064 raw from the outside; return one as sent.
-        veth0's receive path takes the tag off (skb_vlan_untag) before packet sockets
-        see it."""
+    def send_tagged(self, count=1, tag=b"\x81\x00\x20\x64"):
+        """Send ``count`` frames tagged 0x2064 (or as ``tag`` says) raw from the
+        outside; return one as sent.  veth0's receive path takes the tag off
+        (skb_vlan_untag) before packet sockets see it."""
         def mac(dev, ns=None):
             return bytes.fromhex(topo.sh("cat", f"/sys/class/net/{dev}/address",
                                          ns=ns).strip().replace(":", ""))
-        sent = (mac("veth0") + mac("veth1", topo.NS) + b"\x81\x00\x20\x64\x88\xb5"
-                + bytes(range(46)))
+        sent = mac("veth0") + mac("veth1", topo.NS) + tag + b"\x88\xb5" + bytes(range(46))
         topo.sh(sys.executable, "-c", "import socket, sys; s = socket.socket(17, 3, 0); "
                 "s.bind(('veth1', 0)); [s.send(bytes.fromhex(sys.argv[1])) for _ in range(int("
                 "sys.argv[2]))]", sent.hex(), str(count), ns=topo.NS)

@@ -174,6 +174,29 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
         self.assertEqual(topo.nic_settings(), original)
 
 
+class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
+    """A ping from the kernel side and its answer cross the default bridge in one
+    wakeup of the tool: the answer comes back during the send of the request,
+    and both go without a vhost worker (VhostBridge._pass_idle)."""
+
+    OFFLOADS = False
+
+    def test_a_round_trip_wakes_the_tool_once(self):
+        tool = topo.Tool("--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24")
+        self.addCleanup(tool.kill)
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)       # ARP settled first
+        before = topo.sleeps(f"/proc/{tool.pid}")
+        out = topo.sh("ping", "-c", "20", "-i", "0.05", "-W", "5", topo.OUTSIDE_IP)
+        woken = topo.sleeps(f"/proc/{tool.pid}") - before
+        self.assertIn("20 received", out)
+        self.assertGreaterEqual(woken, 10, "the tool sleeps between pings")
+        self.assertLess(woken, 30, "two wakeups a round trip: answers wait for a poll()")
+        rc, out, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        for counters in topo.report_counters(out).values():
+            self.assertGreaterEqual(counters["TX-direct"], 23, out)
+
+
 class TestVhostBridgeFlood(OutsideCase, unittest.TestCase):
     """64-byte floods (pktgen) each way through 64-entry rings, where the interrupt
     moderation is busiest (RX interrupts off while a TX ring is more than a quarter

@@ -203,9 +203,20 @@ def cpu_seconds(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def sleeps(task):
+    """Voluntary context switches (sleeps that a wakeup ended) of one task, a
+    /proc/PID or /proc/PID/task/TID directory; 0 once it is gone."""
+    try:
+        with open(f"{task}/status") as f:
+            return next(int(line.split()[1]) for line in f
+                        if line.startswith("voluntary_ctxt_switches:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def wakeups(pid):
-    """Voluntary context switches (sleeps that a wakeup ended) of ``pid``'s threads, its
-    children's, and its vhost worker threads: what a packet costs in wakeups."""
+    """sleeps() of ``pid``'s threads, its children's, and its vhost worker threads:
+    what a packet costs in wakeups."""
     if pid is None:
         return 0
     total = 0
@@ -215,13 +226,7 @@ def wakeups(pid):
         except OSError:
             continue
         tasks += [f"/proc/{t}" for t in vhost_threads(p) if not os.path.exists(f"/proc/{p}/task/{t}")]
-        for task in tasks:
-            try:
-                with open(f"{task}/status") as f:
-                    total += next(int(line.split()[1]) for line in f
-                                  if line.startswith("voluntary_ctxt_switches:"))
-            except (OSError, StopIteration):
-                pass
+        total += sum(map(sleeps, tasks))
     return total
 
 
