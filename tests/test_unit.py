@@ -210,10 +210,12 @@ class TestUsedRingChecks(unittest.TestCase):
         pool = self.arena.view[vp.vring_layout(self.num)[3]:][:self.num * 256]
         counted = []
         bridge = types.SimpleNamespace(
-            tap_rxq=rx, nic_txq=tx, hdr_len=12, merged=True, _merging=None, _chains={},
+            tap_rxq=rx, nic_txq=tx, hdr_len=12, merged=True, _rx_min_len=1, _merging=None,
+            _chains={},
             _num_buffers=pool.cast("H")[5::128], _ones=memoryview(array.array("H", [1] * 8)),
             tap_stats=None, nic_stats=None,
             _count=lambda rx_stats, tx_stats, lengths: counted.extend(lengths))
+        bridge._forward_run = lambda *run: vp.VhostBridge._forward_run(bridge, *run)
         bridge._forward_merged = lambda *run: vp.VhostBridge._forward_merged(bridge, *run)
         self.views += [bridge._num_buffers, pool]
         return bridge, counted
