@@ -281,23 +281,29 @@ class TestPacketRxRing(OutsideCase, unittest.TestCase):
 
     def test_ready_counts_past_its_first_window(self):
         """ready() looks at 16 frames past the first, then windows 4 times as large:
-        the count is the same for any limit, and whole() gives the usual frame's
-        length (a tagged one is left to the batch path)."""
+        the count is the same for any limit; whole() gives a usual frame's length
+        and None for a tagged one (left to the batch path).  The ring is filled, so
+        no frame can come in between (the outside's IPv6 may send some)."""
         ring = vp.PacketRxRing(self.nic, 128, 1518)
         self.addCleanup(ring.close)
-        self.send_tagged(60, tag=b"")
-        topo.wait_until(lambda: ring.ready(0, 128) >= 60, 10, "60 frames in the ring")
-        n = ring.ready(0, 128)
-        for start in (0, 1, 17, n - 1):
-            for limit in (1, 2, 16, 17, 18, 80, 128 - start):
-                self.assertEqual(ring.ready(start, limit), min(limit, n - start), (start, limit))
-        self.assertEqual(ring.ready(n, 128 - n), 0)
-        lengths = [ring.whole(f) for f in range(n)]
-        self.assertEqual(lengths.count(60), 60, lengths)   # the raw frames, as sent
-        ring.release(0, n)
+        self.send_tagged(140, tag=b"")
+        topo.wait_until(lambda: ring.ready(0, 128) == 128, 10, "a full ring")
+        for start in (0, 1, 17, 81, 127):
+            for limit in {1, 2, 16, 17, 18, 80, 128 - start}:
+                if limit <= 128 - start:                    # ready() does not wrap
+                    self.assertEqual(ring.ready(start, limit), limit, (start, limit))
+        lengths = [ring.whole(f) for f in range(128)]
+        self.assertNotIn(None, lengths)
+        self.assertGreaterEqual(lengths.count(60), 120, lengths)   # the raw frames, as sent
+        ring.release(0, 128)
+        self.assertEqual(ring.ready(0, 128), 0)
         self.send_tagged(1)
-        topo.wait_until(lambda: ring.ready(n, 1), 10, "a tagged frame")
-        self.assertIsNone(ring.whole(n))                   # TP_STATUS_VLAN_VALID
+
+        def tagged():
+            status = ring.headers(0, ring.ready(0, 128))[0]
+            return [f for f, st in enumerate(status) if st & vp.TP_STATUS_VLAN_VALID]
+        topo.wait_until(tagged, 10, "the tagged frame")
+        self.assertIsNone(ring.whole(tagged()[0]))
 
     def test_release_across_the_wrap_and_drops_when_full(self):
         ring = vp.PacketRxRing(self.nic, 8, 1518)
