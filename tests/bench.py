@@ -1,10 +1,12 @@
 """Benchmark (not run by CI): vhostpath against the kernel-direct limit, in ONE guest boot.
 
-    sudo python3 tests/bench.py [--suite offloads|peers|queues|profile|memory] [--seconds 10]
+    sudo python3 tests/bench.py [--suite offloads|peers|latency|queues|profile|memory]
+                                [--seconds 10]
                                 [--kernel 6.1|6.12]
 
 "peers" is the reference: kernel direct, DPDK testpmd, a naive Python bridge and
-every vhostpath mode (both NIC I/O modes), TCP, 64-byte rates, RTT and CPU.
+every vhostpath mode (both NIC I/O modes), TCP, 64-byte rates, RTT and CPU; "latency"
+is peers without TCP and 64-byte rates (RTT, wakeups, TCP RR, idle CPU), for iterating.
 
 Each setup carries iperf3 TCP traffic both ways between the kernel side
 (1.1.1.1) and the outside host (1.1.1.2, namespace "outside"):
