@@ -380,6 +380,41 @@ class TestOldestAndNewestPython(OutsideCase, unittest.TestCase):
                 self.assertEqual(rc, 0, err)
 
 
+class TestTapNapi(OutsideCase, unittest.TestCase):
+    """The tap is made with IFF_NAPI, so the MTU-sized segments of a TCP stream
+    inwards reach the kernel merged by GRO: frames over the wire's largest
+    (1514 bytes) are seen arriving on tap0."""
+
+    OFFLOADS = False        # the outside sends nothing over 1514 bytes
+
+    def test_an_inward_stream_is_merged_by_gro(self):
+        import threading
+        tool = topo.Tool("--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24", "-v")
+        self.addCleanup(tool.kill)
+        largest, done = [0], threading.Event()
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(vp.ETH_P_ALL)) as s:
+            s.bind(("tap0", 0))
+
+            def watch():                    # what arrives on tap0 (PACKET_HOST)
+                while not done.is_set():
+                    if select.select([s], [], [], 0.2)[0]:
+                        frame, addr = s.recvfrom(1 << 16)
+                        if addr[2] == socket.PACKET_HOST:
+                            largest[0] = max(largest[0], len(frame))
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                sent, received = topo.tcp_transfer("in", 8 * MB)
+            finally:
+                done.set()
+                watcher.join(10)
+        self.assertEqual(sent, received)
+        self.assertGreater(largest[0], 1514, "no frame merged by GRO on tap0")
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("(NAPI, GRO on what is written to it)", err)
+
+
 class TestBridgeDefaults(BridgeCase, unittest.TestCase):
     VLANS = True
     """The defaults (LRO and rx checksum on) with veth's defaults: 64 KB frames both ways."""
