@@ -239,6 +239,9 @@ CAP_NET_RAW = 13
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNET = 0x40000000
 
+# asm-generic/mman-common.h
+MADV_NOHUGEPAGE = 15
+
 INT_MAX = 2**31 - 1
 
 ########################################################################################
@@ -846,6 +849,12 @@ class Arena:
     region (guest-physical address == user virtual address), so descriptor
     addresses are plain pointers.  The kernel keeps raw addresses into it:
     the arena must outlive every vhost fd that uses it.
+
+    Its pages are small ones (MADV_NOHUGEPAGE): with transparent huge pages the
+    first write into each 2 MB, often a vhost worker's copy of one packet into
+    a buffer it had not used yet, would wait for 2 MB to be zeroed (20 ms of a
+    TCG guest's CPU, every 30 buffers of the first pass over the pool), and a
+    quiet bridge would hold 2 MB for each few bytes it used.
     """
 
     def __init__(self, size):
@@ -853,6 +862,7 @@ class Arena:
         self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._anchor = ctypes.c_char.from_buffer(self.mm)
         self.addr = ctypes.addressof(self._anchor)
+        _no_huge_pages(self.mm, self.addr, self.size)
         self.view = memoryview(self.mm)
 
     def region(self):
@@ -1236,6 +1246,21 @@ class SplitVirtqueue:
 ########################################################################################
 # rtnetlink: links and addresses, and the link changes the kernel announces
 ########################################################################################
+
+def _no_huge_pages(mm, addr, size):
+    """madvise(MADV_NOHUGEPAGE) on the mapping ``mm`` (``size`` bytes at ``addr``):
+    mmap.madvise where Python has it (3.8+), else the C library's.  A kernel
+    without transparent huge pages refuses (EINVAL): nothing to undo then."""
+    try:
+        if hasattr(mm, "madvise"):
+            mm.madvise(MADV_NOHUGEPAGE)
+        elif _libc().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), MADV_NOHUGEPAGE):
+            e = ctypes.get_errno()
+            raise OSError(e, f"madvise: {os.strerror(e)}")
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+
 
 NETNS_DIR = "/run/netns"                 # where iproute2 keeps named network namespaces
 

@@ -50,7 +50,7 @@ CONSTANTS = ["VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_GUEST
              "PACKET_IGNORE_OUTGOING", "PACKET_OUTGOING", "SO_ATTACH_FILTER", "SO_RCVBUFFORCE",
              "BPF_LD", "BPF_JMP", "BPF_RET", "BPF_W", "BPF_ABS", "BPF_JEQ", "BPF_K",
              "SKF_AD_OFF", "SKF_AD_PKTTYPE", "EFD_CLOEXEC", "EFD_NONBLOCK",
-             "CAP_NET_ADMIN", "CAP_NET_RAW", "AF_PACKET", "NETLINK_ROUTE", "RTMGRP_LINK",
+             "CAP_NET_ADMIN", "CAP_NET_RAW", "MADV_NOHUGEPAGE", "AF_PACKET", "NETLINK_ROUTE", "RTMGRP_LINK",
              "NLMSG_ERROR", "NLM_F_REQUEST", "NLM_F_ACK", "NLM_F_EXCL", "NLM_F_CREATE",
              "RTM_NEWLINK", "RTM_DELLINK", "RTM_GETLINK", "RTM_NEWADDR", "IFLA_ADDRESS",
              "IFLA_IFNAME", "IFLA_MTU", "IFLA_OPERSTATE", "IFLA_NET_NS_FD", "IFA_ADDRESS",
@@ -84,7 +84,7 @@ STRUCTS = {
 
 def _abi_program():
     lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <sys/socket.h>",
-             "#include <sys/eventfd.h>",
+             "#include <sys/eventfd.h>", "#include <sys/mman.h>",
              "#include <linux/if.h>", "#include <linux/if_arp.h>",
              "#include <linux/if_ether.h>", "#include <linux/if_packet.h>",
              "#include <linux/if_tun.h>", "#include <linux/sockios.h>",
@@ -149,6 +149,25 @@ class TestABI(unittest.TestCase):
 
 def _interfaces():
     return set(os.listdir("/sys/class/net"))
+
+
+class TestArena(unittest.TestCase):
+    def test_no_huge_pages(self):
+        """The arena is madvised MADV_NOHUGEPAGE ("nh" in its VmFlags): a first write
+        into it never waits for a 2 MB page to be zeroed."""
+        arena = vp.Arena(8 << 20)
+        self.addCleanup(arena.close)
+        start = f"{arena.addr:x}-"
+        with open("/proc/self/smaps") as f:
+            lines = iter(f.read().splitlines())
+        for line in lines:
+            if line.startswith(start):
+                break
+        else:
+            self.fail("the arena is not in /proc/self/smaps")
+        flags = next(line for line in lines if line.startswith("VmFlags:"))
+        if os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+            self.assertIn(" nh", flags)
 
 
 class TestTap(unittest.TestCase):
