@@ -4278,10 +4278,14 @@ class VhostBridge(_Forwarder):
             else:
                 self.tap_txq.disable_cb()
             self._nic_wait = not held
-            # A frame the NIC brought meanwhile (often the answer to one just sent)
-            # is taken now rather than after a poll() that would return at once.
-            calm = calm and not (self._nic_wait and self.nic_ring.ready(self._nic_head, 1))
+            calm = calm and not (self._nic_wait and self._nic_frame_waits())
         return moved
+
+    def _nic_frame_waits(self):
+        """Whether a frame waits at the packet ring's head: one the NIC brought
+        meanwhile (often the answer to one just sent) is taken now rather than
+        after a poll() that would return at once."""
+        return self.nic_ring.ready(self._nic_head, 1)
 
     def _pass_idle(self):
         """poll_once while neither TX ring has a frame in flight (between a ping's
@@ -4308,13 +4312,11 @@ class VhostBridge(_Forwarder):
                 if self._rings_idle():
                     continue
                 break
-            if rxq.kick_prepare():              # buffers _send_nic gave back
-                rxq.notify()
-            if rxq.enable_cb() and not ring.ready(self._nic_head, 1):
+            rxq.kick()                          # buffers _send_nic gave back
+            if rxq.enable_cb() and not self._nic_frame_waits():
                 return moved, True
-        for vq in (rxq, self.nic_txq):
-            if vq.kick_prepare():
-                vq.notify()
+        rxq.kick()
+        self.nic_txq.kick()
         return moved, False
 
     def _poll_fds(self):
