@@ -537,6 +537,21 @@ def _eventfd():
     return fd
 
 
+def _no_huge_pages(mm, addr, size):
+    """madvise(MADV_NOHUGEPAGE) on the mapping ``mm`` (``size`` bytes at ``addr``):
+    mmap.madvise where Python has it (3.8+), else the C library's.  A kernel
+    without transparent huge pages refuses (EINVAL): nothing to undo then."""
+    try:
+        if hasattr(mm, "madvise"):
+            mm.madvise(MADV_NOHUGEPAGE)
+        elif _libc().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), MADV_NOHUGEPAGE):
+            e = ctypes.get_errno()
+            raise OSError(e, f"madvise: {os.strerror(e)}")
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+
+
 class _Ticker:
     """A period kept by a poll loop: ``timeout()`` is poll()'s (ms; None without
     a period), then ``due()`` is true once per period that has passed."""
@@ -1246,21 +1261,6 @@ class SplitVirtqueue:
 ########################################################################################
 # rtnetlink: links and addresses, and the link changes the kernel announces
 ########################################################################################
-
-def _no_huge_pages(mm, addr, size):
-    """madvise(MADV_NOHUGEPAGE) on the mapping ``mm`` (``size`` bytes at ``addr``):
-    mmap.madvise where Python has it (3.8+), else the C library's.  A kernel
-    without transparent huge pages refuses (EINVAL): nothing to undo then."""
-    try:
-        if hasattr(mm, "madvise"):
-            mm.madvise(MADV_NOHUGEPAGE)
-        elif _libc().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), MADV_NOHUGEPAGE):
-            e = ctypes.get_errno()
-            raise OSError(e, f"madvise: {os.strerror(e)}")
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-
 
 NETNS_DIR = "/run/netns"                 # where iproute2 keeps named network namespaces
 
