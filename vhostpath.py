@@ -2472,7 +2472,9 @@ class VhostDevices:
 def describe_tap(tap, hdr_len, features):
     """The -v line of the tap's half of the negotiation."""
     offloads, flags = tap_offloads(features), tap.flags()
-    napi = "NAPI, GRO on what is written to it" if flags & IFF_NAPI else "no NAPI (Linux < 4.15)"
+    # The device's flags (TUNGETIFF): an existing tap made without IFF_NAPI, or any
+    # tap before Linux 4.15, shows none.
+    napi = "NAPI, GRO on what is written to it" if flags & IFF_NAPI else "made without NAPI"
     return (f"virtio-net header {hdr_len} bytes; tap flags {flags:#x} ({napi}); tap offloads "
             f"{offloads:#x} ({tap_offload_names(offloads)})")
 
