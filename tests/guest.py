@@ -15,6 +15,7 @@ import lzma
 import os
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -80,6 +81,23 @@ sync
 echo o > /proc/sysrq-trigger
 sleep 60
 """
+
+
+# asm-generic/socket.h: SO_TIMESTAMP_OLD (Python's socket module does not name it).
+SO_TIMESTAMP = 29
+
+
+def hold_netstamp_key():
+    """Inside the guest, before any traffic: keep the kernel's netstamp_needed_key on
+    for the guest's life; returns the socket that holds it.  Every ping turns
+    SO_TIMESTAMP on and off, and each time the kernel patches that static branch at
+    the top of __netif_receive_skb_core (net/core/dev.c, net_enable_timestamp); under
+    TCG a vCPU receiving a packet during the patch can run the transient int3 and
+    panic ("Oops: int3").  With one holder the only patch is this one, and pings
+    only count."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+    return holder
 
 
 class GuestError(Exception):
