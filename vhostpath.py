@@ -525,6 +525,12 @@ def _libc():
     return _libc_handle
 
 
+def _libc_error(call):
+    """The OSError of the C library's ``call`` that just failed, from its errno."""
+    e = ctypes.get_errno()
+    return OSError(e, f"{call}: {os.strerror(e)}")
+
+
 def _eventfd():
     """A non-blocking, close-on-exec eventfd(2): os.eventfd where Python has it (3.10+),
     else the C library's."""
@@ -532,8 +538,7 @@ def _eventfd():
         return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     fd = _libc().eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
     if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"eventfd: {os.strerror(e)}")
+        raise _libc_error("eventfd")
     return fd
 
 
@@ -545,8 +550,7 @@ def _no_huge_pages(mm, addr, size):
         if hasattr(mm, "madvise"):
             mm.madvise(MADV_NOHUGEPAGE)
         elif _libc().madvise(ctypes.c_void_p(addr), ctypes.c_size_t(size), MADV_NOHUGEPAGE):
-            e = ctypes.get_errno()
-            raise OSError(e, f"madvise: {os.strerror(e)}")
+            raise _libc_error("madvise")
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
@@ -652,8 +656,7 @@ class _MsgBatch:
         """Send messages 0..n-1 without blocking; return how many went (OSError if none)."""
         sent = self._sendmmsg(fd, self.msgs_addr, n, MSG_DONTWAIT)
         if sent < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"sendmmsg: {os.strerror(e)}")
+            raise _libc_error("sendmmsg")
         return sent
 
     def control_data(self, j):
@@ -669,8 +672,7 @@ class _MsgBatch:
                                  self.control)
         got = self._recvmmsg(fd, self.msgs_addr, n, MSG_DONTWAIT, None)
         if got < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"recvmmsg: {os.strerror(e)}")
+            raise _libc_error("recvmmsg")
         return got
 
 
@@ -1271,8 +1273,7 @@ def _setns(fd):
     if hasattr(os, "setns"):
         os.setns(fd, CLONE_NEWNET)
     elif _libc().setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"setns: {os.strerror(e)}")
+        raise _libc_error("setns")
 
 
 def _netns_fd(name):
