@@ -4918,11 +4918,9 @@ def _demo_peer(ready_w, nbytes):
     status = 1
     try:
         import signal
-        libc = _libc()
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # die with the demo, always
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # die with the demo, always
         with open(f"/run/netns/{DEMO_NS}") as ns:
-            if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
+            _setns(ns.fileno())
         with socket.socket() as srv:
             srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             srv.bind((DEMO_OUTSIDE_IP, DEMO_PORT))
