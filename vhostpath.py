@@ -78,6 +78,7 @@ import mmap
 import os
 import platform
 import select
+import signal
 import socket
 import struct
 import sys
@@ -178,6 +179,7 @@ ETH_P_8021AD = 0x88A8
 ETH_HLEN = 14
 ETH_ALEN = 6
 VLAN_HLEN = 4                           # linux/if_vlan.h (not uapi): TPID + TCI
+TAP_MAX_MTU = 0xFFFF - ETH_HLEN         # tun.c: max_mtu = MAX_MTU - hard_header_len
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_RX_RING = 5
@@ -576,11 +578,24 @@ class _Ticker:
         return True
 
 
+# The signals that stop vhostpath cleanly: SIGHUP too (the terminal or the ssh
+# session gone), which would otherwise kill it with the host left changed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _ifreq(name, flags=0):
     req = ifreq()
     req.ifr_name = name.encode()
     req.ifr_ifru.ifru_flags = flags
     return req
+
+
+def _ifname_valid(name):
+    """Whether ``name`` can name a network interface (dev_valid_name in
+    net/core/dev.c): 1 to 15 bytes, not "." or "..", no "/", ":" or white space.
+    Names reach paths (/proc/sys/net/..., the records under STATE_DIR)."""
+    return (0 < len(name.encode()) < IFNAMSIZ and name not in (".", "..")
+            and not any(c in "/:" or c.isspace() for c in name))
 
 
 def _sysctl_swap(path, value):
@@ -1597,7 +1612,7 @@ class Tap:
     """
 
     def __init__(self, name="tap%d", multi_queue=False):
-        if not name or len(name.encode()) >= IFNAMSIZ or any(c in "/: " for c in name):
+        if not _ifname_valid(name):
             raise VhostPathError(f"invalid tap name {name!r}")
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -2269,20 +2284,37 @@ def _process_id(pid):
 
 
 def _state_file(iface):
+    if not _ifname_valid(iface):                # never a path out of STATE_DIR
+        raise VhostPathError(f"invalid interface name {iface!r}")
     return os.path.join(STATE_DIR, f"{iface}.json")
 
 
-def _write_record(iface, sysctls):
-    """Record, before they change, the values ``sysctls`` ({/proc/sys path: value})
-    of ``iface`` and who changes them: this process (pid and start time) and the
-    NIC (its ifindex).  Written aside and renamed: whole or absent."""
+def _write_record(iface, ifindex, sysctls):
+    """Record, before they change, the values ``sysctls`` ({/proc/sys/net path with
+    "{}" for the NIC's name: value}) of ``iface`` and who changes them: this
+    process (pid and start time) and the NIC (its ifindex, which outlives a
+    rename).  Written aside and renamed: whole or absent."""
     import json
     os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
     temp = f"{_state_file(iface)}.{os.getpid()}"
     with open(temp, "w") as f:
-        json.dump({"owner": _process_id(os.getpid()), "ifindex": socket.if_nametoindex(iface),
-                   "sysctls": sysctls}, f)
+        json.dump({"owner": _process_id(os.getpid()), "ifindex": ifindex, "sysctls": sysctls}, f)
     os.rename(temp, _state_file(iface))
+
+
+def _put_back(ifindex, sysctls):
+    """Write ``sysctls`` (as _write_record's) of the NIC ``ifindex`` under the name
+    it has now; return {/proc/sys file: value put back}, empty if it is gone."""
+    try:
+        name = socket.if_indextoname(ifindex)
+    except OSError:                     # removed, or moved to another namespace
+        return {}
+    restored = {}
+    for template, value in sysctls.items():
+        path = "/proc/sys/net/" + template.format(name)
+        if _sysctl_swap(path, value) is not None:
+            restored[path] = value
+    return restored
 
 
 def _read_record(iface):
@@ -2293,7 +2325,7 @@ def _read_record(iface):
     try:
         with open(_state_file(iface)) as f:
             record = json.load(f)
-        return str(record["owner"]), record["ifindex"], dict(record["sysctls"])
+        return str(record["owner"]), int(record["ifindex"]), dict(record["sysctls"])
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError):
@@ -2304,8 +2336,9 @@ def _read_record(iface):
 def restore_nic(iface):
     """Put back what a vhostpath that is no longer running changed on ``iface``, from
     its record under STATE_DIR (written before the change), and remove the
-    record; a record of a NIC since removed (its ifindex) is only removed.
-    Returns {sysctl file: value put back} (empty without a record).
+    record; the NIC is the record's ifindex, renamed or not, and a record of
+    a NIC since removed is only removed.  Returns {sysctl file: value put
+    back} (empty without a record).
 
     Raises VhostPathError if the process that wrote the record still runs.
     """
@@ -2316,15 +2349,7 @@ def restore_nic(iface):
     if _process_id(owner.partition("@")[0]) == owner:
         raise VhostPathError(f"{iface} is bridged by vhostpath (pid {owner.partition('@')[0]}); "
                              "stop it first")
-    try:
-        same_nic = socket.if_nametoindex(iface) == ifindex
-    except OSError:
-        same_nic = False
-    restored = {}
-    if same_nic:            # not a NIC since removed: a new one under the name is not it
-        for path, value in sysctls.items():
-            if _sysctl_swap(path, value) is not None:
-                restored[path] = value
+    restored = _put_back(ifindex, sysctls)
     os.unlink(_state_file(iface))
     return restored
 
@@ -2353,26 +2378,26 @@ class QuietNic:
     def __init__(self, iface):
         restore_nic(iface)
         self.record = _state_file(iface)
+        self.ifindex = socket.if_nametoindex(iface)     # its name may change meanwhile
         self.old = {}
-        for path, _ in self.SETTINGS:
-            path = "/proc/sys/net/" + path.format(iface)
+        for template, _ in self.SETTINGS:
             with contextlib.suppress(FileNotFoundError):    # no IPv6, say: nothing to do
-                with open(path) as f:
-                    self.old[path] = f.read().strip()
+                with open("/proc/sys/net/" + template.format(iface)) as f:
+                    self.old[template] = f.read().strip()
         if not self.old:
             return
-        _write_record(iface, self.old)
+        _write_record(iface, self.ifindex, self.old)
         try:
-            for path, value in self.SETTINGS:
-                _sysctl_swap("/proc/sys/net/" + path.format(iface), value)
+            for template, value in self.SETTINGS:
+                _sysctl_swap("/proc/sys/net/" + template.format(iface), value)
         except BaseException:
             self.restore()
             raise
 
     def restore(self):
+        """Put the old values back on the NIC, under the name it has now."""
         if self.old:
-            for path, value in self.old.items():
-                _sysctl_swap(path, value)
+            _put_back(self.ifindex, self.old)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.record)
             self.old = {}
@@ -2701,6 +2726,14 @@ def _config(config, options):
     return config
 
 
+def _port_config(config, tap, options):
+    """(_config, the opened Tap or None) for a port: a name given as its ``tap``
+    argument is the Config keyword of that name (``TapPort(tap="tap5")``)."""
+    if isinstance(tap, str):
+        options, tap = dict(options, tap=tap), None
+    return _config(config, options), tap
+
+
 ########################################################################################
 # Ports: frames into and out of the kernel through a tap
 ########################################################################################
@@ -2888,7 +2921,8 @@ class VirtioUserPort(Port):
         config: a Config, or its keyword arguments instead (``queue_size=1024``):
             path, tap, queue_size, mac, rx_cksum and lro apply.
         tap: an opened Tap (a queue of a multi-queue tap), which the port then
-            owns; default: a new tap named as ``config.tap`` says.
+            owns; default: a new tap named as ``config.tap`` says (a name here
+            is that Config keyword).
         stats: the PortStats to count in (shared memory), default new ones.
 
     Raises:
@@ -2898,7 +2932,7 @@ class VirtioUserPort(Port):
     VHOST_FEATURES = 1 << VIRTIO_NET_F_MRG_RXBUF   # what we ask of vhost-net itself
 
     def __init__(self, config=None, tap=None, stats=None, **options):
-        self.config = _config(config, options)
+        self.config, tap = _port_config(config, tap, options)
         self.stats = stats or PortStats()
         self._stack = contextlib.ExitStack()
         try:
@@ -3138,7 +3172,7 @@ class TapPort(Port):
     """
 
     def __init__(self, config=None, tap=None, stats=None, **options):
-        self.config = _config(config, options)
+        self.config, tap = _port_config(config, tap, options)
         self.features = self.config.offloads
         self.hdr_len = VIRTIO_NET_HDR_LEN
         self.tap = tap or Tap(self.config.tap)
@@ -3326,9 +3360,12 @@ class _Forwarder:
                     if e.errno != errno.EINVAL:
                         raise
                     self.carrier_follows = False
-        if link.mtu is not None and link.mtu != self._tap_mtu:
-            self.tap.set_mtu(link.mtu)
-            self._tap_mtu = st.mtu = link.mtu
+        # A NIC's MTU may pass the tap's largest (a veth's or lo's 65535): the tap
+        # then keeps its largest, and takes the NIC's larger frames all the same.
+        mtu = link.mtu and min(link.mtu, TAP_MAX_MTU)
+        if mtu is not None and mtu != self._tap_mtu:
+            self.tap.set_mtu(mtu)
+            self._tap_mtu, st.mtu = mtu, link.mtu
             self._max_frame = link.mtu + ETH_HLEN + VLAN_HLEN
 
     def _open_wakeup(self):
@@ -4390,6 +4427,7 @@ class QueuePairs:
         self.config = _config(config, options)
         self.queues, self.refresh = self.config.queues, refresh
         self.pids, self.status = [], {}
+        self._stopping = False                  # stop() was called: workers may exit
         self._status_pipes = {}                 # read end of a worker's status pipe -> pid
         self._stack = contextlib.ExitStack()
         try:
@@ -4438,10 +4476,16 @@ class QueuePairs:
             # whether set-up worked, and end of file says it exited (pidfd_open, its
             # alternative, needs Linux 5.3 and Python 3.9).
             status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            pid = os.fork()
-            if pid == 0:
-                os.close(status_r)
-                self._worker(i, taps, nics, status_w, parent)
+            # A stop signal waits until the child has its own handlers: the
+            # parent's would unwind the parent's set-up in the child.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    os.close(status_r)
+                    self._worker(i, taps, nics, status_w, parent, mask)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(status_w)
             push(os.close, status_r)
             self.pids.append(pid)
@@ -4482,10 +4526,10 @@ class QueuePairs:
             if line != "ok":
                 raise VhostPathError(line.partition(" ")[2])
 
-    def _worker(self, index, taps, nics, status_w, parent):
-        """Queue pair ``index`` in a forked child, telling ``status_w`` how set-up went.
+    def _worker(self, index, taps, nics, status_w, parent, mask):
+        """Queue pair ``index`` in a forked child, telling ``status_w`` how set-up went;
+        the stop signals are blocked until its handlers are set (then ``mask``).
         Never returns."""
-        import signal
         status, bridge, told = 1, None, False
 
         def on_signal(*_):
@@ -4493,8 +4537,9 @@ class QueuePairs:
                 raise KeyboardInterrupt
             bridge.stop()
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, on_signal)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
             if os.getppid() != parent:            # the parent died before prctl
                 return
@@ -4533,27 +4578,30 @@ class QueuePairs:
         """Supervise until every worker has exited; stop all when one fails.  Calls
         ``on_stats(self)`` every ``stats_interval`` seconds.
 
-        Returns True if every worker exited cleanly after stop().
+        Returns True if every worker exited cleanly after stop(); a worker that
+        exits before (a failure, or a signal sent to it alone) stops the others.
         """
         poller = select.poll()
         for fd in self._status_pipes:
             poller.register(fd, select.POLLIN)      # end of file: the worker exited
         ticker = _Ticker(stats_interval)
+        ok = True
         while any(s is None for s in self.status.values()):
             for fd, _ in poller.poll(ticker.timeout()):
                 pid = self._status_pipes[fd]
                 poller.unregister(fd)
                 self.status[pid] = os.waitpid(pid, 0)[1]
-                if self.status[pid] != 0:
+                if self.status[pid] != 0 or not self._stopping:
+                    ok = False
                     self.stop()
             if ticker.due() and on_stats:
                 on_stats(self)
-        return all(s == 0 for s in self.status.values())
+        return ok
 
     def stop(self):
         """Ask run() to return: every worker is asked to stop (SIGTERM); safe from a
         signal handler."""
-        import signal
+        self._stopping = True
         for pid, status in self.status.items():
             if status is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -4772,15 +4820,23 @@ def _say(msg):
 
 
 def _on_signals(handler):
-    """SIGINT and SIGTERM call ``handler()``."""
-    import signal
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    """Each of STOP_SIGNALS calls ``handler()``."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: handler())
 
 
+def _interrupt():
+    """A stop signal during set-up or the demo: unwind what was made, as Ctrl-C does.
+    (SIGINT too: a shell starts a background job with SIGINT ignored, and
+    Python then keeps it ignored instead of raising KeyboardInterrupt.)"""
+    raise KeyboardInterrupt
+
+
 def _bridge_main(args):
-    if args.stats is not None and args.stats <= 0:
-        raise VhostPathError("--stats: the period must be positive")
+    if args.stats is not None and not 0.1 <= args.stats <= 86400:     # also NaN
+        raise VhostPathError(f"--stats: the period must be from 0.1 to 86400 seconds, "
+                             f"not {args.stats}")
+    _on_signals(_interrupt)          # before anything on the host changes
     warning = _preflight(args, args.iface)
     config = _config_from_args(args)
     if warning:
@@ -4848,8 +4904,6 @@ def _build_cleanup_parser():
 def _queues_main(args, config):
     """--queues N > 1: a QueuePairs supervisor in this process."""
     with contextlib.ExitStack() as stack:
-        # Workers must not inherit a half-set-up parent's signal handlers: the
-        # defaults until they are forked; ours right after.
         pairs = QueuePairs(args.iface, config, refresh=min(args.stats or 1.0, 1.0))
         stack.callback(pairs.close)
         _on_signals(pairs.stop)
@@ -4917,7 +4971,6 @@ def _demo_peer(ready_w, nbytes):
     """
     status = 1
     try:
-        import signal
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # die with the demo, always
         with open(f"/run/netns/{DEMO_NS}") as ns:
             _setns(ns.fileno())
@@ -4978,7 +5031,6 @@ def _demo_outside(stack):
 def _demo_start_peer(stack, nbytes):
     """Fork the outside host's process (_demo_peer) once it listens; returns the
     file its lines come on.  ``stack`` kills and reaps it."""
-    import signal
     ready_r, ready_w = os.pipe()
     pid = os.fork()                     # before any thread exists: fork and threads do not mix
     if pid == 0:
@@ -4997,7 +5049,6 @@ def _demo_start_peer(stack, nbytes):
 def _demo_main(args):
     """Build an outside host, bridge it, ping and transfer through the path, clean up."""
     import shutil
-    import signal
     import threading
     warning = _preflight(args)
     config = _config_from_args(args)
@@ -5007,13 +5058,7 @@ def _demo_main(args):
         raise VhostPathError(f"namespace {DEMO_NS} or veth {DEMO_NIC} exists: another demo is "
                              f"running, or a killed one left it ('ip netns del {DEMO_NS}; "
                              f"ip link del {DEMO_NIC}')")
-
-    def interrupted(*_):
-        raise KeyboardInterrupt
-    # SIGINT too: a shell starts a background job with SIGINT ignored, and Python
-    # then keeps it ignored instead of raising KeyboardInterrupt.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupted)
+    _on_signals(_interrupt)
 
     def step(msg):
         print(f"demo: {msg}", flush=True)

@@ -166,6 +166,10 @@ class ShutdownCase(OutsideCase):
     def test_sigterm(self):
         self.check_signal(signal.SIGTERM)
 
+    def test_sighup(self):
+        """The terminal or the ssh session gone: the same clean stop."""
+        self.check_signal(signal.SIGHUP)
+
 
 class DemoCase:
     """`vhostpath demo`: works, and leaves nothing behind, also when interrupted."""
@@ -295,6 +299,14 @@ class QueuesShutdownCase(OutsideCase):
 
     def test_a_failing_worker_stops_the_others(self):
         rc, err = self.check(lambda _, workers: workers[1], signal.SIGKILL)
+        self.assertEqual(rc, 1)
+        self.assertEqual(err.strip().splitlines()[-1],
+                         "vhostpath: a queue worker failed; all stopped")
+
+    def test_a_worker_stopped_alone_stops_the_others(self):
+        """A worker that exits cleanly on its own signal, not the parent's, leaves
+        its queue pair unserved: that is a failure too."""
+        rc, err = self.check(lambda _, workers: workers[0], signal.SIGTERM)
         self.assertEqual(rc, 1)
         self.assertEqual(err.strip().splitlines()[-1],
                          "vhostpath: a queue worker failed; all stopped")
@@ -489,6 +501,19 @@ class LifeCycleCase(OutsideCase):
             resized = topo.socket_mappings(tool.pid)
             self.assertEqual(len(resized), 1)
             self.assertNotEqual(resized, ring)
+        for target, ns in ((topo.OUTSIDE_IP, None), (topo.KERNEL_IP, topo.NS)):
+            self.assertEqual(topo.ping(target, ns=ns, size=16000 - 28), 3, target)
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+
+    def test_nic_mtu_above_the_taps_largest(self):
+        """A NIC's MTU above what a tap takes (65535 on a veth, 65521 on a tap): tap0
+        takes its largest, and the bridge goes on."""
+        tool = self.start("--address", f"{topo.KERNEL_IP}/24")
+        for dev, ns in (("veth1", topo.NS), ("veth0", None)):
+            topo.sh("ip", "link", "set", dev, "mtu", "65535", ns=ns)
+        topo.wait_until(lambda: self.tap_state()[2] == str(vp.TAP_MAX_MTU), 10,
+                        f"tap0 at MTU {vp.TAP_MAX_MTU}")
         for target, ns in ((topo.OUTSIDE_IP, None), (topo.KERNEL_IP, topo.NS)):
             self.assertEqual(topo.ping(target, ns=ns, size=16000 - 28), 3, target)
         rc, _, err = tool.stop()

@@ -10,10 +10,12 @@ import ctypes
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import vhostpath as vp
@@ -540,6 +542,26 @@ class TestCliErrors(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
         self.assertIn("the following arguments are required: --iface", r.stderr)
 
+    def test_bad_stats_period(self):
+        for bad in ("0", "-1", "nan", "inf", "1e9", "0.001"):
+            with self.subTest(stats=bad):
+                self.assertFails(_run_tool("--iface", "lo", "--stats", bad),
+                                 "--stats: the period must be from 0.1 to 86400 seconds")
+        self.assertNotIn("tap0", topo.interfaces())
+
+    def test_cleanup_takes_interface_names_only(self):
+        """A name that is no interface name never becomes a path: nothing outside
+        the record directory is read or removed."""
+        with tempfile.NamedTemporaryFile(suffix=".json", dir="/tmp") as victim:
+            victim.write(b'{"a": 1}')
+            victim.flush()
+            name = "../.." + victim.name[:-len(".json")]
+            for bad in (name, "..", "a b", ""):
+                with self.subTest(iface=bad):
+                    self.assertFails(_run_tool("cleanup", "--iface", bad),
+                                     f"invalid interface name {bad!r}")
+            self.assertTrue(os.path.exists(victim.name))
+
     def test_tap_same_as_nic(self):
         self.assertFails(_run_tool("--iface", "lo", "--path", "/dev/null", "--tap", "lo"),
                          "NIC itself")
@@ -596,9 +618,15 @@ class TestLinkLossReadWrite(LinkLossCase, unittest.TestCase):
     TAP_IO = "read-write"
 
     def test_nic_renamed(self):
+        """The settings the tool changed go back on the NIC under its new name."""
+        original = topo.nic_settings()
         self.check_gone(lambda: topo.sh("ip", "link", "set", "veth0", "name", "vpren0"),
                         "veth0 was renamed vpren0")
-        topo.sh("ip", "link", "del", "vpren0")
+        try:
+            self.assertEqual(topo.nic_settings("vpren0"), original)
+            self.assertFalse(os.path.exists("/run/vhostpath/veth0.json"))
+        finally:
+            topo.sh("ip", "link", "del", "vpren0")
 
     def test_nic_moved_to_another_namespace(self):
         self.check_gone(lambda: topo.sh("ip", "link", "set", "veth0", "netns", topo.NS),
@@ -656,6 +684,48 @@ class TestCarrierFallback(OutsideCase, unittest.TestCase):
                     self.assertEqual(f.read().strip(), "1500")
         finally:
             vp.Tap.set_carrier = real
+
+
+class TestStopDuringSetUp(OutsideCase, unittest.TestCase):
+    """A stop signal while the tool sets up: it unwinds what it made so far."""
+
+    def test_signal_as_the_nic_turns_quiet(self):
+        """SIGTERM or SIGHUP the moment the NIC's settings change (the tap and the
+        rest still to come): the settings go back, no record or tap is left."""
+        original = topo.nic_settings()
+        arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with self.subTest(signal=sig):
+                proc = subprocess.Popen([sys.executable, TOOL, "--iface", "veth0",
+                                         "--tap-io", "read-write"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                try:
+                    deadline = time.monotonic() + 60
+                    while proc.poll() is None and time.monotonic() < deadline:
+                        with open(arp_ignore) as f:
+                            if f.read().strip() == topo.QUIET["arp_ignore"]:
+                                break
+                    else:
+                        self.fail("the NIC never turned quiet")
+                    proc.send_signal(sig)
+                    _, err = proc.communicate(timeout=60)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.communicate()
+                self.assertIn(proc.returncode, (0, 1), err)
+                self.assertEqual(topo.nic_settings(), original)
+                self.assertFalse(os.path.exists("/run/vhostpath/veth0.json"))
+                self.assertNotIn("tap0", topo.interfaces())
+
+
+class TestPortTapKeyword(unittest.TestCase):
+    def test_a_tap_name_as_the_tap_argument(self):
+        """``tap`` of a port is an opened Tap, or the Config keyword of that name."""
+        with vp.TapPort(tap="vpkw%d", tap_io="read-write") as port:
+            self.assertTrue(port.tap.name.startswith("vpkw"), port.tap.name)
+            self.assertIn(port.tap.name, topo.interfaces())
+        self.assertNotIn(port.tap.name, topo.interfaces())
 
 
 class TestQueuesErrors(OutsideCase, unittest.TestCase):
