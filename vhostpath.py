@@ -610,6 +610,11 @@ def _sysctl_swap(path, value):
         return None
 
 
+def _net_sysctl(template, iface):
+    """The /proc/sys/net file of ``template`` ("{}" for the interface's name) for ``iface``."""
+    return "/proc/sys/net/" + template.format(iface)
+
+
 class _MsgBatch:
     """Preallocated mmsghdr and iovec arrays for one sendmmsg(2)/recvmmsg(2) call.
 
@@ -2311,7 +2316,7 @@ def _put_back(ifindex, sysctls):
         return {}
     restored = {}
     for template, value in sysctls.items():
-        path = "/proc/sys/net/" + template.format(name)
+        path = _net_sysctl(template, name)
         if _sysctl_swap(path, value) is not None:
             restored[path] = value
     return restored
@@ -2382,14 +2387,14 @@ class QuietNic:
         self.old = {}
         for template, _ in self.SETTINGS:
             with contextlib.suppress(FileNotFoundError):    # no IPv6, say: nothing to do
-                with open("/proc/sys/net/" + template.format(iface)) as f:
+                with open(_net_sysctl(template, iface)) as f:
                     self.old[template] = f.read().strip()
         if not self.old:
             return
         _write_record(iface, self.ifindex, self.old)
         try:
             for template, value in self.SETTINGS:
-                _sysctl_swap("/proc/sys/net/" + template.format(iface), value)
+                _sysctl_swap(_net_sysctl(template, iface), value)
         except BaseException:
             self.restore()
             raise

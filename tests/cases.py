@@ -195,16 +195,9 @@ class DemoCase:
 
     def check_interrupted(self, sig):
         before = topo.interfaces()
-        proc = subprocess.Popen([sys.executable, topo.TOOL, "demo", "--bytes", str(64 << 20)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
+        with topo.popen([sys.executable, topo.TOOL, "demo", "--bytes", str(64 << 20)]) as proc:
             topo.read_until(proc.stdout, "bridging", 300, "bridging line from the demo")
-            proc.send_signal(sig)
-            out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            _, err = topo.interrupt(proc, sig, 120)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("interrupted; everything created was removed", err.decode())
         self.assertEqual(self.leftovers(before), set())
@@ -882,22 +875,18 @@ class ExampleCase(OutsideCase):
     def check(self, loop):
         from tests.example_responder import MARK_TTL
         before = (topo.interfaces(), topo.nic_settings())
-        proc = subprocess.Popen([sys.executable, os.path.join(topo.ROOT, "tests",
-                                                              "example_responder.py"),
-                                 "--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24",
-                                 "--tap-io", self.TAP_IO, "--loop", loop],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
-        self.assertEqual(topo.readline(proc.stdout, time.monotonic() + 60), "ready\n")
-        out = topo.sh("ping", "-c", "3", "-W", "5", topo.KERNEL_IP, ns=topo.NS, check=False)
-        self.assertEqual(re.findall(r"ttl=(\d+)", out), [str(MARK_TTL)] * 3, out)
-        for direction in ("in", "out"):
-            sent, received = topo.tcp_transfer(direction, 4 * MB)
-            self.assertEqual(sent, received, direction)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        self.assertEqual(proc.returncode, 0, err)
-        self.assertRegex(out.decode(), r"answered 3, to kernel \d+, to NIC \d+, waiting 0")
+        with topo.popen([sys.executable, os.path.join(topo.ROOT, "tests", "example_responder.py"),
+                         "--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24",
+                         "--tap-io", self.TAP_IO, "--loop", loop]) as proc:
+            self.assertEqual(topo.readline(proc.stdout, time.monotonic() + 60), "ready\n")
+            out = topo.sh("ping", "-c", "3", "-W", "5", topo.KERNEL_IP, ns=topo.NS, check=False)
+            self.assertEqual(re.findall(r"ttl=(\d+)", out), [str(MARK_TTL)] * 3, out)
+            for direction in ("in", "out"):
+                sent, received = topo.tcp_transfer(direction, 4 * MB)
+                self.assertEqual(sent, received, direction)
+            out, err = topo.interrupt(proc, signal.SIGINT, 30)
+            self.assertEqual(proc.returncode, 0, err)
+            self.assertRegex(out.decode(), r"answered 3, to kernel \d+, to NIC \d+, waiting 0")
         self.assertEqual((topo.interfaces(), topo.nic_settings()), before)
 
     def test_selectors(self):

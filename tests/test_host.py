@@ -696,10 +696,8 @@ class TestStopDuringSetUp(OutsideCase, unittest.TestCase):
         arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
         for sig in (signal.SIGTERM, signal.SIGHUP):
             with self.subTest(signal=sig):
-                proc = subprocess.Popen([sys.executable, TOOL, "--iface", "veth0",
-                                         "--tap-io", "read-write"],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                try:
+                with topo.popen([sys.executable, TOOL, "--iface", "veth0",
+                                 "--tap-io", "read-write"]) as proc:
                     deadline = time.monotonic() + 60
                     while proc.poll() is None and time.monotonic() < deadline:
                         with open(arp_ignore) as f:
@@ -707,12 +705,7 @@ class TestStopDuringSetUp(OutsideCase, unittest.TestCase):
                                 break
                     else:
                         self.fail("the NIC never turned quiet")
-                    proc.send_signal(sig)
-                    _, err = proc.communicate(timeout=60)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.communicate()
+                    _, err = topo.interrupt(proc, sig, 60)
                 self.assertIn(proc.returncode, (0, 1), err)
                 self.assertEqual(topo.nic_settings(), original)
                 self.assertFalse(os.path.exists("/run/vhostpath/veth0.json"))

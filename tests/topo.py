@@ -345,6 +345,34 @@ def readline(stream, deadline):
     return line.decode()
 
 
+def reap(proc):
+    """Kill ``proc`` if it still runs, and collect it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@contextlib.contextmanager
+def popen(args):
+    """``args`` started with its output captured; reaped on leaving the block."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        reap(proc)
+
+
+def interrupt(proc, sig, timeout):
+    """Send ``sig`` to ``proc``; its (stdout, stderr) once it exits.  AssertionError
+    (and the process killed) if it still runs ``timeout`` seconds later."""
+    proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        reap(proc)
+        raise AssertionError(f"{proc.args[1]} ignored signal {sig} for {timeout} s") from None
+
+
 class Tool:
     """vhostpath started as a user would, with its output captured."""
 
@@ -369,13 +397,7 @@ class Tool:
 
     def stop(self, sig=signal.SIGINT, timeout=60):
         """Signal the tool; return (exit status, stdout after the first line, stderr)."""
-        self.proc.send_signal(sig)
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-            raise AssertionError(f"vhostpath ignored signal {sig} for {timeout} s") from None
+        out, err = interrupt(self.proc, sig, timeout)
         return self.proc.returncode, out.decode(), err.decode()
 
     def exit_cpu(self, timeout):
@@ -395,9 +417,7 @@ class Tool:
                 usage.ru_utime + usage.ru_stime)
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
+        reap(self.proc)
 
 
 def report_counters(report):
