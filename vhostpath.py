@@ -135,6 +135,7 @@ VRING_DESC_F_WRITE = 2
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 VRING_ALIGN = 4096                      # the legacy "standard layout" alignment of the used ring
+VIRTQUEUE_MAX_SIZE = 32768              # virtio 1.2 2.7: a split queue's largest size
 
 # linux/virtio_net.h: struct virtio_net_hdr flags and gso_type
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
@@ -598,6 +599,14 @@ def _ifname_valid(name):
             and not any(c in "/:" or c.isspace() for c in name))
 
 
+def _tap_name_valid(name):
+    """Whether ``name`` can name a new tap: an interface name, or a template the
+    kernel completes, with one "%d" and no other "%" (dev_alloc_name)."""
+    head, percent, tail = name.partition("%")
+    return (_ifname_valid(name)
+            and (not percent or tail.startswith("d") and "%" not in tail))
+
+
 def _sysctl_swap(path, value):
     """Write ``value`` to a /proc/sys file; return the old value, or None if absent."""
     try:
@@ -931,8 +940,9 @@ def vring_layout(num):
     used ring at the next VRING_ALIGN boundary; both rings carry a trailing
     event index word.
     """
-    if num < 1 or num > 32768 or num & (num - 1):
-        raise ValueError(f"queue size must be a power of two from 1 to 32768, not {num}")
+    if num < 1 or num > VIRTQUEUE_MAX_SIZE or num & (num - 1):
+        raise ValueError(f"queue size must be a power of two from 1 to {VIRTQUEUE_MAX_SIZE}, "
+                         f"not {num}")
     desc = 0
     avail = desc + ctypes.sizeof(vring_desc) * num
     used = (avail + 4 + 2 * num + 2 + VRING_ALIGN - 1) // VRING_ALIGN * VRING_ALIGN
@@ -1617,7 +1627,7 @@ class Tap:
     """
 
     def __init__(self, name="tap%d", multi_queue=False):
-        if not _ifname_valid(name):
+        if not _tap_name_valid(name):
             raise VhostPathError(f"invalid tap name {name!r}")
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -2525,19 +2535,25 @@ class ConfigError(VhostPathError):
 
 
 def _parse_mac(text):
-    """bytes of a unicast MAC written xx:xx:xx:xx:xx:xx; bytes, None and "nic" pass
-    through."""
-    if not isinstance(text, str) or text == "nic":
+    """bytes of a unicast MAC written xx:xx:xx:xx:xx:xx or given as 6 bytes; None and
+    "nic" pass through."""
+    if text is None or text == "nic":
         return text
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ConfigError("mac", f"invalid MAC address {text!r} (want xx:xx:xx:xx:xx:xx)")
-    try:
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ConfigError("mac", f"invalid MAC address {text!r}") from None
+    if isinstance(text, (bytes, bytearray)) and len(text) == 6:
+        mac = bytes(text)
+    elif isinstance(text, str):
+        parts = text.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+            raise ConfigError("mac", f"invalid MAC address {text!r} (want xx:xx:xx:xx:xx:xx)")
+        try:
+            mac = bytes(int(p, 16) for p in parts)
+        except ValueError:
+            raise ConfigError("mac", f"invalid MAC address {text!r}") from None
+    else:
+        raise ConfigError("mac", f"{text!r} is not a MAC address (6 bytes or "
+                                 "xx:xx:xx:xx:xx:xx)")
     if mac[0] & 1 or mac == bytes(6):
-        raise ConfigError("mac", f"MAC address {text} is not a unicast address")
+        raise ConfigError("mac", f"MAC address {text!r} is not a unicast address")
     return mac
 
 
@@ -2597,10 +2613,12 @@ def load_filter(path):
 
 def _parse_addresses(texts):
     """ipaddress interfaces of addresses written with their prefix length (1.1.1.1/24,
-    2001:db8::1/64); interfaces pass through."""
+    2001:db8::1/64), one or a sequence; interfaces pass through."""
     import ipaddress
     found = []
-    for text in texts:
+    for text in (texts,) if isinstance(texts, str) else texts:
+        if not isinstance(text, (str, ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+            raise ConfigError("address", f"{text!r} is not an address with a prefix length")
         if isinstance(text, str):
             if "/" not in text:
                 raise ConfigError("address", f"{text!r} has no prefix length (want, for "
@@ -2612,6 +2630,11 @@ def _parse_addresses(texts):
                                              "with a prefix length") from None
         found.append(text)
     return tuple(found)
+
+
+def _whole(value):
+    """Whether ``value`` is a whole number (an int, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Config:
@@ -2674,26 +2697,33 @@ class Config:
             raise ConfigError("nic_io", f"{nic_io!r} is not one of {', '.join(self.NIC_IO)}")
         if nic_io == "vhost-net" and tap_io != "vhost-net":
             raise ConfigError("nic_io", f"vhost-net needs tap I/O vhost-net, not {tap_io}")
-        try:
-            vring_layout(queue_size)
-        except ValueError as e:
-            raise ConfigError("queue_size", str(e)) from None
-        if queue_size < MIN_QUEUE_SIZE:
-            raise ConfigError("queue_size", f"must be at least {MIN_QUEUE_SIZE} (a 64 KB "
-                                             f"packet takes {MAX_RX_BUFS} merged RX buffers), "
-                                             f"not {queue_size}")
+        if not isinstance(path, str):
+            raise ConfigError("path", f"must be a device node's path, not {path!r}")
+        if not (_whole(queue_size) and MIN_QUEUE_SIZE <= queue_size <= VIRTQUEUE_MAX_SIZE
+                and not queue_size & (queue_size - 1)):
+            raise ConfigError("queue_size", f"must be a power of two from {MIN_QUEUE_SIZE} "
+                                             f"to {VIRTQUEUE_MAX_SIZE} (a 64 KB packet takes "
+                                             f"{MAX_RX_BUFS} merged RX buffers), "
+                                             f"not {queue_size!r}")
+        if not isinstance(tap, str) or not _tap_name_valid(tap):
+            raise ConfigError("tap", f"{tap!r} is neither an interface name nor a template "
+                                     "with one %d (tap%d)")
+        for keyword, value in (("up", up), ("rx_cksum", rx_cksum), ("lro", lro)):
+            if not isinstance(value, bool):
+                raise ConfigError(keyword, f"must be True or False, not {value!r}")
         if lro and not rx_cksum:
             raise ConfigError("lro", "needs rx checksum offload (the kernel refuses TSO "
                                      "without it)")
-        if not 1 <= queues <= MAX_TAP_QUEUES:
+        if not (_whole(queues) and 1 <= queues <= MAX_TAP_QUEUES):
             raise ConfigError("queues", f"must be from 1 to {MAX_TAP_QUEUES} (the tap's "
-                                        f"limit), not {queues}")
+                                        f"limit), not {queues!r}")
         self.tap_io, self.nic_io, self.path, self.queue_size = tap_io, nic_io, path, queue_size
-        if not 0 <= busy_poll <= 1000000:
+        if not (_whole(busy_poll) and 0 <= busy_poll <= 1000000):
             raise ConfigError("busy_poll", f"must be from 0 (off) to 1000000 microseconds, "
-                                           f"not {busy_poll}")
+                                           f"not {busy_poll!r}")
         self.busy_poll = busy_poll
-        if netns is not None and (not netns or "/" in netns or netns in (".", "..")):
+        if netns is not None and not (isinstance(netns, str) and netns
+                                      and "/" not in netns and netns not in (".", "..")):
             raise ConfigError("netns", f"{netns!r} is not a network namespace name")
         self.tap, self.mac, self.queues = tap, _parse_mac(mac), queues
         self.netns, self.address, self.up = netns, _parse_addresses(address), up
@@ -4762,7 +4792,7 @@ def _preflight(args, iface=None):
         raise VhostPathError(f"--netns {args.netns}: no such network namespace (create it "
                              f"with 'ip netns add {args.netns}')")
     tap = args.tap
-    if "%" not in tap and os.path.exists(f"/sys/class/net/{tap}") \
+    if "%" not in tap and _tap_name_valid(tap) and os.path.exists(f"/sys/class/net/{tap}") \
             and not os.path.exists(f"/sys/class/net/{tap}/tun_flags"):
         raise VhostPathError(f"--tap {tap}: a network interface of that name exists "
                              "and is not a tap device")
@@ -5055,6 +5085,8 @@ def _demo_main(args):
     """Build an outside host, bridge it, ping and transfer through the path, clean up."""
     import shutil
     import threading
+    if args.bytes < 1:
+        raise VhostPathError(f"--bytes: must be at least 1, not {args.bytes}")
     warning = _preflight(args)
     config = _config_from_args(args)
     if shutil.which("ip") is None:

@@ -503,7 +503,16 @@ class TestCliErrors(unittest.TestCase):
                 self.assertFails(_run_tool("--iface", "lo", "--queue-size", bad),
                                  "--queue-size", "power of two")
         self.assertFails(_run_tool("--iface", "lo", "--queue-size", "32"),
-                         "--queue-size", "at least 64")
+                         "--queue-size", "from 64 to 32768")
+
+    def test_bad_tap_name(self):
+        for bad in ("", "%d%d", "a b", "x" * 16, "vp%s"):
+            with self.subTest(tap=bad):
+                self.assertFails(_run_tool("--iface", "lo", "--tap", bad),
+                                 "--tap", "neither an interface name nor a template")
+
+    def test_demo_bad_byte_count(self):
+        self.assertFails(_run_tool("demo", "--bytes", "-5"), "--bytes", "at least 1")
 
     def test_lro_without_rx_checksum(self):
         self.assertFails(_run_tool("--iface", "lo", "--lro", "--no-rx-cksum"),

@@ -467,7 +467,26 @@ class TestConfig(unittest.TestCase):
                 (dict(tap_io="read-write", nic_io="vhost-net"), "nic_io", "needs tap I/O"),
                 (dict(queue_size=100), "queue_size", "power of two"),
                 (dict(queue_size=65536), "queue_size", "power of two"),
-                (dict(queue_size=32), "queue_size", "at least 64"),
+                (dict(queue_size=32), "queue_size", "from 64 to 32768"),
+                (dict(queue_size=256.0), "queue_size", "not 256.0"),
+                (dict(queue_size="256"), "queue_size", "not '256'"),
+                (dict(queues="2"), "queues", "not '2'"),
+                (dict(queues=True), "queues", "not True"),
+                (dict(busy_poll=1.5), "busy_poll", "not 1.5"),
+                (dict(path=None), "path", "a device node's path"),
+                (dict(tap=""), "tap", "neither an interface name nor a template"),
+                (dict(tap="%d%d"), "tap", "neither"),
+                (dict(tap="tap%s"), "tap", "neither"),
+                (dict(tap="a b"), "tap", "neither"),
+                (dict(tap="x" * 16), "tap", "neither"),
+                (dict(tap=5), "tap", "neither"),
+                (dict(up="yes"), "up", "must be True or False"),
+                (dict(rx_cksum=1), "rx_cksum", "must be True or False"),
+                (dict(mac=5), "mac", "not a MAC address"),
+                (dict(mac=b"\x02\x00"), "mac", "not a MAC address"),
+                (dict(mac=b"\x01" * 6), "mac", "not a unicast"),
+                (dict(address=[5]), "address", "5 is not an address"),
+                (dict(netns=5), "netns", "not a network namespace name"),
                 (dict(lro=True), "lro", "needs rx checksum offload"),
                 (dict(mac="zz:00"), "mac", "invalid MAC"),
                 (dict(mac="01:00:5e:00:00:01"), "mac", "not a unicast"),
@@ -494,6 +513,11 @@ class TestConfig(unittest.TestCase):
                                           ipaddress.ip_interface("2001:db8::1/64")))
         self.assertEqual(config.netns, "ctr")
         self.assertEqual(vp.Config(**config.options()).options(), config.options())
+        # One address alone, and a MAC as bytes, are taken as they are meant.
+        self.assertEqual(vp.Config(address="192.0.2.1/24").address,
+                         (ipaddress.ip_interface("192.0.2.1/24"),))
+        self.assertEqual(vp.Config(mac=bytes.fromhex("020000000009")).mac,
+                         bytes.fromhex("020000000009"))
         # "nic" takes a NIC's address; a port alone has none to take.
         with self.assertRaisesRegex(vp.ConfigError, "^mac: 'nic' takes the NIC's address"):
             config.tap_mac()
@@ -507,7 +531,7 @@ class TestConfig(unittest.TestCase):
 
     def test_command_line_names_the_option(self):
         parser = vp._build_parser()
-        for argv, message in ((["--queue-size", "100"], "--queue-size: queue size must be"),
+        for argv, message in ((["--queue-size", "100"], "--queue-size: must be a power of two"),
                               (["--lro", "--no-rx-cksum"], "--lro: needs rx checksum"),
                               (["--queues", "0"], "--queues: must be from 1 to 256"),
                               (["--address", "10.0.0.1"], "--address: '10.0.0.1' has no "

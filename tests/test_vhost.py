@@ -190,7 +190,7 @@ class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
         woken = topo.sleeps(f"/proc/{tool.pid}") - before
         self.assertIn("20 received", out)
         self.assertGreaterEqual(woken, 10, f"{woken} wakeups: the tool sleeps between pings")
-        self.assertLess(woken, 30, f"{woken} wakeups for 20 round trips: answers wait for "
+        self.assertLess(woken, 35, f"{woken} wakeups for 20 round trips: answers wait for "
                         "a poll() of their own")
         rc, out, err = tool.stop()
         self.assertEqual(rc, 0, err)
