@@ -2003,7 +2003,7 @@ class PacketSocket:
         """Send Frames (or bytes-like whole frames) out of the NIC without blocking;
         return how many left.  Stops at a full socket buffer (wait for POLLOUT);
         a frame the kernel refuses (too long, the NIC down) is dropped and
-        counted among those."""
+        counted among those.  OSError EBADF once closed, as a socket."""
         pad = bytes(self.hdr_len - VIRTIO_NET_HDR_LEN)
         for k, frame in enumerate(frames):
             frame = frame if isinstance(frame, Frame) else Frame(frame)
@@ -2011,8 +2011,9 @@ class PacketSocket:
                 self.sock.sendmsg([frame.hdr, pad, frame.data])
             except BlockingIOError:
                 return k
-            except OSError:
-                pass
+            except OSError as e:
+                if e.errno == errno.EBADF:      # closed: not this frame's fault
+                    raise
         return len(frames)
 
     def recv_into(self, buf):
@@ -2055,6 +2056,12 @@ class PacketSocket:
 
     def close(self):
         self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __repr__(self):
         return f"<PacketSocket {self.iface} fd={self.sock.fileno()}>"
@@ -2861,13 +2868,20 @@ class Port:
     ``recv_frames`` / ``send_frames`` (Frame objects, header facts included)
     and ``rx_burst`` / ``tx_burst`` (bytes); ``fileno()`` for ``selectors``
     and ``asyncio``.  Subclasses set ``config``, ``tap``, ``hdr_len``,
-    ``features`` and ``stats``.
+    ``features`` and ``stats``, and ``closed`` once closed: then these raise
+    ValueError, as a closed file's methods do.
     """
+
+    closed = False
 
     @property
     def name(self):
         """The tap's name."""
         return self.tap.name
+
+    def _require_open(self):
+        if self.closed:
+            raise ValueError(f"{self.name}: the port is closed")
 
     def __enter__(self):
         return self
@@ -2880,12 +2894,14 @@ class Port:
         eventfd, or the tap): for ``selectors`` and ``asyncio``.  Edge-like
         for an eventfd: once readable, read with recv_frames / rx_burst until
         they return [] (they reset it first), and only then wait again."""
+        self._require_open()
         return self.call_fds()[0]
 
     def tx_fileno(self):
         """The fd that polls readable once the kernel has taken frames sent before, so
         a ring that was full has room again (see send_frames); None where
         sending never runs out of room."""
+        self._require_open()
         return self.call_fds()[1]
 
     def send_frames(self, frames):
@@ -2894,6 +2910,7 @@ class Port:
         Stops at the first with no room on the ring: keep the rest, wait for
         tx_fileno() and send them again.  A frame over 64 KB, or one the tap
         refuses (TapPort, the tap down), is dropped and counted (tx_dropped)."""
+        self._require_open()
         for k, frame in enumerate(frames):
             frame = frame if isinstance(frame, Frame) else Frame(frame)
             if len(frame.data) > MAX_FRAME:
@@ -2920,6 +2937,7 @@ class Port:
     def recv_frames(self, max_frames=32):
         """Copy up to ``max_frames`` frames the kernel sent: a list of Frame, [] when
         none is left (the RX call is reset first: see fileno)."""
+        self._require_open()
         self.ack_calls([self.fileno()])
         frames, h = [], self.hdr_len
         while len(frames) < max_frames:
@@ -3035,6 +3053,7 @@ class VirtioUserPort(Port):
         """Unbind the backends, close vhost (its worker exits), eventfds, tap, then the
         arena: the bring-up's mirror."""
         self._stack.close()
+        self.closed = True
 
     def __repr__(self):
         return (f"<VirtioUserPort {self.tap.name} via {self.config.path} "
@@ -3239,6 +3258,7 @@ class TapPort(Port):
     def close(self):
         """Close the tap (it disappears unless persistent)."""
         self.tap.close()
+        self.closed = True
 
     def __repr__(self):
         return f"<TapPort {self.tap.name} (read-write)>"
@@ -3427,8 +3447,10 @@ class _Forwarder:
 
         Raises VhostPathError when the NIC is removed, renamed or moved to another
         network namespace, or the tap deleted (the message says which);
-        RingBrokenError when a device broke a ring.
+        RingBrokenError when a device broke a ring; ValueError once closed.
         """
+        if self._wake_r < 0:
+            raise ValueError(f"{self.name}: run() after close()")
         # rtnetlink's link group tells of every link change: the NIC's carrier and
         # MTU, and its removal (a NIC that went down and is then removed sets no
         # socket error then).  Read once more after subscribing: nothing is missed.

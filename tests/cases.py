@@ -38,6 +38,16 @@ def through(tap_io):
             else r"through read\(\)/write\(\) on the tap")
 
 
+def check_closed_port(test, port):
+    """A closed port's frame methods and fds raise ValueError, as a closed file's do,
+    and a second close() does nothing."""
+    for call in (lambda: port.send_frames([bytes(60)]), lambda: port.tx_burst([bytes(60)]),
+                 port.recv_frames, port.rx_burst, port.fileno, port.tx_fileno):
+        with test.assertRaisesRegex(ValueError, "the port is closed"):
+            call()
+    port.close()
+
+
 class OutsideCase:
     """The one outside-host fixture: veth0 (the NIC) and the outside namespace behind
     it, made for each test and removed after it."""

@@ -22,7 +22,8 @@ import vhostpath as vp
 from tests import topo
 from tests.cases import (BridgeCase, BusyPollCase, DemoCase, ExampleCase, FilterCase, HookCase,
                          LifeCycleCase, LinkLossCase, OutsideCase, QueuesCase,
-                         QueuesShutdownCase, ShutdownCase, UdpGsoCase, UnwindCase)
+                         QueuesShutdownCase, ShutdownCase, UdpGsoCase, UnwindCase,
+                         check_closed_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "vhostpath.py")
@@ -728,6 +729,33 @@ class TestPortTapKeyword(unittest.TestCase):
             self.assertTrue(port.tap.name.startswith("vpkw"), port.tap.name)
             self.assertIn(port.tap.name, topo.interfaces())
         self.assertNotIn(port.tap.name, topo.interfaces())
+
+
+class TestClosed(OutsideCase, unittest.TestCase):
+    """A closed object says so, and closing it again does nothing."""
+
+    def test_port(self):
+        port = vp.TapPort(tap_io="read-write")
+        port.close()
+        check_closed_port(self, port)
+
+    def test_packet_socket(self):
+        with vp.PacketSocket("veth0") as nic:
+            self.assertEqual(nic.send_frames([bytes(60)]), 1)
+        for call in (lambda: nic.send_frames([bytes(60)]), nic.recv_frames):
+            with self.assertRaises(OSError) as cm:
+                call()
+            self.assertEqual(cm.exception.errno, errno.EBADF)
+        self.assertEqual(nic.fileno(), -1)
+
+    def test_bridge(self):
+        with vp.PacketSocket("veth0") as nic, vp.TapPort(tap_io="read-write") as port:
+            bridge = vp.Bridge(nic, port)
+            bridge.close()
+            with self.assertRaisesRegex(ValueError, r"^tap0: run\(\) after close\(\)$"):
+                bridge.run()
+            bridge.close()
+        self.assertNotIn("tap0", topo.interfaces())
 
 
 class TestQueuesErrors(OutsideCase, unittest.TestCase):

@@ -16,7 +16,7 @@ import vhostpath as vp
 from tests import topo
 from tests.cases import (BridgeCase, BusyPollCase, DemoCase, ExampleCase, FilterCase, HookCase,
                          LifeCycleCase, LinkLossCase, OutsideCase, ShutdownCase, UdpGsoCase,
-                         UnwindCase)
+                         UnwindCase, check_closed_port)
 OUR_MAC = bytes.fromhex("020000000002")
 MB = 1 << 20
 
@@ -77,6 +77,7 @@ class TestVirtioUserPort(unittest.TestCase):
         self.assertNotIn("tap0", topo.interfaces())
         topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost thread exit")
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
+        check_closed_port(self, port)
 
     def test_arp_answered_by_the_kernel(self):
         with vp.VirtioUserPort(mac="02:00:00:00:00:01") as port:
@@ -172,6 +173,9 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
         topo.wait_until(lambda: not topo.vhost_threads(os.getpid()), 10, "vhost threads exit")
         self.assertEqual(sorted(os.listdir("/proc/self/fd")), fds_before, "fd leaked")
         self.assertEqual(topo.nic_settings(), original)
+        with self.assertRaisesRegex(ValueError, r"^tap0: run\(\) after close\(\)$"):
+            bridge.run()
+        bridge.close()                          # a second close does nothing
 
 
 class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
