@@ -156,6 +156,7 @@ TUN_TYPE = ord("T")
 IFF_TAP = 0x0002
 IFF_NAPI = 0x0010                       # Linux 4.15
 IFF_MULTI_QUEUE = 0x0100
+IFF_PERSIST = 0x0800                    # TUNGETIFF: made to outlive its fds (ip tuntap add)
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -223,9 +224,10 @@ EFD_NONBLOCK = 0o4000
 # linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h, linux/if.h
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 1
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR = 16, 17, 18, 20
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x200, 0x400
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_OPERSTATE, IFLA_NET_NS_FD = 1, 3, 4, 16, 28
 IFLA_NEW_NETNSID = 45                   # in RTM_DELLINK of a link moved to another namespace
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -491,6 +493,16 @@ class VhostPathError(Exception):
 
 class RingBrokenError(VhostPathError):
     """The device published something impossible on a used ring; the ring is unusable."""
+
+
+class _Closing:
+    """A context manager whose ``close()`` runs on leaving the ``with`` block."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _describe_oserror(e, tap):
@@ -1361,7 +1373,7 @@ class Link:
         return f"<Link {self.index} {self.name} mtu={self.mtu} {state}>"
 
 
-class Rtnl:
+class Rtnl(_Closing):
     """A NETLINK_ROUTE socket in a network namespace (``netns``, a name ``ip netns``
     knows, or None for this one).
 
@@ -1414,8 +1426,9 @@ class Rtnl:
             off += -(-head.nlmsg_len // 4) * 4
 
     def request(self, kind, body, flags=0, what=""):
-        """Send one request; return the bodies of its replies once the kernel acknowledged
-        it.  OSError(errno, "<what>: <why>") if refused."""
+        """Send one request; return the (type, body) of its replies once the kernel
+        acknowledged it, or ended the dump (NLM_F_DUMP).  OSError(errno, "<what>:
+        <why>") if refused."""
         self._seq += 1
         head = nlmsghdr(self._HDR + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags,
                         self._seq, 0)
@@ -1425,6 +1438,8 @@ class Rtnl:
             for reply, seq, data in self._messages(self.sock.recv(65536)):
                 if seq != self._seq:
                     continue
+                if reply == NLMSG_DONE:
+                    return replies
                 if reply != NLMSG_ERROR:
                     replies.append((reply, data))
                     continue
@@ -1444,26 +1459,51 @@ class Rtnl:
                 return Link(kind, data)
         raise OSError(errno.ENODEV, f"RTM_GETLINK of {name or index}: no reply")
 
-    def set_link(self, index, what, up=False, mtu=None, netns_fd=None):
-        """RTM_NEWLINK on an existing link: IFF_UP set, its MTU, or moved into the
-        network namespace ``netns_fd``."""
+    def set_link(self, index, what, up=None, mtu=None, netns_fd=None, address=None):
+        """RTM_NEWLINK on an existing link: IFF_UP set (``up`` True) or cleared (False),
+        its MTU, its MAC ``address``, or moved into the network namespace
+        ``netns_fd``."""
         info = ifinfomsg(ifi_index=index, ifi_flags=IFF_UP if up else 0,
-                         ifi_change=IFF_UP if up else 0)
+                         ifi_change=0 if up is None else IFF_UP)
         attrs = b""
         if mtu is not None:
             attrs += self.attribute(IFLA_MTU, struct.pack("I", mtu))
+        if address is not None:
+            attrs += self.attribute(IFLA_ADDRESS, address)
         if netns_fd is not None:
             attrs += self.attribute(IFLA_NET_NS_FD, struct.pack("I", netns_fd))
         self.request(RTM_NEWLINK, bytes(info) + attrs, what=what)
 
-    def add_address(self, index, interface, what):
-        """RTM_NEWADDR: ``interface`` (an ipaddress.IPv4Interface or IPv6Interface) on
-        link ``index``."""
+    @classmethod
+    def _address(cls, index, interface):
+        """ifaddrmsg and attributes of ``interface`` (an ipaddress.IPv4Interface or
+        IPv6Interface) on link ``index``."""
         family = socket.AF_INET if interface.version == 4 else socket.AF_INET6
         packed = interface.ip.packed
-        body = (bytes(ifaddrmsg(family, interface.network.prefixlen, 0, 0, index))
-                + self.attribute(IFA_LOCAL, packed) + self.attribute(IFA_ADDRESS, packed))
-        self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL, what)
+        return (bytes(ifaddrmsg(family, interface.network.prefixlen, 0, 0, index))
+                + cls.attribute(IFA_LOCAL, packed) + cls.attribute(IFA_ADDRESS, packed))
+
+    def add_address(self, index, interface, what):
+        """RTM_NEWADDR: ``interface`` on link ``index``."""
+        self.request(RTM_NEWADDR, self._address(index, interface), NLM_F_CREATE | NLM_F_EXCL,
+                     what)
+
+    def del_address(self, index, interface, what):
+        """RTM_DELADDR: ``interface`` off link ``index``."""
+        self.request(RTM_DELADDR, self._address(index, interface), what=what)
+
+    def addresses(self, index):
+        """The addresses of link ``index`` (ipaddress interfaces), IPv4 and IPv6."""
+        import ipaddress
+        found = []
+        for kind, data in self.request(RTM_GETADDR, bytes(ifaddrmsg()), NLM_F_DUMP,
+                                       f"RTM_GETADDR of link {index}"):
+            info = ifaddrmsg.from_buffer_copy(data)
+            attrs = self.attributes(data[ctypes.sizeof(ifaddrmsg):])
+            packed = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))     # IPv4 local; IPv6
+            if kind == RTM_NEWADDR and info.ifa_index == index and packed:
+                found.append(ipaddress.ip_interface((packed, info.ifa_prefixlen)))
+        return found
 
     def links(self):
         """The link changes announced since the last call, oldest first (non-blocking);
@@ -1488,12 +1528,6 @@ class Rtnl:
 
     def close(self):
         self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 ########################################################################################
@@ -1608,7 +1642,7 @@ class Frame:
 ########################################################################################
 
 
-class Tap:
+class Tap(_Closing):
     """A tap device from /dev/net/tun (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, and IFF_NAPI
     where the kernel has it).
 
@@ -1618,7 +1652,8 @@ class Tap:
     tap disappears when the last fd (ours, and the reference vhost holds) is
     closed, unless it is persistent.  Its carrier is set through the fd; its
     MTU, state, addresses and namespace through rtnetlink, in the namespace
-    it is in (``netns``).
+    it is in (``netns``).  ``persistent``: the tap was made before, to outlive
+    its fds (``ip tuntap add``); see TapFound.
 
     IFF_NAPI (Linux 4.15, asked where TUNGETFEATURES offers it): what is
     written to the tap, by vhost-net or by us, goes through the queue's
@@ -1639,6 +1674,7 @@ class Tap:
             self.name = req.ifr_name.decode()
             self.netns, self._rtnl = None, None     # this network namespace; see move_to
             self._index = None                      # its ifindex there, once asked
+            self.persistent = bool(self.flags() & IFF_PERSIST)     # made before us
         except BaseException:
             os.close(self.fd)
             raise
@@ -1753,14 +1789,52 @@ class Tap:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         return f"<Tap {self.name} fd={self.fd}>"
+
+
+class TapFound:
+    """A persistent tap as it was found, before this process changed it: its MAC,
+    MTU, up state and addresses.  ``restore()`` puts them back and takes off
+    the addresses added since, whatever changed them (the MTU following the
+    NIC, a MAC, addresses, up), so that a tap vhostpath did not create is left
+    as it was.  Offloads and the header size are left to the tap's next user,
+    who sets its own (TUNSETOFFLOAD, TUNSETVNETHDRSZ) as every user of a tap
+    does.  Both in this network namespace, where the tap stays.
+
+    Made before the tap is opened where the name is known: attaching a queue
+    turns the carrier on, and the kernel gives an up tap an IPv6 link-local
+    address then.  OSError ENODEV if there is no link ``name``.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        with Rtnl() as rtnl:
+            self.link = rtnl.link(name=name)
+            self.addresses = rtnl.addresses(self.link.index)
+
+    def restore(self):
+        """Put back what changed; nothing if the tap is gone."""
+        index, name, found = self.link.index, self.name, self.link
+        with Rtnl() as rtnl:
+            try:
+                now = rtnl.link(index)
+            except OSError as e:
+                if e.errno != errno.ENODEV:
+                    raise
+                return
+            if now.address != found.address:
+                rtnl.set_link(index, f"MAC address back on {name}", address=found.address)
+            for interface in set(rtnl.addresses(index)) - set(self.addresses):
+                try:
+                    rtnl.del_address(index, interface, f"address {interface} off {name}")
+                except OSError as e:        # gone already (an IPv6 one with another)
+                    if e.errno != errno.EADDRNOTAVAIL:
+                        raise
+            if now.mtu != found.mtu:
+                rtnl.set_link(index, f"MTU {found.mtu} back on {name}", mtu=found.mtu)
+            if now.flags & IFF_UP and not found.flags & IFF_UP:
+                rtnl.set_link(index, f"{name} down again", up=False)
 
 
 class VhostNet:
@@ -1882,7 +1956,7 @@ def attach_filter(sock, program):
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
 
 
-class PacketSocket:
+class PacketSocket(_Closing):
     """An AF_PACKET/SOCK_RAW socket on a NIC: every frame in, every frame out.
 
     PACKET_VNET_HDR puts a 10-byte virtio_net_hdr in front of each frame, so
@@ -2056,12 +2130,6 @@ class PacketSocket:
 
     def close(self):
         self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<PacketSocket {self.iface} fd={self.sock.fileno()}>"
@@ -2776,6 +2844,29 @@ def _port_config(config, tap, options):
     return _config(config, options), tap
 
 
+def _open_tap(config, push, tap=None, multi_queue=False):
+    """``tap`` (an opened Tap), or a new Tap of ``config.tap``; closed by ``push``'s
+    ExitStack.  A persistent tap found under that name is put back as found
+    (TapFound) before it is closed, and not moved to another namespace,
+    where it would stay."""
+    if tap is not None:
+        push(tap.close)
+        return tap
+    found = None
+    if "%" not in config.tap:
+        with contextlib.suppress(OSError):      # ENODEV: none yet, it is made
+            found = TapFound(config.tap)
+    tap = Tap(config.tap, multi_queue)
+    push(tap.close)
+    if tap.persistent:
+        if config.netns is not None:
+            raise VhostPathError(f"{tap.name} is a persistent tap (it existed before): it "
+                                 f"stays in its network namespace, not {config.netns}; "
+                                 "a tap vhostpath creates is moved there")
+        push((found or TapFound(tap.name)).restore)
+    return tap
+
+
 ########################################################################################
 # Ports: frames into and out of the kernel through a tap
 ########################################################################################
@@ -2853,7 +2944,7 @@ class PortStats(ctypes.Structure):
         return line
 
 
-class Port:
+class Port(_Closing):
     """A virtio-net port on a tap: what the Bridge needs of the kernel side.
 
     Zero-copy primitives: ``tx_reserve`` (slots; ``tx_iov`` packs a slot's
@@ -2882,12 +2973,6 @@ class Port:
     def _require_open(self):
         if self.closed:
             raise ValueError(f"{self.name}: the port is closed")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def fileno(self):
         """The fd that polls readable while the kernel has sent frames (the RX call
@@ -2997,8 +3082,7 @@ class VirtioUserPort(Port):
     def _start(self, tap):
         """The bring-up (VhostDevices), with this port's buffer layout."""
         push, config, num = self._stack.callback, self.config, self.config.queue_size
-        self.tap = tap or Tap(config.tap)
-        push(self.tap.close)
+        self.tap = _open_tap(config, push, tap)
         self.stats.name = self.tap.name
         ring_size = _page_round(vring_layout(num)[3])
         rx_bufs, tx_bufs = 2 * ring_size, 2 * ring_size + num * RX_BUF_SIZE
@@ -3229,8 +3313,9 @@ class TapPort(Port):
         self.config, tap = _port_config(config, tap, options)
         self.features = self.config.offloads
         self.hdr_len = VIRTIO_NET_HDR_LEN
-        self.tap = tap or Tap(self.config.tap)
+        self._stack = contextlib.ExitStack()
         try:
+            self.tap = _open_tap(self.config, self._stack.callback, tap)
             self.stats = stats or PortStats()
             self.stats.name = self.tap.name
             self.features = self.tap.set_virtio_net(self.hdr_len, self.features,
@@ -3238,7 +3323,7 @@ class TapPort(Port):
             if tap is None:
                 self.config.configure_tap(self.tap)
         except BaseException:
-            self.tap.close()
+            self._stack.close()
             raise
         size = self.hdr_len + MAX_FRAME
         self._txmem = memoryview(bytearray(RECV_BATCH * size))
@@ -3256,8 +3341,8 @@ class TapPort(Port):
         self._rx_taken = False            # handed out by rx_packet, not yet released
 
     def close(self):
-        """Close the tap (it disappears unless persistent)."""
-        self.tap.close()
+        """Close the tap (it disappears unless persistent: then it is put back)."""
+        self._stack.close()
         self.closed = True
 
     def __repr__(self):
@@ -3358,7 +3443,7 @@ PASS, BOUNCE, DROP, KEEP = "pass", "bounce", "drop", "keep"
 INWARD, OUTWARD = "inward", "outward"           # NIC -> kernel, kernel -> NIC
 
 
-class _Forwarder:
+class _Forwarder(_Closing):
     """What Bridge and VhostBridge share: the NIC, the poll loop, stop() and statistics.
 
     Subclasses call ``_attach_nic`` and ``_open_wakeup`` (undone by
@@ -3916,8 +4001,7 @@ class VhostBridge(_Forwarder):
         """The tap, the data path (``_datapath``), then the tap's configuration and
         the NIC's (QuietNic, carrier and MTU)."""
         push, config = self._stack.callback, self.config
-        self.tap = tap or Tap(config.tap)
-        push(self.tap.close)
+        self.tap = _open_tap(config, push, tap)
         self.tap_stats.name = self.tap.name
         self._open_wakeup()
         push(self._close_wakeup)
@@ -4457,7 +4541,7 @@ def open_bridge(config, nic, stack, tap=None, nic_stats=None, tap_stats=None, qu
 ########################################################################################
 
 
-class QueuePairs:
+class QueuePairs(_Closing):
     """N queue pairs, each bridged by its own worker process (DPDK's ``queues=N``).
 
     Queue pair i is tap queue i (IFF_MULTI_QUEUE), packet socket i of one
@@ -4504,9 +4588,10 @@ class QueuePairs:
                         f"{tap_name} is a single-queue tap: --queues {self.queues} needs a "
                         f"multi-queue one ('ip tuntap add {tap_name} mode tap multi_queue "
                         "vnet_hdr') or a new tap")
-        taps = [Tap(tap_name, multi_queue=multi)]
-        push(taps[0].close)
-        self.name = taps[0].name
+        # Put back as found (a persistent tap) once the workers are gone: _reap
+        # is pushed after.
+        taps = [_open_tap(self.config, push, multi_queue=multi)]
+        self.name, self.tap_persistent = taps[0].name, taps[0].persistent
         for _ in range(1, self.queues):
             taps.append(Tap(self.name, multi_queue=True))
             push(taps[-1].close)
@@ -4851,12 +4936,15 @@ def _config_from_args(args):
         raise VhostPathError(f"--{e.option.replace('_', '-')}: {e.why}") from None
 
 
-def _port_description(name, config):
-    how = "named by the kernel" if "%" in config.tap else "as asked"
-    if config.tap_io == "read-write":
-        text = f"{name} created ({how}), through read()/write() on the tap"
+def _port_description(name, persistent, config):
+    if persistent:
+        made = f"{name} attached (a persistent tap: put back as found at exit)"
     else:
-        text = f"{name} created ({how}), through {config.path}, queue size {config.queue_size}"
+        made = f"{name} created ({'named by the kernel' if '%' in config.tap else 'as asked'})"
+    if config.tap_io == "read-write":
+        text = f"{made}, through read()/write() on the tap"
+    else:
+        text = f"{made}, through {config.path}, queue size {config.queue_size}"
     if config.queues > 1:
         if config.tap_io == "read-write":
             each = "a process"
@@ -4910,7 +4998,7 @@ def _bridge_main(args):
         stack.callback(nic.close)
         bridge = open_bridge(config, nic, stack)
         _on_signals(bridge.stop)                     # before anyone is told we run
-        print(f"{_port_description(bridge.name, config)}, bridging {args.iface} <-> "
+        print(f"{_port_description(bridge.name, bridge.tap.persistent, config)}, bridging {args.iface} <-> "
               f"{bridge.name}", flush=True)
         if args.verbose:
             for line in bridge.describe():
@@ -4964,7 +5052,7 @@ def _queues_main(args, config):
         pairs = QueuePairs(args.iface, config, refresh=min(args.stats or 1.0, 1.0))
         stack.callback(pairs.close)
         _on_signals(pairs.stop)
-        print(f"{_port_description(pairs.name, config)}, bridging {args.iface} <-> "
+        print(f"{_port_description(pairs.name, pairs.tap_persistent, config)}, bridging {args.iface} <-> "
               f"{pairs.name}", flush=True)
         if args.verbose:
             for i, pid in enumerate(pairs.pids):
@@ -5137,7 +5225,7 @@ def _demo_main(args):
         worker.start()
         stack.callback(worker.join, 10)
         stack.callback(bridge.stop)
-        step(f"{_port_description(tap, config)}, bridging {DEMO_NIC} <-> {tap}; "
+        step(f"{_port_description(tap, bridge.tap.persistent, config)}, bridging {DEMO_NIC} <-> {tap}; "
              f"the kernel side is {DEMO_KERNEL_IP} on {tap}")
         for line in bridge.describe():
             step(line)

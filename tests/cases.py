@@ -263,6 +263,22 @@ class QueuesCase(OutsideCase):
         for pid in workers:
             self.assertEqual(topo.vhost_threads(pid), [])
 
+    def test_a_persistent_tap_is_put_back_once_the_workers_stop(self):
+        """A multi-queue tap made before: the workers use its queues; once they stopped,
+        its MTU, state and addresses are put back."""
+        found = topo.persistent_tap(self, "vpkeep0", "multi_queue")
+        tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--queues",
+                         str(self.QUEUES), "--tap", "vpkeep0", "--address",
+                         f"{topo.KERNEL_IP}/24", *self.ARGS)
+        self.addCleanup(tool.kill)
+        self.assertIn("vpkeep0 attached (a persistent tap", tool.first_line)
+        self.assertEqual(topo.tap_queues("vpkeep0"), self.QUEUES)
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+        self.assertNotEqual(topo.link_state("vpkeep0"), found)
+        rc, _, err = tool.stop(signal.SIGINT)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(topo.link_state("vpkeep0"), found)
+
 
 class QueuesShutdownCase(OutsideCase):
     """Stopping the parent of --queues 2 by SIGTERM or SIGKILL, or losing a worker,
@@ -481,6 +497,32 @@ class LifeCycleCase(OutsideCase):
         """(operstate, carrier, mtu) of tap0 as sysfs shows them."""
         read = [f"/sys/class/net/tap0/{name}" for name in ("operstate", "carrier", "mtu")]
         return tuple(topo.sh("cat", path, ns=ns).strip() for path in read)
+
+    def test_a_persistent_tap_is_put_back_as_found(self):
+        """A tap made before (``ip tuntap add``) is used, and at exit its MTU, MAC, state
+        and addresses are put back; --netns is refused for it (there it would stay)."""
+        found = topo.persistent_tap(self, "vpkeep0")
+        tool = self.start("--tap", "vpkeep0", "--address", f"{topo.KERNEL_IP}/24",
+                          "--mac", "02:00:00:00:00:99")
+        self.assertIn("vpkeep0 attached (a persistent tap: put back as found at exit)",
+                      tool.first_line)
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+        mtu, mac, up, addresses = topo.link_state("vpkeep0")
+        self.assertEqual((mtu, mac, up), ("1500", "02:00:00:00:00:99", True))
+        self.assertIn(f"{topo.KERNEL_IP}/24", addresses)
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(topo.link_state("vpkeep0"), found)
+        topo.sh("ip", "netns", "add", self.CTR)
+        self.addCleanup(topo.sh, "ip", "netns", "del", self.CTR, check=False)
+        r = topo.run([sys.executable, topo.TOOL, "--iface", "veth0", "--tap-io", self.TAP_IO,
+                      *self.ARGS, "--tap", "vpkeep0", "--netns", self.CTR], timeout=60)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(r.stderr.strip().splitlines()[-1],
+                         f"vhostpath: vpkeep0 is a persistent tap (it existed before): it stays "
+                         f"in its network namespace, not {self.CTR}; a tap vhostpath creates "
+                         "is moved there")
+        self.assertEqual(topo.link_state("vpkeep0"), found)
 
     def test_mtu_follows_the_nic(self):
         """tap0 takes a 9000-byte NIC's MTU at start; a change while a transfer runs is

@@ -87,6 +87,26 @@ def interfaces():
     return set(os.listdir("/sys/class/net"))
 
 
+def link_state(dev):
+    """(MTU, MAC, up, addresses) of ``dev``: what a tool must leave as it found it."""
+    link = sh("ip", "-o", "link", "show", dev)
+    flags = re.search(r"<([^>]*)>", link).group(1).split(",")
+    addresses = re.findall(r" inet6? (\S+)", sh("ip", "-o", "addr", "show", "dev", dev))
+    return (re.search(r" mtu (\d+)", link).group(1), re.search(r"link/ether (\S+)", link).group(1),
+            "UP" in flags, sorted(addresses))
+
+
+def persistent_tap(test, name, *mode):
+    """A persistent tap ``name`` (``ip tuntap add``, ``mode`` such as multi_queue) as a
+    user might keep one: MTU 1400, a fixed MAC, an address, down; removed after
+    ``test``.  Returns its link_state."""
+    sh("ip", "tuntap", "add", name, "mode", "tap", "vnet_hdr", *mode)
+    test.addCleanup(sh, "ip", "link", "del", name, check=False)
+    sh("ip", "link", "set", name, "mtu", "1400", "address", "02:11:22:33:44:55")
+    sh("ip", "addr", "add", "10.7.7.1/24", "dev", name)
+    return link_state(name)
+
+
 def make_outside(offloads=True, gro=False):
     """Create veth0 (the NIC, here) and veth1 (the outside host, 1.1.1.2/24).
 
@@ -381,7 +401,7 @@ class Tool:
         self.proc = subprocess.Popen([python, tool, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, **kw)
         self.first_line = readline(self.proc.stdout, time.monotonic() + timeout)
-        if self.first_line is None or "created" not in self.first_line:
+        if self.first_line is None or not re.search(r" (created|attached) ", self.first_line):
             self.proc.kill()
             _, err = self.proc.communicate(timeout=30)
             raise AssertionError(f"vhostpath did not start: {self.first_line!r} "
