@@ -631,6 +631,15 @@ def _sysctl_swap(path, value):
         return None
 
 
+def _sysctl_read(path):
+    """The value in a /proc/sys file, or None if absent."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
 def _net_sysctl(template, iface):
     """The /proc/sys/net file of ``template`` ("{}" for the interface's name) for ``iface``."""
     return "/proc/sys/net/" + template.format(iface)
@@ -1327,24 +1336,31 @@ def _netns_fd(name):
                              f"{name}')") from None
 
 
-def socket_in_netns(name, *args):
-    """socket.socket(*args) made in the named network namespace (None: this one); a
-    socket stays in the namespace it was made in.  This thread returns to its own."""
+def _in_netns(name, function, *args):
+    """``function(*args)`` called in the named network namespace (None: this one);
+    what it opens there (a socket, a /proc/sys/net file) belongs to that
+    namespace.  This thread returns to its own."""
     if name is None:
-        return socket.socket(*args)
+        return function(*args)
     here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         there = _netns_fd(name)
         try:
             _setns(there)
             try:
-                return socket.socket(*args)
+                return function(*args)
             finally:
                 _setns(here)
         finally:
             os.close(there)
     finally:
         os.close(here)
+
+
+def socket_in_netns(name, *args):
+    """socket.socket(*args) made in the named network namespace (None: this one); a
+    socket stays in the namespace it was made in."""
+    return _in_netns(name, socket.socket, *args)
 
 
 class Link:
@@ -1661,6 +1677,8 @@ class Tap(_Closing):
     stack as fewer, larger packets.  DPDK's virtio-user asks for it too.
     """
 
+    NOTIFY = (("ipv4/conf/{}/arp_notify", "1"), ("ipv6/conf/{}/ndisc_notify", "1"))
+
     def __init__(self, name="tap%d", multi_queue=False):
         if not _tap_name_valid(name):
             raise VhostPathError(f"invalid tap name {name!r}")
@@ -1762,11 +1780,23 @@ class Tap(_Closing):
         self.rtnl().close()
         self._rtnl, self.netns, self._index = None, netns, None
 
+    def set_notify(self):
+        """Once up, the kernel tells the neighbours the tap's MAC address for each of its
+        addresses (a gratuitous ARP, an unsolicited neighbour advertisement:
+        arp_notify and ndisc_notify in ip-sysctl.rst), so that a peer that knew
+        another MAC for them (the last run's random one) takes the new one at
+        once, not when its entry expires (hours, on some routers).  In the tap's
+        namespace, where it is now."""
+        for template, value in self.NOTIFY:
+            _in_netns(self.netns, _sysctl_swap, _net_sysctl(template, self.name), value)
+
     def configure(self, netns=None, addresses=(), up=False):
-        """Move the tap into ``netns`` (unless None), add ``addresses`` there, and bring
-        it up if ``up`` or any address was given."""
+        """Move the tap into ``netns`` (unless None), announce its addresses once up
+        (set_notify), add ``addresses`` there, and bring it up if ``up`` or any
+        address was given."""
         if netns is not None:
             self.move_to(netns)
+        self.set_notify()
         for interface in addresses:
             self.add_address(interface)
         if up or addresses:
@@ -1796,8 +1826,8 @@ class Tap(_Closing):
 class TapFound:
     """A persistent tap as it was found, before this process changed it: its MAC,
     MTU, up state and addresses.  ``restore()`` puts them back and takes off
-    the addresses added since, whatever changed them (the MTU following the
-    NIC, a MAC, addresses, up), so that a tap vhostpath did not create is left
+    the addresses added since, and its arp_notify and ndisc_notify, whatever
+    changed them (the MTU following the NIC, a MAC, addresses, up), so that a tap vhostpath did not create is left
     as it was.  Offloads and the header size are left to the tap's next user,
     who sets its own (TUNSETOFFLOAD, TUNSETVNETHDRSZ) as every user of a tap
     does.  Both in this network namespace, where the tap stays.
@@ -1812,6 +1842,8 @@ class TapFound:
         with Rtnl() as rtnl:
             self.link = rtnl.link(name=name)
             self.addresses = rtnl.addresses(self.link.index)
+        self.sysctls = {template: _sysctl_read(_net_sysctl(template, name))
+                        for template, _ in Tap.NOTIFY}
 
     def restore(self):
         """Put back what changed; nothing if the tap is gone."""
@@ -1835,6 +1867,9 @@ class TapFound:
                 rtnl.set_link(index, f"MTU {found.mtu} back on {name}", mtu=found.mtu)
             if now.flags & IFF_UP and not found.flags & IFF_UP:
                 rtnl.set_link(index, f"{name} down again", up=False)
+        for template, value in self.sysctls.items():
+            if value is not None:
+                _sysctl_swap(_net_sysctl(template, name), value)
 
 
 class VhostNet:
@@ -2471,9 +2506,9 @@ class QuietNic:
         self.ifindex = socket.if_nametoindex(iface)     # its name may change meanwhile
         self.old = {}
         for template, _ in self.SETTINGS:
-            with contextlib.suppress(FileNotFoundError):    # no IPv6, say: nothing to do
-                with open(_net_sysctl(template, iface)) as f:
-                    self.old[template] = f.read().strip()
+            value = _sysctl_read(_net_sysctl(template, iface))
+            if value is not None:                       # no IPv6, say: nothing to do
+                self.old[template] = value
         if not self.old:
             return
         _write_record(iface, self.ifindex, self.old)

@@ -498,6 +498,24 @@ class LifeCycleCase(OutsideCase):
         read = [f"/sys/class/net/tap0/{name}" for name in ("operstate", "carrier", "mtu")]
         return tuple(topo.sh("cat", path, ns=ns).strip() for path in read)
 
+    def test_the_next_tap_announces_its_mac(self):
+        """The outside knows the kernel side's address under one run's tap MAC; the
+        next run's tap (another random MAC) announces its address as it comes up
+        (a gratuitous ARP), so the outside's entry names the new MAC with no
+        traffic from the kernel side."""
+        macs = []
+        for run in range(2):
+            tool = self.start("--address", f"{topo.KERNEL_IP}/24")
+            macs.append(topo.sh("cat", "/sys/class/net/tap0/address").strip())
+            if run == 0:
+                self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS), 3)
+            topo.wait_until(lambda: topo.neighbour(topo.KERNEL_IP, ns=topo.NS) == macs[-1], 10,
+                            f"the outside's neighbour entry for {topo.KERNEL_IP} to name "
+                            f"{macs[-1]}")
+            rc, _, err = tool.stop()
+            self.assertEqual(rc, 0, err)
+        self.assertNotEqual(macs[0], macs[1])
+
     def test_a_persistent_tap_is_put_back_as_found(self):
         """A tap made before (``ip tuntap add``) is used, and at exit its MTU, MAC, state
         and addresses are put back; --netns is refused for it (there it would stay)."""

@@ -96,6 +96,12 @@ def link_state(dev):
             "UP" in flags, sorted(addresses))
 
 
+def neighbour(address, ns=None):
+    """The MAC address a neighbour table entry gives ``address``, or None."""
+    m = re.search(r"lladdr (\S+)", sh("ip", "neigh", "show", address, ns=ns))
+    return m and m.group(1)
+
+
 def persistent_tap(test, name, *mode):
     """A persistent tap ``name`` (``ip tuntap add``, ``mode`` such as multi_queue) as a
     user might keep one: MTU 1400, a fixed MAC, an address, down; removed after
