@@ -614,7 +614,7 @@ def _ifname_valid(name):
 def _tap_name_valid(name):
     """Whether ``name`` can name a new tap: an interface name, or a template the
     kernel completes, with one "%d" and no other "%" (dev_alloc_name)."""
-    head, percent, tail = name.partition("%")
+    _, percent, tail = name.partition("%")
     return (_ifname_valid(name)
             and (not percent or tail.startswith("d") and "%" not in tail))
 
@@ -1454,13 +1454,11 @@ class Rtnl(_Closing):
             for reply, seq, data in self._messages(self.sock.recv(65536)):
                 if seq != self._seq:
                     continue
-                if reply == NLMSG_DONE:
-                    return replies
-                if reply != NLMSG_ERROR:
+                if reply not in (NLMSG_ERROR, NLMSG_DONE):
                     replies.append((reply, data))
                     continue
-                err = -struct.unpack_from("i", data)[0]
-                if err:
+                err = -struct.unpack_from("i", data)[0] if len(data) >= 4 else 0
+                if err:                 # a refusal, or a dump that failed part way
                     raise OSError(err, f"{what}: {os.strerror(err)}")
                 return replies
 
@@ -1517,7 +1515,8 @@ class Rtnl(_Closing):
             info = ifaddrmsg.from_buffer_copy(data)
             attrs = self.attributes(data[ctypes.sizeof(ifaddrmsg):])
             packed = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))     # IPv4 local; IPv6
-            if kind == RTM_NEWADDR and info.ifa_index == index and packed:
+            if (kind == RTM_NEWADDR and info.ifa_index == index and packed
+                    and info.ifa_family in (socket.AF_INET, socket.AF_INET6)):
                 found.append(ipaddress.ip_interface((packed, info.ifa_prefixlen)))
         return found
 
@@ -1825,12 +1824,14 @@ class Tap(_Closing):
 
 class TapFound:
     """A persistent tap as it was found, before this process changed it: its MAC,
-    MTU, up state and addresses.  ``restore()`` puts them back and takes off
-    the addresses added since, and its arp_notify and ndisc_notify, whatever
-    changed them (the MTU following the NIC, a MAC, addresses, up), so that a tap vhostpath did not create is left
-    as it was.  Offloads and the header size are left to the tap's next user,
-    who sets its own (TUNSETOFFLOAD, TUNSETVNETHDRSZ) as every user of a tap
-    does.  Both in this network namespace, where the tap stays.
+    MTU, up state, arp_notify and ndisc_notify, and addresses.  ``restore()``
+    puts them back, whatever changed them (the MTU following the NIC, a MAC,
+    addresses, up): the addresses added since go, and those that went come
+    back (an IPv6 address goes when a link goes down: keep_addr_on_down 0),
+    so that a tap vhostpath did not create is left as it was.  Offloads and
+    the header size are left to the tap's next user, who sets its own
+    (TUNSETOFFLOAD, TUNSETVNETHDRSZ) as every user of a tap does.  Both in
+    this network namespace, where the tap stays.
 
     Made before the tap is opened where the name is known: attaching a queue
     turns the carrier on, and the kernel gives an up tap an IPv6 link-local
@@ -1857,16 +1858,18 @@ class TapFound:
                 return
             if now.address != found.address:
                 rtnl.set_link(index, f"MAC address back on {name}", address=found.address)
-            for interface in set(rtnl.addresses(index)) - set(self.addresses):
-                try:
-                    rtnl.del_address(index, interface, f"address {interface} off {name}")
-                except OSError as e:        # gone already (an IPv6 one with another)
-                    if e.errno != errno.EADDRNOTAVAIL:
-                        raise
             if now.mtu != found.mtu:
                 rtnl.set_link(index, f"MTU {found.mtu} back on {name}", mtu=found.mtu)
             if now.flags & IFF_UP and not found.flags & IFF_UP:
                 rtnl.set_link(index, f"{name} down again", up=False)
+            for interface in set(rtnl.addresses(index)) - set(self.addresses):
+                try:
+                    rtnl.del_address(index, interface, f"address {interface} off {name}")
+                except OSError as e:    # gone with another (an IPv4 secondary, its primary)
+                    if e.errno != errno.EADDRNOTAVAIL:
+                        raise
+            for interface in set(self.addresses) - set(rtnl.addresses(index)):
+                rtnl.add_address(index, interface, f"address {interface} back on {name}")
         for template, value in self.sysctls.items():
             if value is not None:
                 _sysctl_swap(_net_sysctl(template, name), value)
@@ -2725,9 +2728,15 @@ def _parse_addresses(texts):
     """ipaddress interfaces of addresses written with their prefix length (1.1.1.1/24,
     2001:db8::1/64), one or a sequence; interfaces pass through."""
     import ipaddress
+    kinds = (str, ipaddress.IPv4Interface, ipaddress.IPv6Interface)
+    try:
+        texts = (texts,) if isinstance(texts, kinds) else tuple(texts)
+    except TypeError:
+        raise ConfigError("address", f"{texts!r} is neither an address nor a sequence of "
+                                     "them") from None
     found = []
-    for text in (texts,) if isinstance(texts, str) else texts:
-        if not isinstance(text, (str, ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+    for text in texts:
+        if not isinstance(text, kinds):
             raise ConfigError("address", f"{text!r} is not an address with a prefix length")
         if isinstance(text, str):
             if "/" not in text:
@@ -2889,16 +2898,19 @@ def _open_tap(config, push, tap=None, multi_queue=False):
         return tap
     found = None
     if "%" not in config.tap:
-        with contextlib.suppress(OSError):      # ENODEV: none yet, it is made
+        try:
             found = TapFound(config.tap)
+        except OSError as e:
+            if e.errno != errno.ENODEV:         # none yet: the kernel makes it
+                raise
     tap = Tap(config.tap, multi_queue)
     push(tap.close)
     if tap.persistent:
+        push((found or TapFound(tap.name)).restore)
         if config.netns is not None:
             raise VhostPathError(f"{tap.name} is a persistent tap (it existed before): it "
                                  f"stays in its network namespace, not {config.netns}; "
                                  "a tap vhostpath creates is moved there")
-        push((found or TapFound(tap.name)).restore)
     return tap
 
 
@@ -3171,8 +3183,10 @@ class VirtioUserPort(Port):
     def close(self):
         """Unbind the backends, close vhost (its worker exits), eventfds, tap, then the
         arena: the bring-up's mirror."""
-        self._stack.close()
-        self.closed = True
+        try:
+            self._stack.close()
+        finally:
+            self.closed = True
 
     def __repr__(self):
         return (f"<VirtioUserPort {self.tap.name} via {self.config.path} "
@@ -3377,8 +3391,10 @@ class TapPort(Port):
 
     def close(self):
         """Close the tap (it disappears unless persistent: then it is put back)."""
-        self._stack.close()
-        self.closed = True
+        try:
+            self._stack.close()
+        finally:
+            self.closed = True
 
     def __repr__(self):
         return f"<TapPort {self.tap.name} (read-write)>"
@@ -4587,7 +4603,7 @@ class QueuePairs(_Closing):
     starts.  The parent opens the tap queues and the sockets (the workers
     inherit them), keeps every counter in shared memory, and supervises.
     Workers die with the parent (PR_SET_PDEATHSIG), and the tap goes with the
-    last of them.
+    last of them (a persistent tap stays, put back as found once they are gone).
 
     Args:
         iface: the NIC.
@@ -5033,8 +5049,8 @@ def _bridge_main(args):
         stack.callback(nic.close)
         bridge = open_bridge(config, nic, stack)
         _on_signals(bridge.stop)                     # before anyone is told we run
-        print(f"{_port_description(bridge.name, bridge.tap.persistent, config)}, bridging {args.iface} <-> "
-              f"{bridge.name}", flush=True)
+        print(f"{_port_description(bridge.name, bridge.tap.persistent, config)}, "
+              f"bridging {args.iface} <-> {bridge.name}", flush=True)
         if args.verbose:
             for line in bridge.describe():
                 _say(line)
@@ -5087,8 +5103,8 @@ def _queues_main(args, config):
         pairs = QueuePairs(args.iface, config, refresh=min(args.stats or 1.0, 1.0))
         stack.callback(pairs.close)
         _on_signals(pairs.stop)
-        print(f"{_port_description(pairs.name, pairs.tap_persistent, config)}, bridging {args.iface} <-> "
-              f"{pairs.name}", flush=True)
+        print(f"{_port_description(pairs.name, pairs.tap_persistent, config)}, "
+              f"bridging {args.iface} <-> {pairs.name}", flush=True)
         if args.verbose:
             for i, pid in enumerate(pairs.pids):
                 _say(f"queue pair {i}: worker process {pid}")
@@ -5260,8 +5276,8 @@ def _demo_main(args):
         worker.start()
         stack.callback(worker.join, 10)
         stack.callback(bridge.stop)
-        step(f"{_port_description(tap, bridge.tap.persistent, config)}, bridging {DEMO_NIC} <-> {tap}; "
-             f"the kernel side is {DEMO_KERNEL_IP} on {tap}")
+        step(f"{_port_description(tap, bridge.tap.persistent, config)}, "
+             f"bridging {DEMO_NIC} <-> {tap}; the kernel side is {DEMO_KERNEL_IP} on {tap}")
         for line in bridge.describe():
             step(line)
         replies = _ping(DEMO_OUTSIDE_IP)

@@ -263,9 +263,9 @@ class QueuesCase(OutsideCase):
         for pid in workers:
             self.assertEqual(topo.vhost_threads(pid), [])
 
-    def test_a_persistent_tap_is_put_back_once_the_workers_stop(self):
-        """A multi-queue tap made before: the workers use its queues; once they stopped,
-        its MTU, state and addresses are put back."""
+    def test_a_persistent_multi_queue_tap_is_put_back_as_found(self):
+        """A multi-queue tap made before: the workers use its queues; when the tool
+        stops, its MTU, state and addresses are put back."""
         found = topo.persistent_tap(self, "vpkeep0", "multi_queue")
         tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--queues",
                          str(self.QUEUES), "--tap", "vpkeep0", "--address",

@@ -104,12 +104,14 @@ def neighbour(address, ns=None):
 
 def persistent_tap(test, name, *mode):
     """A persistent tap ``name`` (``ip tuntap add``, ``mode`` such as multi_queue) as a
-    user might keep one: MTU 1400, a fixed MAC, an address, down; removed after
-    ``test``.  Returns its link_state."""
+    user might keep one: MTU 1400, a fixed MAC, an IPv4 and an IPv6 address (which
+    a link going down takes away), down; removed after ``test``.  Returns its
+    link_state."""
     sh("ip", "tuntap", "add", name, "mode", "tap", "vnet_hdr", *mode)
     test.addCleanup(sh, "ip", "link", "del", name, check=False)
     sh("ip", "link", "set", name, "mtu", "1400", "address", "02:11:22:33:44:55")
-    sh("ip", "addr", "add", "10.7.7.1/24", "dev", name)
+    for address in ("10.7.7.1/24", "fd00:7::1/64"):
+        sh("ip", "addr", "add", address, "dev", name)
     return link_state(name)
 
 
