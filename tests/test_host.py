@@ -21,8 +21,8 @@ import unittest
 import vhostpath as vp
 from tests import topo
 from tests.cases import (BridgeCase, BusyPollCase, DemoCase, ExampleCase, FilterCase, HookCase,
-                         LifeCycleCase, LinkLossCase, OutsideCase, QueuesCase,
-                         QueuesShutdownCase, ShutdownCase, UdpGsoCase, UnwindCase,
+                         LifeCycleCase, LinkLossCase, OutsideCase, PersistentQueuesCase,
+                         QueuesCase, QueuesShutdownCase, ShutdownCase, UdpGsoCase, UnwindCase,
                          check_closed_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -612,6 +612,10 @@ class TestReadWriteQueues(QueuesCase, unittest.TestCase):
     TAP_IO = "read-write"
     QUEUES = 2
     IPERF_SECONDS = 1       # native speed: a second spreads the flows
+
+
+class TestReadWritePersistentQueues(PersistentQueuesCase, unittest.TestCase):
+    TAP_IO = "read-write"
 
 
 class TestReadWriteQueuesShutdown(QueuesShutdownCase, unittest.TestCase):

@@ -2,7 +2,7 @@
 
 import unittest
 
-from tests.cases import QueuesCase, QueuesShutdownCase
+from tests.cases import PersistentQueuesCase, QueuesCase, QueuesShutdownCase
 
 
 class TestQueues2(QueuesCase, unittest.TestCase):
@@ -19,6 +19,10 @@ class TestQueues2SocketNic(QueuesCase, unittest.TestCase):
 
 
 class TestQueuesShutdown(QueuesShutdownCase, unittest.TestCase):
+    pass
+
+
+class TestPersistentQueues(PersistentQueuesCase, unittest.TestCase):
     pass
 
 
