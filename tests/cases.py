@@ -194,7 +194,7 @@ class DemoCase:
 
     def test_demo_succeeds_and_leaves_nothing(self):
         before = topo.interfaces()
-        r = topo.run([sys.executable, topo.TOOL, "demo"], timeout=600)
+        r = topo.run([*topo.tool_command(), "demo"], timeout=600)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn(self.THROUGH_LINE, r.stdout)
         self.assertIn("from the kernel side: 3/3 replies", r.stdout)
@@ -205,7 +205,7 @@ class DemoCase:
 
     def check_interrupted(self, sig):
         before = topo.interfaces()
-        with topo.popen([sys.executable, topo.TOOL, "demo", "--bytes", str(64 << 20)]) as proc:
+        with topo.popen([*topo.tool_command(), "demo", "--bytes", str(64 << 20)]) as proc:
             topo.read_until(proc.stdout, "bridging", 300, "bridging line from the demo")
             _, err = topo.interrupt(proc, sig, 120)
         self.assertEqual(proc.returncode, 1)
@@ -541,7 +541,7 @@ class LifeCycleCase(OutsideCase):
         self.assertEqual(topo.link_state("vpkeep0"), found)
         topo.sh("ip", "netns", "add", self.CTR)
         self.addCleanup(topo.sh, "ip", "netns", "del", self.CTR, check=False)
-        r = topo.run([sys.executable, topo.TOOL, "--iface", "veth0", "--tap-io", self.TAP_IO,
+        r = topo.run([*topo.tool_command(), "--iface", "veth0", "--tap-io", self.TAP_IO,
                       *self.ARGS, "--tap", "vpkeep0", "--netns", self.CTR], timeout=60)
         self.assertEqual(r.returncode, 1, r.stderr)
         self.assertEqual(r.stderr.strip().splitlines()[-1],
@@ -654,9 +654,9 @@ class LifeCycleCase(OutsideCase):
         self.assertNotEqual(original, topo.QUIET)
         record = "/run/vhostpath/veth0.json"
         tool = self.start()
-        cleanup = [sys.executable, topo.TOOL, "cleanup", "--iface", "veth0"]
-        for args in (["--iface", "veth0", "--tap", "vp1"], cleanup[2:]):
-            r = topo.run([sys.executable, topo.TOOL, *args], timeout=60)
+        cleanup = [*topo.tool_command(), "cleanup", "--iface", "veth0"]
+        for args in (["--iface", "veth0", "--tap", "vp1"], ["cleanup", "--iface", "veth0"]):
+            r = topo.run([*topo.tool_command(), *args], timeout=60)
             self.assertEqual(r.returncode, 1, args)
             self.assertEqual(r.stderr.strip().splitlines()[-1],
                              f"vhostpath: veth0 is bridged by vhostpath (pid {tool.pid}); "
@@ -841,7 +841,7 @@ class FilterCase(OutsideCase):
                           ("1\nret 0 0 0\n", "line 2: expected 'code jt jf k'")):
             with self.subTest(why=why):
                 path = self.program_file(text)
-                proc = subprocess.run([sys.executable, topo.TOOL, "--iface", "veth0",
+                proc = subprocess.run([*topo.tool_command(), "--iface", "veth0",
                                        "--tap-io", self.TAP_IO, "--filter", path],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       universal_newlines=True, timeout=60)

@@ -90,6 +90,19 @@ def run_tier(pattern, names=None):
     return result.passed, failed, len(result.skipped)
 
 
+def compile_tool():
+    """vhostpath.py's bytecode for this Python, under __pycache__: the tests start the
+    tool from it (topo.tool_command).  Written whatever PYTHONDONTWRITEBYTECODE says;
+    in the guest, whose root is read-only, the host's is read."""
+    import importlib.util
+    import py_compile
+    source = os.path.join(ROOT, "vhostpath.py")
+    try:
+        py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+    except OSError:                         # read-only: compiled at each start instead
+        pass
+
+
 def pythons():
     """{(3, minor): interpreter} of the CPythons 3.6 to 3.13 on PATH or under pyenv's
     versions directory, this one first for its version."""
@@ -188,6 +201,7 @@ def main():
     p.add_argument("tests", nargs="*", help="dotted test names (e.g. tests.test_vhost.TestPort)")
     args = p.parse_args()
     os.chdir(ROOT)
+    compile_tool()
     if args.in_guest:
         return in_guest(args.tests)
     if args.unit:

@@ -26,7 +26,6 @@ from tests.cases import (BridgeCase, BusyPollCase, DemoCase, ExampleCase, Filter
                          check_closed_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "vhostpath.py")
 
 # (C expression, Python value) pairs checked against the headers.
 IOCTLS = ["VHOST_GET_FEATURES", "VHOST_SET_FEATURES", "VHOST_SET_OWNER", "VHOST_SET_MEM_TABLE",
@@ -456,7 +455,7 @@ class TestDropOutgoingFilter(OutsideCase, unittest.TestCase):
 
 
 def _run_tool(*args, **kw):
-    return topo.run([sys.executable, TOOL, *args], timeout=60, **kw)
+    return topo.run([*topo.tool_command(), *args], timeout=60, **kw)
 
 
 class TestCliErrors(unittest.TestCase):
@@ -710,7 +709,7 @@ class TestStopDuringSetUp(OutsideCase, unittest.TestCase):
         arp_ignore = "/proc/sys/net/ipv4/conf/veth0/arp_ignore"
         for sig in (signal.SIGTERM, signal.SIGHUP):
             with self.subTest(signal=sig):
-                with topo.popen([sys.executable, TOOL, "--iface", "veth0",
+                with topo.popen([*topo.tool_command(), "--iface", "veth0",
                                  "--tap-io", "read-write"]) as proc:
                     deadline = time.monotonic() + 60
                     while proc.poll() is None and time.monotonic() < deadline:

@@ -541,7 +541,7 @@ class TestCliWithVhost(OutsideCase, unittest.TestCase):
 
     def test_existing_tap_in_use_fails_clearly(self):
         with vp.Tap("vpbusy0"):
-            r = topo.run([sys.executable, topo.TOOL, "--iface", "veth0", "--tap", "vpbusy0"],
+            r = topo.run([*topo.tool_command(), "--iface", "veth0", "--tap", "vpbusy0"],
                          timeout=60)
         self.assertEqual(r.returncode, 1)
         self.assertIn("vpbusy0 is already in use", r.stderr)

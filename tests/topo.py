@@ -404,7 +404,17 @@ def interrupt(proc, sig, timeout):
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         reap(proc)
-        raise AssertionError(f"{proc.args[1]} ignored signal {sig} for {timeout} s") from None
+        raise AssertionError(f"{' '.join(map(str, proc.args))} ignored signal {sig} "
+                             f"for {timeout} s") from None
+
+
+def tool_command(python=sys.executable, tool=TOOL):
+    """The command that starts vhostpath.  The checkout's file runs as ``python -m
+    vhostpath`` (from the checkout, where tests/run.py works): the same file as the
+    same __main__, with the same argv[0], but from the bytecode tests/run.py
+    compiled once, where a TCG guest would spend 1-2 s compiling it at every
+    start.  A copy elsewhere (``tool``) runs as a script."""
+    return [python, "-m", "vhostpath"] if tool == TOOL else [python, tool]
 
 
 class Tool:
@@ -412,7 +422,7 @@ class Tool:
 
     def __init__(self, *args, timeout=60, user=None, python=sys.executable, tool=TOOL):
         kw = {"preexec_fn": as_user(user)} if user is not None else {}
-        self.proc = subprocess.Popen([python, tool, *args], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*tool_command(python, tool), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, **kw)
         self.first_line = readline(self.proc.stdout, time.monotonic() + timeout)
         if self.first_line is None or not re.search(r" (created|attached) ", self.first_line):
