@@ -3021,6 +3021,15 @@ class Port(_Closing):
         if self.closed:
             raise ValueError(f"{self.name}: the port is closed")
 
+    def close(self):
+        """Undo the bring-up, newest first (the subclass's ``_stack``): for a
+        VirtioUserPort the backends unbound, vhost closed (its worker exits),
+        eventfds, the tap (put back as found if persistent), then the arena."""
+        try:
+            self._stack.close()
+        finally:
+            self.closed = True
+
     def fileno(self):
         """The fd that polls readable while the kernel has sent frames (the RX call
         eventfd, or the tap): for ``selectors`` and ``asyncio``.  Edge-like
@@ -3070,7 +3079,7 @@ class Port(_Closing):
         """Copy up to ``max_frames`` frames the kernel sent: a list of Frame, [] when
         none is left (the RX call is reset first: see fileno)."""
         self._require_open()
-        self.ack_calls([self.fileno()])
+        self.ack_calls([self.call_fds()[0]])
         frames, h = [], self.hdr_len
         while len(frames) < max_frames:
             views = self.rx_packet()
@@ -3179,14 +3188,6 @@ class VirtioUserPort(Port):
         push(lambda: [v.release() for v in self._spill_views])
         self._spill_free = list(range(SPILLS))
         self._spill_of = [0] * num          # per chain head: the spill area it uses
-
-    def close(self):
-        """Unbind the backends, close vhost (its worker exits), eventfds, tap, then the
-        arena: the bring-up's mirror."""
-        try:
-            self._stack.close()
-        finally:
-            self.closed = True
 
     def __repr__(self):
         return (f"<VirtioUserPort {self.tap.name} via {self.config.path} "
@@ -3388,13 +3389,6 @@ class TapPort(Port):
         self._rx_addr = ctypes.addressof(self._rx_anchor)
         self._rx_len = 0                  # bytes of the packet held, 0 if none
         self._rx_taken = False            # handed out by rx_packet, not yet released
-
-    def close(self):
-        """Close the tap (it disappears unless persistent: then it is put back)."""
-        try:
-            self._stack.close()
-        finally:
-            self.closed = True
 
     def __repr__(self):
         return f"<TapPort {self.tap.name} (read-write)>"
