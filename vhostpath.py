@@ -2434,9 +2434,17 @@ def _put_back(ifindex, sysctls):
     """Write ``sysctls`` (as _write_record's) of the NIC ``ifindex`` under the name
     it has now; return {/proc/sys file: value put back}, empty if it is gone."""
     try:
+        # A rename shows the new name at once, but moves the NIC's /proc/sys/net
+        # directories only later, in its NETDEV_CHANGENAME notifiers, all under the
+        # RTNL lock.  An empty RTM_NEWLINK (no change) takes that lock too: a
+        # rename under way has ended when it returns.
+        with Rtnl() as rtnl:
+            rtnl.set_link(ifindex, f"RTM_NEWLINK of link {ifindex}")
         name = socket.if_indextoname(ifindex)
-    except OSError:                     # removed, or moved to another namespace
-        return {}
+    except OSError as e:
+        if e.errno not in (errno.ENODEV, errno.ENXIO):      # RTM_NEWLINK's, ioctl's
+            raise
+        return {}                       # removed, or moved to another namespace
     restored = {}
     for template, value in sysctls.items():
         path = _net_sysctl(template, name)

@@ -441,7 +441,9 @@ class TestDropOutgoingFilter(OutsideCase, unittest.TestCase):
         topo.configure_tap("veth0")             # the kernel answers on the NIC itself
         socks = []
         for program in (None, vp.DROP_OUTGOING):
-            sock = socket.socket(vp.AF_PACKET, socket.SOCK_RAW, socket.htons(vp.ETH_P_ALL))
+            # Protocol 0: the socket takes no frame before bind(), so none from any
+            # interface gets in ahead of the filter (as PacketSocket opens its own).
+            sock = socket.socket(vp.AF_PACKET, socket.SOCK_RAW, 0)
             self.addCleanup(sock.close)
             if program:
                 vp.attach_filter(sock, program)

@@ -380,10 +380,13 @@ def readline(stream, deadline):
 
 
 def reap(proc):
-    """Kill ``proc`` if it still runs, and collect it."""
+    """Kill ``proc`` if it still runs, and collect it and its pipes."""
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe:
+            pipe.close()
 
 
 @contextlib.contextmanager
