@@ -902,6 +902,16 @@ NIC_RING_BYTES = 4 << 20                 # the packet receive ring: a burst's wo
 # the destination ring alone checked, TCP moved 2-11 % less at 26 % more CPU per
 # GB in one boot.
 DIRECT_BATCH = 4
+# VhostBridge: while neither TX ring has a frame in flight, this process also
+# sleeps on the tap's own readiness (tun_chr_poll: a frame in the tap's queue),
+# so a frame the kernel sends wakes it beside the tap's vhost worker instead of
+# after it, through the call eventfd: the two wakeups overlap.  It then gives
+# the worker the CPU (sched_yield) until the frame is on the used ring, for at
+# most TAP_WAKE_WAIT seconds; a wakeup that found nothing to move stops it
+# until a pass moves frames again, so a frame the worker does not take cannot
+# keep it awake.  Ping RTT through the defaults 1.34 -> 1.05 ms, TCP RR 951 ->
+# 1252/s in one boot (medians of 3), for 0.6 more wakeups per ping.
+TAP_WAKE_WAIT = 0.002
 
 
 ########################################################################################
@@ -2935,7 +2945,8 @@ class PortStats(ctypes.Structure):
     counts a forwarder's passes that found work while busy-polling (its
     NIC port's); ``tx_direct`` the frames of ``tx_packets`` a VhostBridge
     wrote to the port itself instead of through a vhost device
-    (DIRECT_BATCH).  ``hook_*`` count a Bridge hook's verdicts other than
+    (DIRECT_BATCH); ``tap_wakes`` how often a VhostBridge was woken by its
+    tap's readiness (TAP_WAKE_WAIT).  ``hook_*`` count a Bridge hook's verdicts other than
     PASS on the frames the port received.  ``rx_oversize`` /
     ``tx_oversize`` count frames longer than the port's MTU allows (GSO
     super-frames carried whole); they are reported for a port whose ``mtu``
@@ -2944,7 +2955,7 @@ class PortStats(ctypes.Structure):
 
     FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
               "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize", "tx_direct",
-              "busy_passes", "hook_bounced", "hook_dropped", "hook_kept")
+              "busy_passes", "tap_wakes", "hook_bounced", "hook_dropped", "hook_kept")
     LINK_UNKNOWN, LINK_DOWN, LINK_UP = 0, 1, 2
     # ``link``: the NIC's state now (LINK_*); ``link_changes``: how often it went
     # down or up since the start.  The same for every queue pair, so not summed.
@@ -2984,6 +2995,9 @@ class PortStats(ctypes.Structure):
                          "process: no vhost worker woken)")
         if self.busy_passes:
             lines.append(f"  Busy-poll passes that found work: {self.busy_passes}")
+        if self.tap_wakes:
+            lines.append(f"  Tap-wakes: {self.tap_wakes} (woken by the tap's readiness, "
+                         "beside its vhost worker)")
         if self.hook_bounced or self.hook_dropped or self.hook_kept:
             lines.append(f"  Hook: {self.hook_bounced} bounced, {self.hook_dropped} dropped, "
                          f"{self.hook_kept} kept")
@@ -4556,20 +4570,41 @@ class VhostBridge(_Forwarder):
     def _poll_fds(self):
         # The packet ring polls readable while a frame is the user's (packet_poll):
         # level-triggered, so a frame that came before the poll is not missed.
-        self._nic_wait = True
-        return {self.callfd: select.POLLIN, self.nic.fileno(): select.POLLIN}
+        self._nic_wait = self._tap_wait = True
+        return {self.callfd: select.POLLIN, self.nic.fileno(): select.POLLIN,
+                self.tap.fileno(): select.POLLIN}
 
     def _step(self, ready):
+        tap_woke = bool(ready) and bool(ready.get(self.tap.fileno(), 0) & select.POLLIN)
+        if tap_woke:
+            self.tap_stats.tap_wakes += 1
+            self._await_tap_worker()
         # The call eventfd is read before the rings: a buffer used after the
-        # read signals again, so no wakeup is lost.
-        if ready and self.callfd in ready:
+        # read signals again, so no wakeup is lost.  After a wakeup by the tap
+        # the worker has likely signalled the frame it moved: that wakes no one.
+        if tap_woke or ready and self.callfd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.callfd, 8)
         waited = self._nic_wait
         moved = self.poll_once()
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
+        if ready is not None:                   # not while busy-polling: no poll() then
+            self._wait_on_tap(self._rings_idle() and bool(moved or not tap_woke))
         return moved
+
+    def _await_tap_worker(self):
+        """The tap has a frame for its vhost worker, woken with us: give it the CPU
+        until the frame is on the tap RX ring's used ring (TAP_WAKE_WAIT)."""
+        deadline = time.monotonic() + TAP_WAKE_WAIT
+        while not self.tap_rxq.used_pending() and time.monotonic() < deadline:
+            os.sched_yield()
+
+    def _wait_on_tap(self, wait):
+        """Sleep on the tap's readiness as well (TAP_WAKE_WAIT), or no longer."""
+        if wait != self._tap_wait:
+            self._poller.modify(self.tap.fileno(), select.POLLIN if wait else 0)
+            self._tap_wait = wait
 
 
 def open_bridge(config, nic, stack, tap=None, nic_stats=None, tap_stats=None, quiet_nic=True):
