@@ -909,8 +909,10 @@ DIRECT_BATCH = 4
 # the worker the CPU (sched_yield) until the frame is on the used ring, for at
 # most TAP_WAKE_WAIT seconds; a wakeup that found nothing to move stops it
 # until a pass moves frames again, so a frame the worker does not take cannot
-# keep it awake.  Ping RTT through the defaults 1.34 -> 1.05 ms, TCP RR 951 ->
-# 1252/s in one boot (medians of 3), for 0.6 more wakeups per ping.
+# keep it awake.  Ping RTT through the defaults 1.78 -> 1.54 ms, TCP RR 972 ->
+# 1246/s in one boot (medians of 5), for 0.7 more wakeups per ping.  Not with
+# --busy-poll, whose window takes the used entry anyway: a yielding waiter
+# beside the spinning threads only cost TCP RR there (1310 -> 1140/s).
 TAP_WAKE_WAIT = 0.002
 
 
@@ -4570,9 +4572,9 @@ class VhostBridge(_Forwarder):
     def _poll_fds(self):
         # The packet ring polls readable while a frame is the user's (packet_poll):
         # level-triggered, so a frame that came before the poll is not missed.
-        self._nic_wait = self._tap_wait = True
+        self._nic_wait, self._tap_wait = True, not self.busy_poll
         return {self.callfd: select.POLLIN, self.nic.fileno(): select.POLLIN,
-                self.tap.fileno(): select.POLLIN}
+                self.tap.fileno(): select.POLLIN if self._tap_wait else 0}
 
     def _step(self, ready):
         tap_woke = bool(ready) and bool(ready.get(self.tap.fileno(), 0) & select.POLLIN)
@@ -4590,7 +4592,8 @@ class VhostBridge(_Forwarder):
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
         if ready is not None:                   # not while busy-polling: no poll() then
-            self._wait_on_tap(self._rings_idle() and bool(moved or not tap_woke))
+            self._wait_on_tap(not self.busy_poll and self._rings_idle()
+                              and bool(moved or not tap_woke))
         return moved
 
     def _await_tap_worker(self):

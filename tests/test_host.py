@@ -178,12 +178,14 @@ class TestTapWake(unittest.TestCase):
     """VhostBridge sleeps on its tap's readiness too while idle (TAP_WAKE_WAIT); a
     wakeup by the tap that moved nothing stops that until a pass moves frames
     again, so a frame the tap's vhost worker does not take cannot keep the
-    bridge awake.  A real tap with a frame in its queue and a real poll(); the
-    bridge's rings are stand-ins (no vhost-net here)."""
+    bridge awake; a busy-polling bridge never waits on its tap.  A real tap
+    with a frame in its queue and a real poll(); the bridge's rings are
+    stand-ins (no vhost-net here)."""
 
     class Bridge(vp.VhostBridge):
-        def __init__(self, tap, moves):
+        def __init__(self, tap, moves, busy_poll=0):
             self.tap, self.tap_stats, self._moves = tap, vp.PortStats(), list(moves)
+            self.busy_poll = busy_poll
             self.tap_rxq = types.SimpleNamespace(used_pending=lambda: 0)   # nothing used
             self.nic = types.SimpleNamespace(fileno=lambda: -1)
             self.callfd, w = os.pipe()
@@ -216,6 +218,14 @@ class TestTapWake(unittest.TestCase):
             self.assertEqual(bridge._poller.poll(200), [], "woken again by the same frame")
             self.assertEqual(bridge._step({}), 1)   # a pass that moved frames
             self.assertEqual(dict(bridge._poller.poll(0)), {fd: select.POLLIN})
+
+            # Busy-polling takes the used entry in its own window: no tap wakeups.
+            spinning = self.Bridge(tap, [1], busy_poll=50)
+            self.addCleanup(os.close, spinning.callfd)
+            spinning._poller.register(fd, spinning._poll_fds()[fd])
+            self.assertEqual(spinning._poller.poll(0), [])
+            self.assertEqual(spinning._step({}), 1)
+            self.assertEqual(spinning._poller.poll(0), [])
 
 
 class TestTap(unittest.TestCase):
