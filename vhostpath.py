@@ -907,12 +907,13 @@ DIRECT_BATCH = 4
 # so a frame the kernel sends wakes it beside the tap's vhost worker instead of
 # after it, through the call eventfd: the two wakeups overlap.  It then gives
 # the worker the CPU (sched_yield) until the frame is on the used ring, for at
-# most TAP_WAKE_WAIT seconds; a wakeup that found nothing to move stops it
-# until a pass moves frames again, so a frame the worker does not take cannot
-# keep it awake.  Ping RTT through the defaults 1.78 -> 1.54 ms, TCP RR 972 ->
-# 1246/s in one boot (medians of 5), for 0.7 more wakeups per ping.  Not with
-# --busy-poll, whose window takes the used entry anyway: a yielding waiter
-# beside the spinning threads only cost TCP RR there (1310 -> 1140/s).
+# most TAP_WAKE_WAIT seconds; if it does not come, the tap is left out of
+# poll() until the worker has moved frames again, so a frame the worker does
+# not take cannot keep this process awake, whatever else moves meanwhile.
+# Ping RTT through the defaults 1.78 -> 1.54 ms, TCP RR 972 -> 1246/s in one
+# boot (medians of 5), for 0.7 more wakeups per ping.  Not with --busy-poll,
+# whose window takes the used entry anyway: a yielding waiter beside the
+# spinning threads only cost TCP RR there (1310 -> 1140/s).
 TAP_WAKE_WAIT = 0.002
 
 
@@ -4573,35 +4574,47 @@ class VhostBridge(_Forwarder):
         # The packet ring polls readable while a frame is the user's (packet_poll):
         # level-triggered, so a frame that came before the poll is not missed.
         self._nic_wait, self._tap_wait = True, not self.busy_poll
+        self._tap_late = False
         return {self.callfd: select.POLLIN, self.nic.fileno(): select.POLLIN,
                 self.tap.fileno(): select.POLLIN if self._tap_wait else 0}
 
     def _step(self, ready):
         tap_woke = bool(ready) and bool(ready.get(self.tap.fileno(), 0) & select.POLLIN)
+        late = False
         if tap_woke:
             self.tap_stats.tap_wakes += 1
-            self._await_tap_worker()
+            late = not self._await_tap_worker()
         # The call eventfd is read before the rings: a buffer used after the
         # read signals again, so no wakeup is lost.  After a wakeup by the tap
         # the worker has likely signalled the frame it moved: that wakes no one.
         if tap_woke or ready and self.callfd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.callfd, 8)
-        waited = self._nic_wait
+        waited, taken = self._nic_wait, self.tap_rxq.last_used_idx
         moved = self.poll_once()
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
         if ready is not None:                   # not while busy-polling: no poll() then
+            # Late: the worker left the tap's frame there; not again until it
+            # has moved frames (its call wakes us then), whatever else moved.
+            if self.tap_rxq.last_used_idx != taken:
+                self._tap_late = False
+            elif late:
+                self._tap_late = True
             self._wait_on_tap(not self.busy_poll and self._rings_idle()
-                              and bool(moved or not tap_woke))
+                              and not self._tap_late)
         return moved
 
     def _await_tap_worker(self):
         """The tap has a frame for its vhost worker, woken with us: give it the CPU
-        until the frame is on the tap RX ring's used ring (TAP_WAKE_WAIT)."""
+        until the frame is on the tap RX ring's used ring (TAP_WAKE_WAIT).
+        Returns whether it came."""
         deadline = time.monotonic() + TAP_WAKE_WAIT
-        while not self.tap_rxq.used_pending() and time.monotonic() < deadline:
+        while not self.tap_rxq.used_pending():
+            if time.monotonic() >= deadline:
+                return False
             os.sched_yield()
+        return True
 
     def _wait_on_tap(self, wait):
         """Sleep on the tap's readiness as well (TAP_WAKE_WAIT), or no longer."""
