@@ -911,9 +911,10 @@ DIRECT_BATCH = 4
 # poll() until the worker has moved frames again, so a frame the worker does
 # not take cannot keep this process awake, whatever else moves meanwhile.
 # Ping RTT through the defaults 1.78 -> 1.54 ms, TCP RR 972 -> 1246/s in one
-# boot (medians of 5), for 0.7 more wakeups per ping.  Not with --busy-poll,
-# whose window takes the used entry anyway: a yielding waiter beside the
-# spinning threads only cost TCP RR there (1310 -> 1140/s).
+# boot (medians of 5), for 0.7 more wakeups per ping and a p99 no better (2.55
+# -> 2.85 ms; over six boots RR +8-32 %, mean RTT -10 % median, p99 +7-26 %).
+# Not with --busy-poll, whose window takes the used entry anyway: a yielding
+# waiter beside the spinning threads only cost TCP RR there (1310 -> 1140/s).
 TAP_WAKE_WAIT = 0.002
 
 
@@ -2949,8 +2950,8 @@ class PortStats(ctypes.Structure):
     NIC port's); ``tx_direct`` the frames of ``tx_packets`` a VhostBridge
     wrote to the port itself instead of through a vhost device
     (DIRECT_BATCH); ``tap_wakes`` how often a VhostBridge was woken by its
-    tap's readiness (TAP_WAKE_WAIT).  ``hook_*`` count a Bridge hook's verdicts other than
-    PASS on the frames the port received.  ``rx_oversize`` /
+    tap's readiness (TAP_WAKE_WAIT).  ``hook_*`` count a Bridge hook's
+    verdicts other than PASS on the frames the port received.  ``rx_oversize`` /
     ``tx_oversize`` count frames longer than the port's MTU allows (GSO
     super-frames carried whole); they are reported for a port whose ``mtu``
     is known.
