@@ -902,20 +902,16 @@ NIC_RING_BYTES = 4 << 20                 # the packet receive ring: a burst's wo
 # the destination ring alone checked, TCP moved 2-11 % less at 26 % more CPU per
 # GB in one boot.
 DIRECT_BATCH = 4
-# VhostBridge: while neither TX ring has a frame in flight, this process also
-# sleeps on the tap's own readiness (tun_chr_poll: a frame in the tap's queue),
-# so a frame the kernel sends wakes it beside the tap's vhost worker instead of
-# after it, through the call eventfd: the two wakeups overlap.  It then gives
-# the worker the CPU (sched_yield) until the frame is on the used ring, for at
-# most TAP_WAKE_WAIT seconds; if it does not come, the tap is left out of
-# poll() until the worker has moved frames again, so a frame the worker does
-# not take cannot keep this process awake, whatever else moves meanwhile.
-# Ping RTT through the defaults 1.78 -> 1.54 ms, TCP RR 972 -> 1246/s in one
-# boot (medians of 5), for 0.7 more wakeups per ping and a p99 no better (2.55
-# -> 2.85 ms; over six boots RR +8-32 %, mean RTT -10 % median, p99 +7-26 %).
-# Not with --busy-poll, whose window takes the used entry anyway: a yielding
-# waiter beside the spinning threads only cost TCP RR there (1310 -> 1140/s).
-TAP_WAKE_WAIT = 0.002
+# VhostBridge: while neither TX ring has a frame in flight, the tap's RX vring
+# has no backend (VHOST_NET_SET_BACKEND -1): this process sleeps on the tap's
+# readiness (tun_chr_poll) and reads what the kernel sends itself, a frame at a
+# time, onto the packet socket, so a ping's round trip wakes this process once
+# and no vhost worker.  A burst (more than DIRECT_BATCH frames from the tap in
+# a pass, or frames put on a TX ring) gives the ring back to the worker, which
+# takes the rest of the tap's queue in order, and the ring stays bound until
+# TAP_BIND_HOLD seconds pass without one: unbinding waits for the worker
+# (vhost_dev_flush), so bulk traffic does not pay that at every pause.
+TAP_BIND_HOLD = 0.05
 
 
 ########################################################################################
@@ -2635,6 +2631,15 @@ class VhostDevices:
             vq.notify()
         return features
 
+    def set_backend(self, vq, bound):
+        """Bind ring ``vq`` to its backend again, or unbind it (VHOST_NET_SET_BACKEND).
+        Unbinding returns once the worker has put every frame it took on the used
+        ring, and the frames it had taken ahead (vhost_net_buf) are back in the
+        backend's queue, in order: vhost_net_set_backend flushes the device."""
+        for device, index, ring, _, backend in self._vrings:
+            if ring is vq:
+                device.set_backend(index, backend if bound else VHOST_FILE_UNBIND)
+
     def describe(self, features):
         """The -v lines of the negotiation: what vhost-net offered, what was agreed
         (``features``: vhost-net's and the tap's), the barrier."""
@@ -2949,8 +2954,9 @@ class PortStats(ctypes.Structure):
     counts a forwarder's passes that found work while busy-polling (its
     NIC port's); ``tx_direct`` the frames of ``tx_packets`` a VhostBridge
     wrote to the port itself instead of through a vhost device
-    (DIRECT_BATCH); ``tap_wakes`` how often a VhostBridge was woken by its
-    tap's readiness (TAP_WAKE_WAIT).  ``hook_*`` count a Bridge hook's
+    (DIRECT_BATCH); ``rx_direct`` the frames of ``rx_packets`` it read from
+    the tap itself, and ``bursts`` how often a burst gave the tap's RX vring
+    to its vhost worker (TAP_BIND_HOLD).  ``hook_*`` count a Bridge hook's
     verdicts other than PASS on the frames the port received.  ``rx_oversize`` /
     ``tx_oversize`` count frames longer than the port's MTU allows (GSO
     super-frames carried whole); they are reported for a port whose ``mtu``
@@ -2959,7 +2965,7 @@ class PortStats(ctypes.Structure):
 
     FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
               "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize", "tx_direct",
-              "busy_passes", "tap_wakes", "hook_bounced", "hook_dropped", "hook_kept")
+              "busy_passes", "rx_direct", "bursts", "hook_bounced", "hook_dropped", "hook_kept")
     LINK_UNKNOWN, LINK_DOWN, LINK_UP = 0, 1, 2
     # ``link``: the NIC's state now (LINK_*); ``link_changes``: how often it went
     # down or up since the start.  The same for every queue pair, so not summed.
@@ -2999,9 +3005,9 @@ class PortStats(ctypes.Structure):
                          "process: no vhost worker woken)")
         if self.busy_passes:
             lines.append(f"  Busy-poll passes that found work: {self.busy_passes}")
-        if self.tap_wakes:
-            lines.append(f"  Tap-wakes: {self.tap_wakes} (woken by the tap's readiness, "
-                         "beside its vhost worker)")
+        if self.rx_direct or self.bursts:
+            lines.append(f"  RX-direct: {self.rx_direct} (of RX-packets, read by this process: "
+                         f"no vhost worker woken)  Bursts: {self.bursts} (to the vhost worker)")
         if self.hook_bounced or self.hook_dropped or self.hook_kept:
             lines.append(f"  Hook: {self.hook_bounced} bounced, {self.hook_dropped} dropped, "
                          f"{self.hook_kept} kept")
@@ -3695,13 +3701,16 @@ class _Forwarder(_Closing):
         the kernel hooks the socket in again when the link comes back.  An error
         that is neither would wake poll() for ever: it ends the bridge too."""
         if ready.get(self.tap.fileno(), 0) & _POLL_FAULTS:
-            raise VhostPathError(f"{self.name} was deleted (or its queue detached): stopping")
+            raise self._tap_deleted()
         if ready.get(self.nic.fileno(), 0) & _POLL_FAULTS:
             err = self.nic.error()
             self._require_nic(links)
             if not err:
                 raise VhostPathError(f"{self.nic.iface}: the packet socket reports an error "
                                      "it does not name: stopping")
+
+    def _tap_deleted(self):
+        return VhostPathError(f"{self.name} was deleted (or its queue detached): stopping")
 
     def refresh_stats(self):
         """Add the packet socket's drop count (read and cleared from the kernel)."""
@@ -4044,6 +4053,9 @@ class VhostBridge(_Forwarder):
     A few frames while neither TX ring has any in flight (DIRECT_BATCH: a
     ping, an ARP, a TCP request) go without a vhost worker: written to the tap, or
     sent on the packet socket, from here (``tx_direct`` in the statistics).
+    Meanwhile the tap's RX vring is unbound, and what the kernel sends is read
+    from the tap here too (``rx_direct``), until a burst gives the ring back to
+    its worker (TAP_BIND_HOLD; ``bursts``).
 
     ``nic`` is an open PacketSocket (not owned; its ring is removed again on
     close).  ``config`` (or its keyword arguments instead) and ``tap`` as for
@@ -4074,6 +4086,8 @@ class VhostBridge(_Forwarder):
         push, config = self._stack.callback, self.config
         self.tap = _open_tap(config, push, tap)
         self.tap_stats.name = self.tap.name
+        self._tap_buf = bytearray(VHOST_BUF_SIZE)   # a frame read from the tap (_read_tap)
+        self._tap_view = memoryview(self._tap_buf)
         self._open_wakeup()
         push(self._close_wakeup)
         # The packet socket's header, the tap's too: 12 bytes where the kernel takes
@@ -4163,6 +4177,8 @@ class VhostBridge(_Forwarder):
         self.features = self.vhost.start([[arena, self.nic_ring.region()], [arena]],
                                          self.tap, self.hdr_len, self.features, mac,
                                          config.busy_poll)
+        self._tap_bound, self._hold_until = True, 0.0
+        self._bind_tap(False)                   # idle: TAP_BIND_HOLD
 
     def _follow(self, link):
         super()._follow(link)
@@ -4208,7 +4224,11 @@ class VhostBridge(_Forwarder):
                 f"{self.queue_size} {out} towards the NIC, {SPILLS} spill areas for frames "
                 "larger than a slot",
                 *self.vhost.describe(self.features),
-                describe_tap(self.tap, self.hdr_len, self.features), self.describe_following(),
+                describe_tap(self.tap, self.hdr_len, self.features),
+                f"tap RX: read by this process while no frame is in flight (the vring "
+                f"unbound), by the tap's vhost worker from a burst until "
+                f"{TAP_BIND_HOLD * 1000:.0f} ms without one",
+                self.describe_following(),
                 self.describe_busy_poll()]
 
     def close(self):
@@ -4509,6 +4529,10 @@ class VhostBridge(_Forwarder):
         """
         num = self.queue_size
         moved, calm = self._pass_idle() if self._rings_idle() else (0, False)
+        if not calm:
+            if not self._tap_bound:
+                self._bind_tap(True)
+            self._hold_until = time.monotonic() + TAP_BIND_HOLD
         while not calm:
             kicks = []
             self._release()
@@ -4549,7 +4573,7 @@ class VhostBridge(_Forwarder):
         settled): not settled at a burst from the NIC, a frame of another kind,
         or frames put on a TX ring (a burst from the tap, a full socket
         buffer): the full pass goes on from there."""
-        ring, rxq, moved = self.nic_ring, self.tap_rxq, 0
+        ring, rxq, moved, reads = self.nic_ring, self.tap_rxq, 0, 0
         while True:
             f = self._nic_head
             n = ring.ready(f, min(2, ring.frame_nr - f))    # one frame, or a burst
@@ -4564,6 +4588,13 @@ class VhostBridge(_Forwarder):
                 if self._rings_idle():
                     continue
                 break
+            if not self._tap_bound:
+                if reads == DIRECT_BATCH:       # a burst from the kernel: to the worker
+                    break
+                if self._read_tap():
+                    reads += 1
+                    moved += 1
+                    continue
             rxq.kick()                          # buffers _send_nic gave back
             if rxq.enable_cb() and not self._nic_frame_waits():
                 return moved, True
@@ -4571,58 +4602,63 @@ class VhostBridge(_Forwarder):
         self.nic_txq.kick()
         return moved, False
 
+    def _read_tap(self):
+        """Read the frame at the head of the tap's queue from here (its RX vring
+        unbound: TAP_BIND_HOLD) and send it on the packet socket; False if none
+        waits.  No frame is in flight then, so none is overtaken."""
+        try:
+            length = os.readv(self.tap.fileno(), [self._tap_buf])
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno == errno.EBADFD:         # deleted since poll() (tun_chr_read_iter)
+                raise self._tap_deleted() from None
+            self.tap_stats.rx_dropped += 1      # one tun could not copy (EFAULT): gone
+            return True
+        lost = ()
+        try:
+            self.nic.send(self._tap_view[:length])
+        except OSError:     # the NIC down (ENETDOWN), a qdisc drop, a full send buffer
+            lost = (length,)
+        else:
+            self.nic_stats.tx_direct += 1
+        self.tap_stats.rx_direct += 1
+        self._count(self.tap_stats, self.nic_stats, (length,), lost)
+        return True
+
+    def _bind_tap(self, bound):
+        """Give the tap's RX vring to its vhost worker (a burst), or take it back and
+        sleep on the tap instead (TAP_BIND_HOLD)."""
+        self.vhost.set_backend(self.tap_rxq, bound)
+        self._tap_bound = bound
+        if bound:
+            self.tap_stats.bursts += 1
+        if self._poller is not None:
+            self._poller.modify(self.tap.fileno(), 0 if bound else select.POLLIN)
+
     def _poll_fds(self):
         # The packet ring polls readable while a frame is the user's (packet_poll):
-        # level-triggered, so a frame that came before the poll is not missed.
-        self._nic_wait, self._tap_wait = True, not self.busy_poll
-        self._tap_late = False
+        # level-triggered, so a frame that came before the poll is not missed; so
+        # does the tap while a frame waits in its queue.
+        self._nic_wait = True
         return {self.callfd: select.POLLIN, self.nic.fileno(): select.POLLIN,
-                self.tap.fileno(): select.POLLIN if self._tap_wait else 0}
+                self.tap.fileno(): 0 if self._tap_bound else select.POLLIN}
 
     def _step(self, ready):
-        tap_woke = bool(ready) and bool(ready.get(self.tap.fileno(), 0) & select.POLLIN)
-        late = False
-        if tap_woke:
-            self.tap_stats.tap_wakes += 1
-            late = not self._await_tap_worker()
         # The call eventfd is read before the rings: a buffer used after the
-        # read signals again, so no wakeup is lost.  After a wakeup by the tap
-        # the worker has likely signalled the frame it moved: that wakes no one.
-        if tap_woke or ready and self.callfd in ready:
+        # read signals again, so no wakeup is lost.
+        if ready and self.callfd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.callfd, 8)
-        waited, taken = self._nic_wait, self.tap_rxq.last_used_idx
+        waited = self._nic_wait
         moved = self.poll_once()
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
-        if ready is not None:                   # not while busy-polling: no poll() then
-            # Late: the worker left the tap's frame there; not again until it
-            # has moved frames (its call wakes us then), whatever else moved.
-            if self.tap_rxq.last_used_idx != taken:
-                self._tap_late = False
-            elif late:
-                self._tap_late = True
-            self._wait_on_tap(not self.busy_poll and self._rings_idle()
-                              and not self._tap_late)
+        # Not while busy-polling (ready None): a window's passes come in bursts.
+        if ready is not None and self._tap_bound and self._rings_idle() \
+                and time.monotonic() >= self._hold_until:
+            self._bind_tap(False)
         return moved
-
-    def _await_tap_worker(self):
-        """The tap has a frame for its vhost worker, woken with us: give it the CPU
-        until the frame is on the tap RX ring's used ring (TAP_WAKE_WAIT).
-        Returns whether it came."""
-        deadline = time.monotonic() + TAP_WAKE_WAIT
-        while not self.tap_rxq.used_pending():
-            if time.monotonic() >= deadline:
-                return False
-            os.sched_yield()
-        return True
-
-    def _wait_on_tap(self, wait):
-        """Sleep on the tap's readiness as well (TAP_WAKE_WAIT), or no longer."""
-        if wait != self._tap_wait:
-            self._poller.modify(self.tap.fileno(), select.POLLIN if wait else 0)
-            self._tap_wait = wait
-
 
 def open_bridge(config, nic, stack, tap=None, nic_stats=None, tap_stats=None, quiet_nic=True):
     """The forwarder ``config`` asks for, between ``nic`` (a PacketSocket) and a tap

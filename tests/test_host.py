@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import select
 import shutil
 import signal
 import socket
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import unittest
 
 import vhostpath as vp
@@ -172,67 +170,6 @@ class TestArena(unittest.TestCase):
         flags = next(line for line in lines if line.startswith("VmFlags:"))
         if os.path.exists("/sys/kernel/mm/transparent_hugepage"):
             self.assertIn(" nh", flags)
-
-
-class TestTapWake(unittest.TestCase):
-    """VhostBridge sleeps on its tap's readiness too while idle (TAP_WAKE_WAIT); a
-    wakeup by the tap whose frame the vhost worker did not move in time leaves
-    the tap out of poll() until the worker has moved frames, whatever else
-    moves meanwhile, so a frame the worker does not take cannot keep the bridge
-    awake; a busy-polling bridge never waits on its tap.  A real tap with a
-    frame in its queue and a real poll(); the bridge's rings are stand-ins (no
-    vhost-net here)."""
-
-    class Bridge(vp.VhostBridge):
-        def __init__(self, tap, passes, busy_poll=0):
-            """``passes``: (frames moved, tap RX used entries taken) of each pass."""
-            self.tap, self.tap_stats, self._passes = tap, vp.PortStats(), list(passes)
-            self.busy_poll = busy_poll
-            self.tap_rxq = types.SimpleNamespace(used_pending=lambda: 0, last_used_idx=0)
-            self.nic = types.SimpleNamespace(fileno=lambda: -1)
-            self.callfd, w = os.pipe()
-            os.set_blocking(self.callfd, False)
-            os.close(w)
-            self._poller = select.poll()
-
-        def poll_once(self):
-            moved, taken = self._passes.pop(0)
-            self.tap_rxq.last_used_idx += taken
-            return moved
-
-        def _rings_idle(self):
-            return True
-
-    def test_a_frame_the_worker_leaves_wakes_the_bridge_once(self):
-        with vp.Tap("vptw%d") as tap, \
-                socket.socket(vp.AF_PACKET, socket.SOCK_RAW, 0) as sender:
-            bridge = self.Bridge(tap, [(0, 0), (3, 0), (0, 0), (1, 1)])
-            self.addCleanup(os.close, bridge.callfd)
-            fd = tap.fileno()
-            bridge._poller.register(fd, bridge._poll_fds()[fd])
-            topo.sh("ip", "link", "set", tap.name, "up")
-            sender.bind((tap.name, 0))
-            sender.send(b"\xff" * 12 + b"\x88\xb5" + bytes(46))   # stays in the tap's queue
-            ready = dict(bridge._poller.poll(5000))
-            self.assertEqual(ready, {fd: select.POLLIN})
-            started = time.monotonic()
-            self.assertEqual(bridge._step(ready), 0)
-            self.assertGreaterEqual(time.monotonic() - started, vp.TAP_WAKE_WAIT)
-            self.assertEqual(bridge.tap_stats.tap_wakes, 1)
-            self.assertEqual(bridge._poller.poll(200), [], "woken again by the same frame")
-            for moved in (3, 0):        # frames from the NIC, a stats tick: still left out
-                self.assertEqual(bridge._step({}), moved)
-                self.assertEqual(bridge._poller.poll(0), [])
-            self.assertEqual(bridge._step({}), 1)   # the worker moved frames again
-            self.assertEqual(dict(bridge._poller.poll(0)), {fd: select.POLLIN})
-
-            # Busy-polling takes the used entry in its own window: no tap wakeups.
-            spinning = self.Bridge(tap, [(1, 1)], busy_poll=50)
-            self.addCleanup(os.close, spinning.callfd)
-            spinning._poller.register(fd, spinning._poll_fds()[fd])
-            self.assertEqual(spinning._poller.poll(0), [])
-            self.assertEqual(spinning._step({}), 1)
-            self.assertEqual(spinning._poller.poll(0), [])
 
 
 class TestTap(unittest.TestCase):

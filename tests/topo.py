@@ -475,7 +475,7 @@ def report_counters(report):
         if m:
             current = ports.setdefault(m.group(1), {})
         elif current is not None:
-            for key, value in re.findall(r"([RT]X-[\w-]+|Tap-wakes):\s+(\d+)", line):
+            for key, value in re.findall(r"([RT]X-[\w-]+|Bursts):\s+(\d+)", line):
                 current[key] = int(value)
     return ports
 
