@@ -573,16 +573,20 @@ def _no_huge_pages(mm, addr, size):
 
 class _Ticker:
     """A period kept by a poll loop: ``timeout()`` is poll()'s (ms; None without
-    a period), then ``due()`` is true once per period that has passed."""
+    a period, or an ``until``), then ``due()`` is true once per period that has
+    passed."""
 
     def __init__(self, interval):
         self.interval = interval
         self._next = time.monotonic() + interval if interval else None
 
-    def timeout(self):
-        if self._next is None:
+    def timeout(self, until=None):
+        """poll()'s timeout: until the next period, or ``until`` (a monotonic time)
+        if sooner."""
+        ends = [t for t in (self._next, until) if t is not None]
+        if not ends:
             return None
-        return max(0, math.ceil((self._next - time.monotonic()) * 1000))
+        return max(0, math.ceil((min(ends) - time.monotonic()) * 1000))
 
     def due(self):
         if self._next is None or time.monotonic() < self._next:
@@ -906,12 +910,17 @@ DIRECT_BATCH = 4
 # has no backend (VHOST_NET_SET_BACKEND -1): this process sleeps on the tap's
 # readiness (tun_chr_poll) and reads what the kernel sends itself, a frame at a
 # time, onto the packet socket, so a ping's round trip wakes this process once
-# and no vhost worker.  A burst (more than DIRECT_BATCH frames from the tap in
-# a pass, or frames put on a TX ring) gives the ring back to the worker, which
-# takes the rest of the tap's queue in order, and the ring stays bound until
-# TAP_BIND_HOLD seconds pass without one: unbinding waits for the worker
-# (vhost_dev_flush), so bulk traffic does not pay that at every pause.
+# and no vhost worker.  DIRECT_BATCH frames read in one pass, or a pass that
+# puts frames on a TX ring, bind the ring to the worker again, which takes the
+# rest of the tap's queue in order; it is unbound once TAP_BIND_HOLD seconds
+# pass without such a pass (poll() wakes for it): unbinding waits for the
+# worker (vhost_dev_flush), so bulk traffic does not pay that at every pause.
 TAP_BIND_HOLD = 0.05
+# VhostBridge: how long a frame read from the tap waits for room in the packet
+# socket's send buffer (its memory comes back as the NIC sends earlier frames:
+# at 1 Gb/s the default 208 KB in 1.7 ms) before it is dropped and counted; it
+# is out of the tap, with no ring to wait in.
+NIC_SEND_WAIT = 0.01
 
 
 ########################################################################################
@@ -2634,8 +2643,10 @@ class VhostDevices:
     def set_backend(self, vq, bound):
         """Bind ring ``vq`` to its backend again, or unbind it (VHOST_NET_SET_BACKEND).
         Unbinding returns once the worker has put every frame it took on the used
-        ring, and the frames it had taken ahead (vhost_net_buf) are back in the
-        backend's queue, in order: vhost_net_set_backend flushes the device."""
+        ring, and the frames it had taken ahead (vhost_net_buf) are back at the
+        head of the backend's queue, in order (those the queue has no room
+        for any more are freed: ptr_ring_unconsume): vhost_net_set_backend
+        flushes the device."""
         for device, index, ring, _, backend in self._vrings:
             if ring is vq:
                 device.set_backend(index, backend if bound else VHOST_FILE_UNBIND)
@@ -2955,8 +2966,8 @@ class PortStats(ctypes.Structure):
     NIC port's); ``tx_direct`` the frames of ``tx_packets`` a VhostBridge
     wrote to the port itself instead of through a vhost device
     (DIRECT_BATCH); ``rx_direct`` the frames of ``rx_packets`` it read from
-    the tap itself, and ``bursts`` how often a burst gave the tap's RX vring
-    to its vhost worker (TAP_BIND_HOLD).  ``hook_*`` count a Bridge hook's
+    the tap itself, and ``rx_binds`` how often it bound the tap's RX vring to
+    its vhost worker again (TAP_BIND_HOLD).  ``hook_*`` count a Bridge hook's
     verdicts other than PASS on the frames the port received.  ``rx_oversize`` /
     ``tx_oversize`` count frames longer than the port's MTU allows (GSO
     super-frames carried whole); they are reported for a port whose ``mtu``
@@ -2965,7 +2976,7 @@ class PortStats(ctypes.Structure):
 
     FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_oversize",
               "tx_packets", "tx_bytes", "tx_dropped", "tx_oversize", "tx_direct",
-              "busy_passes", "rx_direct", "bursts", "hook_bounced", "hook_dropped", "hook_kept")
+              "busy_passes", "rx_direct", "rx_binds", "hook_bounced", "hook_dropped", "hook_kept")
     LINK_UNKNOWN, LINK_DOWN, LINK_UP = 0, 1, 2
     # ``link``: the NIC's state now (LINK_*); ``link_changes``: how often it went
     # down or up since the start.  The same for every queue pair, so not summed.
@@ -3005,9 +3016,10 @@ class PortStats(ctypes.Structure):
                          "process: no vhost worker woken)")
         if self.busy_passes:
             lines.append(f"  Busy-poll passes that found work: {self.busy_passes}")
-        if self.rx_direct or self.bursts:
+        if self.rx_direct or self.rx_binds:
             lines.append(f"  RX-direct: {self.rx_direct} (of RX-packets, read by this process: "
-                         f"no vhost worker woken)  Bursts: {self.bursts} (to the vhost worker)")
+                         f"no vhost worker woken)  RX-binds: {self.rx_binds} (the vhost worker "
+                         "given the RX ring again)")
         if self.hook_bounced or self.hook_dropped or self.hook_kept:
             lines.append(f"  Hook: {self.hook_bounced} bounced, {self.hook_dropped} dropped, "
                          f"{self.hook_kept} kept")
@@ -3527,7 +3539,8 @@ class _Forwarder(_Closing):
     ``_close_wakeup``), provide ``name``, ``tap`` and ``tap_stats``, and define
     ``_poll_fds()`` (fd -> poll events at start) and ``_step(ready)`` (one
     pass over what poll() reported, or over everything for None, which may
-    change ``self._poller``; returns the frames moved), and set ``busy_poll``.
+    change ``self._poller``; returns the frames moved), may define
+    ``_wake_at()``, and set ``busy_poll``.
     """
 
     def _attach_nic(self, nic, nic_stats):
@@ -3632,7 +3645,7 @@ class _Forwarder(_Closing):
             self._poller.register(fd, events)
         self._poller.register(self._wake_r, select.POLLIN)
         while not self._stopping:
-            ready = dict(self._poller.poll(ticker.timeout()))
+            ready = dict(self._poller.poll(ticker.timeout(self._wake_at())))
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 64)
@@ -3643,6 +3656,10 @@ class _Forwarder(_Closing):
                 self._busy()
             if ticker.due() and on_stats:
                 on_stats(self)
+
+    def _wake_at(self):
+        """When poll() must return though nothing happens (a monotonic time), or None."""
+        return None
 
     def _busy(self):
         """Busy-poll: pass over everything again, without poll(), until busy_poll
@@ -4043,7 +4060,7 @@ class VhostBridge(_Forwarder):
     socket takes the 12-byte header (Linux 6.4, PACKET_VNET_HDR_SZ), the tap
     device merges RX buffers (MRG_RXBUF): the buffers are pages, and a packet
     spanning k of them (num_buffers k) goes on the NIC TX ring as a chain of
-    those k descriptors.  Python touches no
+    those k descriptors.  Under traffic Python touches no
     payload (but for frames larger than a ring slot, received with recv) and
     per wakeup makes one poll(), one read of the call eventfd all rings share
     and the kicks vhost asks for.  No TX ring can be full: when the kernel
@@ -4054,8 +4071,8 @@ class VhostBridge(_Forwarder):
     ping, an ARP, a TCP request) go without a vhost worker: written to the tap, or
     sent on the packet socket, from here (``tx_direct`` in the statistics).
     Meanwhile the tap's RX vring is unbound, and what the kernel sends is read
-    from the tap here too (``rx_direct``), until a burst gives the ring back to
-    its worker (TAP_BIND_HOLD; ``bursts``).
+    from the tap here too (``rx_direct``), until a burst binds the ring to its
+    worker again (TAP_BIND_HOLD; ``rx_binds``).
 
     ``nic`` is an open PacketSocket (not owned; its ring is removed again on
     close).  ``config`` (or its keyword arguments instead) and ``tap`` as for
@@ -4520,7 +4537,7 @@ class VhostBridge(_Forwarder):
         in meanwhile; the device keeps sending the rest.  So a busy
         direction costs a wakeup per hundreds of packets, not per vhost
         batch (64).  Otherwise, outwards, the tap RX ring wakes us at its
-        next packet; inwards, the tap TX ring at its next used frame, or the
+        next packet, or the tap itself while that ring is unbound; inwards, the tap TX ring at its next used frame, or the
         packet socket (poll) once no frame is out.  Each avail->idx is
         published as soon as its ring is filled; the kicks go at the end of
         the pass, since a woken vhost worker may take this CPU.  While no
@@ -4529,10 +4546,9 @@ class VhostBridge(_Forwarder):
         """
         num = self.queue_size
         moved, calm = self._pass_idle() if self._rings_idle() else (0, False)
-        if not calm:
-            if not self._tap_bound:
-                self._bind_tap(True)
-            self._hold_until = time.monotonic() + TAP_BIND_HOLD
+        full = not calm                         # the full pass runs, the tap RX ring bound
+        if full and not self._tap_bound:
+            self._bind_tap(True)
         while not calm:
             kicks = []
             self._release()
@@ -4555,6 +4571,8 @@ class VhostBridge(_Forwarder):
                 self.tap_txq.disable_cb()
             self._nic_wait = not held
             calm = calm and not (self._nic_wait and self._nic_frame_waits())
+        if full:
+            self._hold_until = time.monotonic() + TAP_BIND_HOLD
         return moved
 
     def _nic_frame_waits(self):
@@ -4566,13 +4584,15 @@ class VhostBridge(_Forwarder):
     def _pass_idle(self):
         """poll_once while neither TX ring has a frame in flight (between a ping's
         frames, a request's): frame by frame from the packet ring (the usual
-        kind, _write_usual) and run by run from the tap RX ring (_forward_run),
-        straight to the tap or the NIC (DIRECT_BATCH), in turns, so that an
-        answer that came back during a send goes on at once; then only the tap
-        RX ring's interrupt needs setting again.  Returns (frames moved,
-        settled): not settled at a burst from the NIC, a frame of another kind,
-        or frames put on a TX ring (a burst from the tap, a full socket
-        buffer): the full pass goes on from there."""
+        kind, _write_usual), run by run from the tap RX ring (_forward_run) and,
+        while that is unbound, frame by frame from the tap (_read_tap), straight
+        to the tap or the NIC (DIRECT_BATCH), in turns, so that an answer that
+        came back during a send goes on at once; then only the tap RX ring's
+        interrupt needs setting again.  Returns (frames moved, settled): not
+        settled at a burst from the NIC, a frame of another kind, frames put on
+        a TX ring (a burst from the tap RX ring, a full socket buffer), or
+        DIRECT_BATCH frames read from the tap: the full pass goes on from
+        there, the tap RX ring bound."""
         ring, rxq, moved, reads = self.nic_ring, self.tap_rxq, 0, 0
         while True:
             f = self._nic_head
@@ -4613,12 +4633,12 @@ class VhostBridge(_Forwarder):
         except OSError as e:
             if e.errno == errno.EBADFD:         # deleted since poll() (tun_chr_read_iter)
                 raise self._tap_deleted() from None
-            self.tap_stats.rx_dropped += 1      # one tun could not copy (EFAULT): gone
-            return True
+            self.tap_stats.rx_dropped += 1      # one tun could not hand over (EINVAL: its
+            return True                         # GSO type has no virtio_net_hdr): gone
         lost = ()
         try:
-            self.nic.send(self._tap_view[:length])
-        except OSError:     # the NIC down (ENETDOWN), a qdisc drop, a full send buffer
+            self._send_read(self._tap_view[:length])
+        except OSError:     # the NIC down (ENETDOWN), a qdisc drop, still no room
             lost = (length,)
         else:
             self.nic_stats.tx_direct += 1
@@ -4626,15 +4646,37 @@ class VhostBridge(_Forwarder):
         self._count(self.tap_stats, self.nic_stats, (length,), lost)
         return True
 
+    def _send_read(self, frame):
+        """Send a frame read from the tap on the packet socket; a full send buffer is
+        waited on (NIC_SEND_WAIT), then the error raised."""
+        try:
+            self.nic.send(frame)
+        except BlockingIOError:
+            select.select([], [self.nic], [], NIC_SEND_WAIT)
+            self.nic.send(frame)
+
     def _bind_tap(self, bound):
-        """Give the tap's RX vring to its vhost worker (a burst), or take it back and
+        """Bind the tap's RX vring to its vhost worker again, or take it back and
         sleep on the tap instead (TAP_BIND_HOLD)."""
-        self.vhost.set_backend(self.tap_rxq, bound)
+        try:
+            self.vhost.set_backend(self.tap_rxq, bound)
+        except OSError as e:
+            # A deleted tap's fd polls EPOLLERR, which vhost_poll_start refuses (EINVAL).
+            faults = select.poll()
+            faults.register(self.tap.fileno(), 0)
+            if faults.poll(0):
+                raise self._tap_deleted() from e
+            raise
         self._tap_bound = bound
         if bound:
-            self.tap_stats.bursts += 1
+            self.tap_stats.rx_binds += 1
         if self._poller is not None:
             self._poller.modify(self.tap.fileno(), 0 if bound else select.POLLIN)
+
+    def _wake_at(self):
+        """The tap RX vring bound, the rings idle: when TAP_BIND_HOLD is up, so it is
+        unbound then without waiting for traffic."""
+        return self._hold_until if self._tap_bound and self._rings_idle() else None
 
     def _poll_fds(self):
         # The packet ring polls readable while a frame is the user's (packet_poll):
@@ -4654,7 +4696,7 @@ class VhostBridge(_Forwarder):
         moved = self.poll_once()
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
-        # Not while busy-polling (ready None): a window's passes come in bursts.
+        # Not while busy-polling (ready None): poll() brings the end of the hold.
         if ready is not None and self._tap_bound and self._rings_idle() \
                 and time.monotonic() >= self._hold_until:
             self._bind_tap(False)

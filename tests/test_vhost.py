@@ -178,12 +178,6 @@ class TestVhostBridgeLibrary(OutsideCase, unittest.TestCase):
         bridge.close()                          # a second close does nothing
 
 
-def _worker_tasks(pid):
-    """The /proc directories of ``pid``'s vhost worker threads (topo.vhost_threads)."""
-    return [f"/proc/{pid}/task/{t}" if os.path.exists(f"/proc/{pid}/task/{t}") else f"/proc/{t}"
-            for t in topo.vhost_threads(pid)]
-
-
 class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
     """A ping from the kernel side and its answer cross the default bridge with no
     vhost worker: idle, the tap's RX vring is unbound (TAP_BIND_HOLD), so the
@@ -199,7 +193,7 @@ class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
         tool = topo.Tool("--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24")
         self.addCleanup(tool.kill)
         self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)       # ARP settled first
-        workers = _worker_tasks(tool.pid)
+        workers = topo.vhost_tasks(tool.pid)
         self.assertEqual(len(workers), 2, "a vhost worker per device")
         before = topo.sleeps(f"/proc/{tool.pid}"), sum(map(topo.sleeps, workers))
         out = topo.sh("ping", "-c", "100", "-i", "0.02", "-W", "5", topo.OUTSIDE_IP)
@@ -220,54 +214,99 @@ class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
         self.assertGreaterEqual(counters["tap0"]["RX-direct"], 103, out)
 
 
-class TestTapBursts(OutsideCase, unittest.TestCase):
-    """A flood from the kernel (pktgen on tap0) is more than the tool reads from the
-    tap itself: it gives the tap's RX vring to its vhost worker, which takes the
-    rest of the tap's queue, and the frames reach the outside in the order the
-    kernel sent them, none overtaking another across the switch.  Once the flood
-    is TAP_BIND_HOLD past, the tool reads the tap itself again."""
+class TestTapBinds(OutsideCase, unittest.TestCase):
+    """Floods from the kernel (pktgen on tap0) cross the switches between the tool
+    reading the tap and the tap's vhost worker (TAP_BIND_HOLD) with every frame
+    the tap queued taken by one of them (tun counts a frame as sent when it is
+    read) and reaching the outside in the order the kernel sent it.  A flood at
+    full speed is more than the tool reads itself: it binds the ring.  One
+    paced to what the tool reads, with no hold, makes the ring go back and forth
+    all through it.  Afterwards, with the usual hold, the tool takes the ring
+    back by itself and reads pings from the tap again."""
 
-    FRAMES = 5000
+    FRAMES = 3000
     OFFLOADS = False
 
-    def test_flood_keeps_order_then_reads_directly_again(self):
+    def setUp(self):
         import threading
+        super().setUp()
+        self.nic = vp.PacketSocket("veth0")
+        self.addCleanup(self.nic.close)
+        self.bridge = vp.VhostBridge(self.nic)
+        worker = threading.Thread(target=self.bridge.run)
+
+        def stop():
+            self.bridge.stop()
+            worker.join(30)
+            if not worker.is_alive():         # never unmap rings under a running loop
+                self.bridge.close()
+        self.addCleanup(stop)
+        worker.start()
+        topo.configure_tap("tap0")
+        topo.sh("sysctl", "-qw", "net.ipv6.conf.tap0.disable_ipv6=1")   # only pktgen's frames
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+        self.catch = vp.socket_in_netns(topo.NS, socket.AF_PACKET, socket.SOCK_RAW,
+                                        socket.htons(0x0800))
+        self.addCleanup(self.catch.close)
+        self.catch.setsockopt(socket.SOL_SOCKET, vp.SO_RCVBUFFORCE, 64 * MB)
+        self.catch.bind(("veth1", 0))
+
+    def flood(self, delay_ns=0):
+        """pktgen's frames through the bridge; returns the RX-binds it made."""
+        stats, binds = self.bridge.nic_stats, self.bridge.tap_stats.rx_binds
+        before = (topo.counter("tap0", "tx_packets"), stats.tx_packets,
+                  topo.counter("veth0", "tx_dropped"))
+        topo.pktgen(False, "tap0", self.FRAMES, delay_ns=delay_ns)
+        # pktgen counts a frame the tap took (its queue full: dropped and sent again).
+        topo.wait_until(lambda: topo.counter("tap0", "tx_packets") - before[0] == self.FRAMES,
+                        30, "every frame the tap queued read from it")
+        expected = (stats.tx_packets - before[1]
+                    - (topo.counter("veth0", "tx_dropped") - before[2]))
+        seqs, magic = [], struct.pack("!I", 0xbe9be955)
+        deadline = time.monotonic() + 30
+        while len(seqs) < expected:
+            if not select.select([self.catch], [], [], max(0, deadline - time.monotonic()))[0]:
+                self.fail(f"{len(seqs)} of the {expected} frames forwarded reached the outside")
+            frame = self.catch.recv(2048)
+            if frame[42:46] == magic:
+                seqs.append(struct.unpack_from("!I", frame, 46)[0])
+        self.assertGreater(len(seqs), self.FRAMES // 2, "the flood hardly crossed")
+        self.assertEqual(seqs, sorted(set(seqs)), "frames overtook one another")
+        return self.bridge.tap_stats.rx_binds - binds
+
+    def test_floods_keep_order_then_pings_are_read_directly(self):
+        from unittest import mock
+        self.assertGreater(self.flood(), 0, "the flood went to the vhost worker")
+        with mock.patch.object(vp, "TAP_BIND_HOLD", 0):
+            self.assertGreaterEqual(self.flood(delay_ns=50000), 2,
+                                    "the ring taken back from the worker during the flood")
+        stats = self.bridge.tap_stats
+        binds, direct = stats.rx_binds, stats.rx_direct
+        # The first ping may come within TAP_BIND_HOLD of the flood.
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP, count=10), 10)
+        self.assertEqual(stats.rx_binds, binds)
+        self.assertGreaterEqual(stats.rx_direct - direct, 9)
+
+
+class TestBindDeletedTap(OutsideCase, unittest.TestCase):
+    """Binding the tap RX ring to a deleted tap fails in vhost_poll_start (the fd
+    polls EPOLLERR: EINVAL): the bridge stops saying the tap was deleted, not with
+    the ioctl's error."""
+
+    def test_says_the_tap_was_deleted(self):
         nic = vp.PacketSocket("veth0")
         self.addCleanup(nic.close)
-        bridge = vp.VhostBridge(nic)
+        bridge = vp.VhostBridge(nic)            # not running: its passes are ours
         self.addCleanup(bridge.close)
-        worker = threading.Thread(target=bridge.run)
-        worker.start()
-        self.addCleanup(worker.join, 30)
-        self.addCleanup(bridge.stop)
-        topo.configure_tap("tap0")
-        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
-        stats = bridge.tap_stats
-        self.assertEqual(stats.bursts, 0, "pings are read from here")
-        # pktgen's frames carry a sequence number after its magic (pktgen.c: pktgen_hdr).
-        catch = vp.socket_in_netns(topo.NS, socket.AF_PACKET, socket.SOCK_RAW,
-                                   socket.htons(0x0800))
-        self.addCleanup(catch.close)
-        catch.setsockopt(socket.SOL_SOCKET, vp.SO_RCVBUFFORCE, 64 * MB)
-        catch.bind(("veth1", 0))
-        topo.pktgen(False, "tap0", self.FRAMES)
-        topo.wait_until(lambda: topo.counter("tap0", "tx_packets") == stats.rx_packets, 30,
-                        "the bridge took every frame the tap queued")
-        seqs, magic = [], struct.pack("!I", 0xbe9be955)
-        while select.select([catch], [], [], 1)[0]:         # until a second without one
-            frame = catch.recv(2048)
-            at = frame.find(magic, 14 + 20 + 8)
-            if at == 42:
-                seqs.append(struct.unpack_from("!I", frame, at + 4)[0])
-        self.assertGreater(stats.bursts, 0, "the flood went to the vhost worker")
-        self.assertGreater(len(seqs), 500, "the flood hardly crossed")
-        self.assertEqual(seqs, sorted(set(seqs)), "frames overtook one another")
-        # The first ping after the hold finds the ring bound and unbinds it.
-        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
-        bursts, direct = stats.bursts, stats.rx_direct
-        self.assertEqual(topo.ping(topo.OUTSIDE_IP, count=10), 10)
-        self.assertEqual(stats.bursts, bursts)
-        self.assertGreaterEqual(stats.rx_direct - direct, 10)
+        topo.sh("ip", "link", "del", "tap0")
+        with vp.socket_in_netns(topo.NS, socket.AF_PACKET, socket.SOCK_RAW, 0) as outside:
+            outside.bind(("veth1", 0))
+            for _ in range(2):                  # two frames at once: the full pass, bound
+                outside.send(b"\xff" * 6 + OUR_MAC + b"\x88\xb5" + bytes(46))
+        topo.wait_until(lambda: bridge.nic_ring.ready(0, 2) == 2, 10,
+                        "two frames in the packet ring")
+        with self.assertRaisesRegex(vp.VhostPathError, r"^tap0 was deleted"):
+            bridge.poll_once()
 
 
 class TestVhostBridgeFlood(OutsideCase, unittest.TestCase):

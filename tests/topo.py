@@ -220,6 +220,12 @@ def vhost_threads(pid):
     return found
 
 
+def vhost_tasks(pid):
+    """The /proc directories of ``pid``'s vhost worker threads (vhost_threads)."""
+    return [f"/proc/{pid}/task/{t}" if os.path.exists(f"/proc/{pid}/task/{t}") else f"/proc/{t}"
+            for t in vhost_threads(pid)]
+
+
 def cpu_seconds(pid):
     """User + system CPU of ``pid``, its children and its vhost worker threads."""
     if pid is None:
@@ -315,8 +321,9 @@ def _pgset(path, cmd, ns=None, timeout=60):
     sh("sh", "-c", f"echo '{cmd}' > {path}", ns=ns, timeout=timeout)
 
 
-def pktgen(inbound, dev, count, timeout=600):
-    """Send ``count`` 64-byte UDP frames as fast as the kernel's pktgen can: from the
+def pktgen(inbound, dev, count, timeout=600, delay_ns=0):
+    """Send ``count`` 64-byte UDP frames as fast as the kernel's pktgen can (or
+    ``delay_ns`` apart), each numbered (pktgen_hdr's seq_num at byte 46): from the
     outside veth1 to the kernel side ``dev`` (inbound) or back; return the seconds the
     sending took (the tail may still be on its way).  pktgen waits while the device
     refuses frames (a stuck tap): after ``timeout`` s it is stopped, and that fails."""
@@ -328,7 +335,7 @@ def pktgen(inbound, dev, count, timeout=600):
     pg = "/proc/net/pktgen"
     _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
     _pgset(f"{pg}/kpktgend_0", f"add_device {send_dev}", send_ns)
-    for cmd in (f"count {count}", "clone_skb 0", "pkt_size 60", "delay 0", f"dst {dst}",
+    for cmd in (f"count {count}", "clone_skb 0", "pkt_size 60", f"delay {delay_ns}", f"dst {dst}",
                 f"dst_mac {mac}", "udp_dst_min 9", "udp_dst_max 9"):
         _pgset(f"{pg}/{send_dev}", cmd, send_ns)
     start = time.monotonic()
@@ -475,7 +482,7 @@ def report_counters(report):
         if m:
             current = ports.setdefault(m.group(1), {})
         elif current is not None:
-            for key, value in re.findall(r"([RT]X-[\w-]+|Bursts):\s+(\d+)", line):
+            for key, value in re.findall(r"([RT]X-[\w-]+):\s+(\d+)", line):
                 current[key] = int(value)
     return ports
 
