@@ -321,9 +321,9 @@ def _pgset(path, cmd, ns=None, timeout=60):
     sh("sh", "-c", f"echo '{cmd}' > {path}", ns=ns, timeout=timeout)
 
 
-def pktgen(inbound, dev, count, timeout=600, delay_ns=0):
-    """Send ``count`` 64-byte UDP frames as fast as the kernel's pktgen can (or
-    ``delay_ns`` apart), each numbered (pktgen_hdr's seq_num at byte 46): from the
+def pktgen(inbound, dev, count, timeout=600):
+    """Send ``count`` 64-byte UDP frames as fast as the kernel's pktgen can, each
+    numbered (pktgen_hdr's seq_num at byte 46): from the
     outside veth1 to the kernel side ``dev`` (inbound) or back; return the seconds the
     sending took (the tail may still be on its way).  pktgen waits while the device
     refuses frames (a stuck tap): after ``timeout`` s it is stopped, and that fails."""
@@ -335,7 +335,7 @@ def pktgen(inbound, dev, count, timeout=600, delay_ns=0):
     pg = "/proc/net/pktgen"
     _pgset(f"{pg}/kpktgend_0", "rem_device_all", send_ns)
     _pgset(f"{pg}/kpktgend_0", f"add_device {send_dev}", send_ns)
-    for cmd in (f"count {count}", "clone_skb 0", "pkt_size 60", f"delay {delay_ns}", f"dst {dst}",
+    for cmd in (f"count {count}", "clone_skb 0", "pkt_size 60", "delay 0", f"dst {dst}",
                 f"dst_mac {mac}", "udp_dst_min 9", "udp_dst_max 9"):
         _pgset(f"{pg}/{send_dev}", cmd, send_ns)
     start = time.monotonic()
