@@ -913,8 +913,11 @@ DIRECT_BATCH = 4
 # and no vhost worker.  DIRECT_BATCH frames read in one pass, or a pass that
 # puts frames on a TX ring, bind the ring to the worker again, which takes the
 # rest of the tap's queue in order; it is unbound once TAP_BIND_HOLD seconds
-# pass without such a pass (poll() wakes for it): unbinding waits for the
-# worker (vhost_dev_flush), so bulk traffic does not pay that at every pause.
+# pass without such a pass and without frames the worker moved (poll() wakes
+# for it).  Unbinding waits for the worker (vhost_dev_flush), so bulk traffic
+# does not pay that at every pause, and it is never done under traffic: the
+# frames vhost took ahead go back to the tap's queue, and those a full queue
+# has no room for are freed (ptr_ring_unconsume).
 TAP_BIND_HOLD = 0.05
 # VhostBridge: how long a frame read from the tap waits for room in the packet
 # socket's send buffer (its memory comes back as the NIC sends earlier frames:
@@ -4544,7 +4547,7 @@ class VhostBridge(_Forwarder):
         frame is in flight, _pass_idle comes first and is often all there is
         to do.
         """
-        num = self.queue_size
+        num, taken = self.queue_size, self.tap_rxq.last_used_idx
         moved, calm = self._pass_idle() if self._rings_idle() else (0, False)
         full = not calm                         # the full pass runs, the tap RX ring bound
         if full and not self._tap_bound:
@@ -4571,7 +4574,9 @@ class VhostBridge(_Forwarder):
                 self.tap_txq.disable_cb()
             self._nic_wait = not held
             calm = calm and not (self._nic_wait and self._nic_frame_waits())
-        if full:
+        # The hold runs from the last pass that needed the worker: a full pass, or
+        # one that took frames it moved (small runs go on in _pass_idle too).
+        if full or self.tap_rxq.last_used_idx != taken:
             self._hold_until = time.monotonic() + TAP_BIND_HOLD
         return moved
 
