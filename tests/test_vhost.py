@@ -243,9 +243,10 @@ class TestTapBinds(RunningBridgeCase, unittest.TestCase):
     """Floods from the kernel (pktgen on tap0, at full speed) are more than the tool
     reads from the tap itself: each binds the tap's RX vring to its vhost worker,
     every frame the tap queued is taken by one of them (tun counts a frame as
-    sent when it is read) and reaches the outside in the order the kernel sent
-    it, none overtaking another across the switch; TAP_BIND_HOLD after each, the
-    tool takes the ring back by itself and reads pings from the tap again."""
+    sent when it is read), and every one reaches the outside in the order the
+    kernel sent it, none overtaking another across the switch.  TAP_BIND_HOLD
+    after each, the tool takes the ring back by itself and reads pings from the
+    tap again."""
 
     FRAMES = 2000
     OFFLOADS = False
@@ -261,24 +262,22 @@ class TestTapBinds(RunningBridgeCase, unittest.TestCase):
 
     def flood(self):
         """pktgen's frames through the bridge; returns the RX-binds it made."""
-        stats, binds = self.bridge.nic_stats, self.bridge.tap_stats.rx_binds
-        before = (topo.counter("tap0", "tx_packets"), stats.tx_packets,
-                  topo.counter("veth0", "tx_dropped"))
+        binds = self.bridge.tap_stats.rx_binds
+        before = topo.counter("tap0", "tx_packets"), topo.counter("veth0", "tx_dropped")
         topo.pktgen(False, "tap0", self.FRAMES)
-        # pktgen counts a frame the tap took (its queue full: dropped and sent again).
-        topo.wait_until(lambda: topo.counter("tap0", "tx_packets") - before[0] == self.FRAMES,
+        # pktgen counts a frame the tap took (its queue full: dropped and sent again);
+        # the kernel may send a frame of its own meanwhile (an ARP answer).
+        topo.wait_until(lambda: topo.counter("tap0", "tx_packets") - before[0] >= self.FRAMES,
                         30, "every frame the tap queued read from it")
-        expected = (stats.tx_packets - before[1]
-                    - (topo.counter("veth0", "tx_dropped") - before[2]))
+        expected = self.FRAMES - (topo.counter("veth0", "tx_dropped") - before[1])
         seqs, magic = [], struct.pack("!I", 0xbe9be955)
         deadline = time.monotonic() + 30
         while len(seqs) < expected:
             if not select.select([self.catch], [], [], max(0, deadline - time.monotonic()))[0]:
-                self.fail(f"{len(seqs)} of the {expected} frames forwarded reached the outside")
+                self.fail(f"{len(seqs)} of pktgen's {expected} frames reached the outside")
             frame = self.catch.recv(2048)
             if frame[42:46] == magic:
                 seqs.append(struct.unpack_from("!I", frame, 46)[0])
-        self.assertGreater(len(seqs), self.FRAMES // 2, "the flood hardly crossed")
         self.assertEqual(seqs, sorted(set(seqs)), "frames overtook one another")
         return self.bridge.tap_stats.rx_binds - binds
 
