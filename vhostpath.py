@@ -3730,6 +3730,7 @@ class _Forwarder(_Closing):
                                      "it does not name: stopping")
 
     def _tap_deleted(self):
+        """The error that ends the bridge when its tap is gone."""
         return VhostPathError(f"{self.name} was deleted (or its queue detached): stopping")
 
     def refresh_stats(self):
@@ -4540,8 +4541,9 @@ class VhostBridge(_Forwarder):
         in meanwhile; the device keeps sending the rest.  So a busy
         direction costs a wakeup per hundreds of packets, not per vhost
         batch (64).  Otherwise, outwards, the tap RX ring wakes us at its
-        next packet, or the tap itself while that ring is unbound; inwards, the tap TX ring at its next used frame, or the
-        packet socket (poll) once no frame is out.  Each avail->idx is
+        next packet, or the tap itself while that ring is unbound; inwards,
+        the tap TX ring at its next used frame, or the packet socket (poll)
+        once no frame is out.  Each avail->idx is
         published as soon as its ring is filled; the kicks go at the end of
         the pass, since a woken vhost worker may take this CPU.  While no
         frame is in flight, _pass_idle comes first and is often all there is
