@@ -913,8 +913,8 @@ DIRECT_BATCH = 4
 # and no vhost worker.  DIRECT_BATCH frames read in one pass, or a pass that
 # puts frames on a TX ring, bind the ring to the worker again, which takes the
 # rest of the tap's queue in order; it is unbound once TAP_BIND_HOLD seconds
-# pass without such a pass and without frames the worker moved (poll() wakes
-# for it).  Unbinding waits for the worker (vhost_dev_flush), so bulk traffic
+# pass without such a pass and without a run of frames the worker moved (poll()
+# wakes for it).  Unbinding waits for the worker (vhost_dev_flush), so bulk traffic
 # does not pay that at every pause, and it is never done under traffic: the
 # frames vhost took ahead go back to the tap's queue, and those a full queue
 # has no room for are freed (ptr_ring_unconsume).
@@ -4577,8 +4577,10 @@ class VhostBridge(_Forwarder):
             self._nic_wait = not held
             calm = calm and not (self._nic_wait and self._nic_frame_waits())
         # The hold runs from the last pass that needed the worker: a full pass, or
-        # one that took frames it moved (small runs go on in _pass_idle too).
-        if full or self.tap_rxq.last_used_idx != taken:
+        # one that took a run of frames it moved (small runs go on in _pass_idle
+        # too).  Not a single frame: pings closer than TAP_BIND_HOLD would keep
+        # the ring bound, each waking the worker, long after the burst that bound it.
+        if full or (self.tap_rxq.last_used_idx - taken) & 0xFFFF > 1:
             self._hold_until = time.monotonic() + TAP_BIND_HOLD
         return moved
 

@@ -184,10 +184,12 @@ class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
     request wakes the tool, which reads it from the tap and sends it; the answer
     comes back during that send and is written to the tap in the same pass
     (VhostBridge._pass_idle).  A round trip wakes the tool about once and the
-    workers not at all; the tool sleeps between round trips and uses no CPU
-    once idle."""
+    workers not at all; a burst from the kernel in the middle binds the ring, and
+    the pings after it, closer together than TAP_BIND_HOLD, do not keep it bound;
+    the tool sleeps between round trips and uses no CPU once idle."""
 
     OFFLOADS = False
+    BURST = 16
 
     def test_round_trips_wake_the_tool_once_each(self):
         tool = topo.Tool("--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24")
@@ -196,13 +198,20 @@ class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
         workers = topo.vhost_tasks(tool.pid)
         self.assertEqual(len(workers), 2, "a vhost worker per device")
         before = topo.sleeps(f"/proc/{tool.pid}"), sum(map(topo.sleeps, workers))
-        out = topo.sh("ping", "-c", "100", "-i", "0.02", "-W", "5", topo.OUTSIDE_IP)
+        sent = topo.counter("tap0", "tx_packets")
+        with topo.popen(["ping", "-c", "100", "-i", "0.02", "-W", "5", topo.OUTSIDE_IP]) as ping:
+            topo.wait_until(lambda: topo.counter("tap0", "tx_packets") >= sent + 30, 60,
+                            "30 pings sent")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                for _ in range(self.BURST):     # more than DIRECT_BATCH at once: bound
+                    udp.sendto(bytes(18), (topo.OUTSIDE_IP, 9))
+            out, _ = ping.communicate(timeout=60)
         woken = topo.sleeps(f"/proc/{tool.pid}") - before[0]
         worker_woken = sum(map(topo.sleeps, workers)) - before[1]
-        self.assertIn("100 received", out)
+        self.assertIn(b"100 received", out)
         self.assertGreaterEqual(woken, 50, f"{woken} wakeups: the tool sleeps between pings")
         self.assertLess(woken, 150, f"{woken} wakeups for 100 round trips: more than one each")
-        self.assertLess(worker_woken, 10, f"the vhost workers woke {worker_woken} times")
+        self.assertLess(worker_woken, 20, f"the vhost workers woke {worker_woken} times")
         cpu = topo.cpu_seconds(tool.pid)
         time.sleep(1)                       # a second's idle CPU, measured: not a wait
         self.assertLess(topo.cpu_seconds(tool.pid) - cpu, 0.05, "CPU seconds when idle")
@@ -210,8 +219,9 @@ class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
         self.assertEqual(rc, 0, err)
         counters = topo.report_counters(out)
         for port in counters.values():
-            self.assertGreaterEqual(port["TX-direct"], 103, out)
-        self.assertGreaterEqual(counters["tap0"]["RX-direct"], 103, out)
+            self.assertGreaterEqual(port["TX-direct"], 90, out)
+        self.assertGreaterEqual(counters["tap0"]["RX-direct"], 90, out)
+        self.assertGreaterEqual(counters["tap0"]["RX-binds"], 1, out)
 
 
 class RunningBridgeCase(OutsideCase):
