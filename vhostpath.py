@@ -521,7 +521,8 @@ def _ioctl(fd, name, request, arg=0, what=""):
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as e:
-        raise OSError(e.errno, f"{name} on {what or 'fd %d' % fd}: {os.strerror(e.errno)}") from None
+        where = what or f"fd {fd}"
+        raise OSError(e.errno, f"{name} on {where}: {os.strerror(e.errno)}") from None
 
 
 def _page_round(size):
@@ -1314,7 +1315,8 @@ class SplitVirtqueue:
             with ring[2 * slot + 1:2 * (slot + k):2] as used_lengths:
                 lengths[:] = used_lengths       # checked below, then used: one read
             if max(lengths) > self.buf_size:
-                self.mark_broken(f"used len {max(lengths)} exceeds the {self.buf_size}-byte buffers")
+                self.mark_broken(f"used len {max(lengths)} exceeds the "
+                                 f"{self.buf_size}-byte buffers")
             if min(lengths) < min_len:
                 self.mark_broken(f"used len {min(lengths)} is shorter than {min_len} bytes")
         self.last_used_idx = (self.last_used_idx + k) & 0xFFFF
@@ -1922,9 +1924,11 @@ class VhostNet:
                struct.pack("Q", features), self.path)
 
     def set_mem_table(self, regions):
+        array = vhost_memory_region * len(regions)
+
         class _table(ctypes.Structure):
-            _fields_ = [("hdr", vhost_memory), ("regions", vhost_memory_region * len(regions))]
-        table = _table(vhost_memory(len(regions), 0), (vhost_memory_region * len(regions))(*regions))
+            _fields_ = [("hdr", vhost_memory), ("regions", array)]
+        table = _table(vhost_memory(len(regions), 0), array(*regions))
         _ioctl(self.fd, "VHOST_SET_MEM_TABLE", VHOST_SET_MEM_TABLE, table, self.path)
 
     def set_vring_num(self, index, num):
@@ -2022,8 +2026,9 @@ class PacketSocket(_Closing):
     PACKET_VNET_HDR puts a 10-byte virtio_net_hdr in front of each frame, so
     GSO super-frames and partial checksums (veth does both by default) cross
     intact; ``set_hdr_len(12)`` makes it the 12-byte virtio_net_hdr_mrg_rxbuf
-    (``hdr_len``) where the kernel takes that (Linux 6.4).  Promiscuous, all protocols, own transmissions not looped back
-    (PACKET_IGNORE_OUTGOING, Linux 4.20; before it, a DROP_OUTGOING filter).
+    (``hdr_len``) where the kernel takes that (Linux 6.4).  Promiscuous, all
+    protocols, own transmissions not looped back (PACKET_IGNORE_OUTGOING, Linux
+    4.20; before it, a DROP_OUTGOING filter).
     A frame's VLAN tag, which the kernel takes off before a packet socket
     sees it, comes in its PACKET_AUXDATA control message (``auxdata_vlan``).
     Sockets given the same ``fanout_group`` (a 16-bit id) share the NIC's
@@ -5016,7 +5021,8 @@ def _add_port_options(p):
                         "packet socket's receive ring in, a second vhost-net device out; "
                         "Python moves descriptors only) or socket (recvmmsg/sendmmsg in this "
                         "process) (default: vhost-net with --tap-io vhost-net, else socket)")
-    p.add_argument("--path", default="/dev/vhost-net", help="vhost-net device (default %(default)s)")
+    p.add_argument("--path", default="/dev/vhost-net",
+                   help="vhost-net device (default %(default)s)")
     p.add_argument("--queue-size", type=int, default=256,
                    help="virtqueue entries, a power of two from 64 (default %(default)s; "
                         "1024 recommended)")
