@@ -5285,15 +5285,27 @@ def _ip(*args):
         raise VhostPathError(f"ip {' '.join(args)}: {r.stderr.strip()}")
 
 
+def _inet_checksum(data):
+    """The Internet checksum (RFC 1071) of ``data``, an even number of bytes: the
+    ones' complement sum folded until no carry is left (one fold can carry)."""
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _echo_request(ident, seq):
+    """An ICMP echo request message (RFC 792), its checksum done."""
+    body = struct.pack("!HHHH", 8 << 8, 0, ident, seq) + b"vhostpath-demo"
+    return body[:2] + struct.pack("!H", _inet_checksum(body)) + body[4:]
+
+
 def _ping(address, count=3, timeout=5.0):
     """ICMP echo from this network namespace (raw socket); returns replies received."""
     ident, received = os.getpid() & 0xFFFF, 0
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
         for seq in range(1, count + 1):
-            body = struct.pack("!HHHH", 8 << 8, 0, ident, seq) + b"vhostpath-demo"
-            csum = sum(struct.unpack(f"!{len(body) // 2}H", body))
-            csum = ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF
-            s.sendto(body[:2] + struct.pack("!H", csum) + body[4:], (address, 0))
+            s.sendto(_echo_request(ident, seq), (address, 0))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if not select.select([s], [], [], deadline - time.monotonic())[0]:
