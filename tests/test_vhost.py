@@ -304,6 +304,27 @@ class TestTapBinds(RunningBridgeCase, unittest.TestCase):
             topo.wait_until(read_directly, 10, "a ping read from the tap again")
 
 
+class TestBindDeletedTap(OutsideCase, unittest.TestCase):
+    """Binding the tap RX ring to a deleted tap fails in vhost_poll_start (the fd
+    polls EPOLLERR: EINVAL): the bridge stops saying the tap was deleted, not with
+    the ioctl's error."""
+
+    def test_says_the_tap_was_deleted(self):
+        nic = vp.PacketSocket("veth0")
+        self.addCleanup(nic.close)
+        bridge = vp.VhostBridge(nic)            # not running: its passes are ours
+        self.addCleanup(bridge.close)
+        topo.sh("ip", "link", "del", "tap0")
+        with vp.socket_in_netns(topo.NS, socket.AF_PACKET, socket.SOCK_RAW, 0) as outside:
+            outside.bind(("veth1", 0))
+            for _ in range(2):                  # two frames at once: the full pass, bound
+                outside.send(b"\xff" * 6 + OUR_MAC + b"\x88\xb5" + bytes(46))
+        topo.wait_until(lambda: bridge.nic_ring.ready(0, 2) == 2, 10,
+                        "two frames in the packet ring")
+        with self.assertRaisesRegex(vp.VhostPathError, r"^tap0 was deleted"):
+            bridge.poll_once()
+
+
 class TestVhostBridgeFlood(RunningBridgeCase, unittest.TestCase):
     """64-byte floods (pktgen) each way through 64-entry rings, where the interrupt
     moderation is busiest (RX interrupts off while a TX ring is more than a quarter
