@@ -224,6 +224,50 @@ class TestRoundTripWakeups(OutsideCase, unittest.TestCase):
         self.assertGreaterEqual(counters["tap0"]["RX-binds"], 1, out)
 
 
+class TestFullSendBuffer(OutsideCase, unittest.TestCase):
+    """Frames read from the tap while the packet socket's send buffer is full (a NIC
+    slower than the kernel sends: a tbf qdisc at 8 kbit/s on veth0, and the
+    smallest send buffer) have no ring to wait in: each waits NIC_SEND_WAIT for
+    room, then is dropped and counted as veth0's TX-dropped.  The bridge neither
+    blocks nor spins meanwhile, and carries pings again once the NIC keeps up."""
+
+    OFFLOADS = False
+    FRAMES = 20
+
+    def test_frames_are_dropped_and_counted(self):
+        old = topo.sh("sysctl", "-n", "net.core.wmem_default").strip()
+        topo.sh("sysctl", "-qw", "net.core.wmem_default=4608")     # SOCK_MIN_SNDBUF-ish
+        try:
+            tool = topo.Tool("--iface", "veth0", "--address", f"{topo.KERNEL_IP}/24")
+        finally:
+            topo.sh("sysctl", "-qw", f"net.core.wmem_default={old}")
+        self.addCleanup(tool.kill)
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+        topo.sh("sysctl", "-qw", "net.ipv6.conf.tap0.disable_ipv6=1")   # only these frames
+        topo.sh("tc", "qdisc", "add", "dev", "veth0", "root", "tbf", "rate", "8kbit",
+                "burst", "1600", "limit", "100000")
+        cpu, start = topo.cpu_seconds(tool.pid), time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for k in range(self.FRAMES):        # one at a time: each read by the tool
+                sent = topo.counter("tap0", "tx_packets")
+                udp.sendto(bytes(1000), (topo.OUTSIDE_IP, 9))
+                topo.wait_until(lambda: topo.counter("tap0", "tx_packets") > sent, 10,
+                                f"datagram {k} read from the tap")
+        busy = topo.cpu_seconds(tool.pid) - cpu
+        elapsed = time.monotonic() - start
+        topo.sh("tc", "qdisc", "del", "dev", "veth0", "root")
+        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+        rc, out, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        counters = topo.report_counters(out)
+        # The few that found room (the qdisc's burst, the buffer's first frames) and
+        # the pings went; most of the datagrams were dropped, each counted.
+        self.assertGreaterEqual(counters["veth0"]["TX-dropped"], self.FRAMES // 2, out)
+        self.assertLessEqual(counters["veth0"]["TX-dropped"], self.FRAMES, out)
+        self.assertGreaterEqual(counters["tap0"]["RX-direct"], self.FRAMES, out)
+        self.assertLess(busy, elapsed / 2, f"{busy:.2f} CPU seconds in {elapsed:.2f} s")
+
+
 class RunningBridgeCase(OutsideCase):
     """A VhostBridge (of BRIDGE_OPTIONS) between veth0 and tap0 run by a thread of
     the test, the path checked with a ping."""
