@@ -4711,10 +4711,12 @@ class VhostBridge(_Forwarder):
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
         # Not while busy-polling (ready None): poll() brings the end of the hold.
-        if ready is not None and self._tap_bound and self._rings_idle() \
-                and time.monotonic() >= self._hold_until:
-            self._bind_tap(False)
+        if ready is not None:
+            unbind_at = self._wake_at()
+            if unbind_at is not None and time.monotonic() >= unbind_at:
+                self._bind_tap(False)
         return moved
+
 
 def open_bridge(config, nic, stack, tap=None, nic_stats=None, tap_stats=None, quiet_nic=True):
     """The forwarder ``config`` asks for, between ``nic`` (a PacketSocket) and a tap
