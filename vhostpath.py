@@ -1871,8 +1871,10 @@ class TapFound:
                         for template, _ in Tap.NOTIFY}
 
     def restore(self):
-        """Put back what changed; nothing if the tap is gone."""
-        index, name, found = self.link.index, self.name, self.link
+        """Put back what changed; nothing if the tap is gone.  Found by its index, and
+        its sysctls under the name it has now: renamed meanwhile, its old name may
+        be another link's."""
+        index, found = self.link.index, self.link
         with Rtnl() as rtnl:
             try:
                 now = rtnl.link(index)
@@ -1880,6 +1882,7 @@ class TapFound:
                 if e.errno != errno.ENODEV:
                     raise
                 return
+            name = now.name
             if now.address != found.address:
                 rtnl.set_link(index, f"MAC address back on {name}", address=found.address)
             if now.mtu != found.mtu:

@@ -555,6 +555,23 @@ class LifeCycleCase(OutsideCase):
                          "is moved there")
         self.assertEqual(topo.link_state("vpkeep0"), found)
 
+    def test_a_renamed_persistent_tap_is_put_back_under_its_new_name(self):
+        """A persistent tap renamed while the tool runs gets its sysctls back under its
+        new name at exit; the link that took its old name is left alone."""
+        topo.persistent_tap(self, "vpkeep0")
+        notify = "/proc/sys/net/ipv4/conf/{}/arp_notify"
+        found = topo.sh("cat", notify.format("vpkeep0")).strip()
+        tool = self.start("--tap", "vpkeep0")
+        self.assertEqual(topo.sh("cat", notify.format("vpkeep0")).strip(), "1")
+        topo.sh("ip", "link", "set", "vpkeep0", "name", "vpkeep1")
+        self.addCleanup(topo.sh, "ip", "link", "del", "vpkeep1", check=False)
+        topo.sh("ip", "tuntap", "add", "vpkeep0", "mode", "tap")
+        topo.sh("sysctl", "-qw", "net.ipv4.conf.vpkeep0.arp_notify=1")
+        rc, _, err = tool.stop()
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(topo.sh("cat", notify.format("vpkeep1")).strip(), found)
+        self.assertEqual(topo.sh("cat", notify.format("vpkeep0")).strip(), "1")
+
     def test_mtu_follows_the_nic(self):
         """tap0 takes a 9000-byte NIC's MTU at start; a change while a transfer runs is
         followed, the transfer loses nothing, and DF pings of the new size cross both
