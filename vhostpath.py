@@ -4613,12 +4613,12 @@ class VhostBridge(_Forwarder):
         ring, rxq, moved, reads = self.nic_ring, self.tap_rxq, 0, 0
         while True:
             f = self._nic_head
-            n = ring.ready(f, min(2, ring.frame_nr - f))    # one frame, or a burst
-            if n == 1 and self._write_usual(f):
+            if ring.ready(f, 1):
+                # Two single looks: cheaper than ready(f, 2) on the answer's path.
+                if ring.ready((f + 1) % ring.frame_nr, 1) or not self._write_usual(f):
+                    break                       # a burst, or a frame of another kind
                 moved += 1
                 continue
-            if n:                               # a burst, or a frame of another kind
-                break
             run = rxq.get_run(self._rx_min_len)
             if run is not None:
                 moved += self._forward_run(*run)
