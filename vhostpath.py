@@ -1569,6 +1569,30 @@ class Rtnl(_Closing):
         self.sock.close()
 
 
+def _put_back_sysctls(ifindex, sysctls):
+    """Write ``sysctls`` ({/proc/sys/net path with "{}" for the name: value}) of
+    link ``ifindex`` under the name it has now; return {/proc/sys file: value
+    put back}, empty if it is gone."""
+    try:
+        # A rename shows the new name at once, but moves the link's /proc/sys/net
+        # directories only later, in its NETDEV_CHANGENAME notifiers, all under the
+        # RTNL lock.  An empty RTM_NEWLINK (no change) takes that lock too: a
+        # rename under way has ended when it returns.
+        with Rtnl() as rtnl:
+            rtnl.set_link(ifindex, f"RTM_NEWLINK of link {ifindex}")
+        name = socket.if_indextoname(ifindex)
+    except OSError as e:
+        if e.errno not in (errno.ENODEV, errno.ENXIO):      # RTM_NEWLINK's, ioctl's
+            raise
+        return {}                       # removed, or moved to another namespace
+    restored = {}
+    for template, value in sysctls.items():
+        path = _net_sysctl(template, name)
+        if _sysctl_swap(path, value) is not None:
+            restored[path] = value
+    return restored
+
+
 ########################################################################################
 # Frames: VLAN tags put back, and frames for a Python dataplane
 ########################################################################################
@@ -1882,7 +1906,7 @@ class TapFound:
                 if e.errno != errno.ENODEV:
                     raise
                 return
-            name = now.name
+            name = now.name             # for the messages: it may have been renamed
             if now.address != found.address:
                 rtnl.set_link(index, f"MAC address back on {name}", address=found.address)
             if now.mtu != found.mtu:
@@ -1897,9 +1921,8 @@ class TapFound:
                         raise
             for interface in set(self.addresses) - set(rtnl.addresses(index)):
                 rtnl.add_address(index, interface, f"address {interface} back on {name}")
-        for template, value in self.sysctls.items():
-            if value is not None:
-                _sysctl_swap(_net_sysctl(template, name), value)
+        _put_back_sysctls(index, {template: value for template, value in self.sysctls.items()
+                                  if value is not None})
 
 
 class VhostNet:
@@ -2460,29 +2483,6 @@ def _write_record(iface, ifindex, sysctls):
     os.rename(temp, _state_file(iface))
 
 
-def _put_back(ifindex, sysctls):
-    """Write ``sysctls`` (as _write_record's) of the NIC ``ifindex`` under the name
-    it has now; return {/proc/sys file: value put back}, empty if it is gone."""
-    try:
-        # A rename shows the new name at once, but moves the NIC's /proc/sys/net
-        # directories only later, in its NETDEV_CHANGENAME notifiers, all under the
-        # RTNL lock.  An empty RTM_NEWLINK (no change) takes that lock too: a
-        # rename under way has ended when it returns.
-        with Rtnl() as rtnl:
-            rtnl.set_link(ifindex, f"RTM_NEWLINK of link {ifindex}")
-        name = socket.if_indextoname(ifindex)
-    except OSError as e:
-        if e.errno not in (errno.ENODEV, errno.ENXIO):      # RTM_NEWLINK's, ioctl's
-            raise
-        return {}                       # removed, or moved to another namespace
-    restored = {}
-    for template, value in sysctls.items():
-        path = _net_sysctl(template, name)
-        if _sysctl_swap(path, value) is not None:
-            restored[path] = value
-    return restored
-
-
 def _read_record(iface):
     """(owner, ifindex, sysctls) of ``iface``'s record (see _write_record); None if
     there is none, or it is torn or foreign (then it is removed: nothing in it
@@ -2515,7 +2515,7 @@ def restore_nic(iface):
     if _process_id(owner.partition("@")[0]) == owner:
         raise VhostPathError(f"{iface} is bridged by vhostpath (pid {owner.partition('@')[0]}); "
                              "stop it first")
-    restored = _put_back(ifindex, sysctls)
+    restored = _put_back_sysctls(ifindex, sysctls)
     os.unlink(_state_file(iface))
     return restored
 
@@ -2563,7 +2563,7 @@ class QuietNic:
     def restore(self):
         """Put the old values back on the NIC, under the name it has now."""
         if self.old:
-            _put_back(self.ifindex, self.old)
+            _put_back_sysctls(self.ifindex, self.old)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.record)
             self.old = {}
