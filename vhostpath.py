@@ -1887,7 +1887,6 @@ class TapFound:
     """
 
     def __init__(self, name):
-        self.name = name
         with Rtnl() as rtnl:
             self.link = rtnl.link(name=name)
             self.addresses = rtnl.addresses(self.link.index)
