@@ -4712,11 +4712,11 @@ class VhostBridge(_Forwarder):
         moved = self.poll_once()
         if self._nic_wait != waited:
             self._poller.modify(self.nic.fileno(), select.POLLIN if self._nic_wait else 0)
-        # Not while busy-polling (ready None): poll() brings the end of the hold.
-        if ready is not None:
-            unbind_at = self._wake_at()
-            if unbind_at is not None and time.monotonic() >= unbind_at:
-                self._bind_tap(False)
+        # Busy-polling too: a window longer than the gaps in the traffic never
+        # comes back to poll(), and a bound ring would wake the worker per frame.
+        unbind_at = self._wake_at()
+        if unbind_at is not None and time.monotonic() >= unbind_at:
+            self._bind_tap(False)
         return moved
 
 

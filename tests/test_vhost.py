@@ -348,6 +348,14 @@ class TestTapBinds(RunningBridgeCase, unittest.TestCase):
             topo.wait_until(read_directly, 10, "a ping read from the tap again")
 
 
+class TestTapBindsBusyPoll(TestTapBinds):
+    """The same with a busy-poll window longer than the gaps between the test's pings,
+    so the tool does not go back to poll() once the flood has passed: it still
+    takes the ring back TAP_BIND_HOLD after each flood."""
+
+    BRIDGE_OPTIONS = {"busy_poll": 1000000}
+
+
 class TestBindDeletedTap(OutsideCase, unittest.TestCase):
     """Binding the tap RX ring to a deleted tap fails in vhost_poll_start (the fd
     polls EPOLLERR: EINVAL): the bridge stops saying the tap was deleted, not with
