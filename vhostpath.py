@@ -2627,18 +2627,18 @@ class VhostDevices:
         self._vrings.append((self.devices[device], index, vq, callfd, backend))
         return vq
 
-    def start(self, tables, tap, hdr_len, features, mac, busy_poll=0):
+    def start(self, tables, tap, hdr_len, features, mac, busyloop=0):
         """Step 3: ``tables`` holds each device's memory regions; ``tap`` takes
         ``hdr_len``, the offloads of ``features`` and ``mac``; every vring's
-        worker busy-polls ``busy_poll`` microseconds.  Returns the features the
+        worker busy-polls ``busyloop`` microseconds.  Returns the features the
         tap took (Tap.set_virtio_net)."""
         for device, regions in zip(self.devices, tables):
             device.set_features(self.features)
             device.set_mem_table(regions)
         for device, index, vq, callfd, _ in self._vrings:
             device.set_vring(index, vq, callfd)
-            if busy_poll:
-                device.set_vring_busyloop_timeout(index, busy_poll)
+            if busyloop:
+                device.set_vring_busyloop_timeout(index, busyloop)
         # The tap produces and consumes the virtio-net header (vhost-net is not
         # asked for VHOST_NET_F_VIRTIO_NET_HDR), so its header size must match ours.
         features = tap.set_virtio_net(hdr_len, features, mac)
@@ -2830,9 +2830,14 @@ class Config:
             lengths (``"192.0.2.1/24"``, ``"2001:db8::1/64"``); they bring it up.
         up: bring the tap up once created.
         busy_poll: microseconds this process keeps passing over its rings after
-            a pass that moved frames, before it sleeps in poll() again, and
-            every vring's vhost worker spins for new work
-            (VHOST_SET_VRING_BUSYLOOP_TIMEOUT); 0 (off) to 1000000.
+            a pass that moved frames, before it sleeps in poll() again; 0 (off)
+            to 1000000.
+        vhost_busy_poll: microseconds every vring's vhost worker spins for new
+            buffers and socket data before it sleeps
+            (VHOST_SET_VRING_BUSYLOOP_TIMEOUT); 0 (off) to 1000000; tap I/O
+            vhost-net only.  Apart from busy_poll: a worker spins in the kernel
+            with preemption off until its window ends or the scheduler wants
+            the CPU, which on a small host the rest of the path needs.
         rx_cksum: VIRTIO_NET_F_GUEST_CSUM: the kernel may hand over partial
             checksums.
         lro: VIRTIO_NET_F_GUEST_TSO4/6: the kernel may hand over 64 KB TCP
@@ -2849,13 +2854,14 @@ class Config:
     """
 
     OPTIONS = ("tap_io", "nic_io", "path", "queue_size", "tap", "mac", "netns", "address",
-               "up", "rx_cksum", "lro", "queues", "busy_poll", "filter")
+               "up", "rx_cksum", "lro", "queues", "busy_poll", "vhost_busy_poll", "filter")
     TAP_IO = ("vhost-net", "read-write")
     NIC_IO = ("vhost-net", "socket")
 
     def __init__(self, tap_io="vhost-net", nic_io=None, path="/dev/vhost-net",
                  queue_size=256, tap="tap%d", mac=None, netns=None, address=(), up=False,
-                 rx_cksum=False, lro=False, queues=1, busy_poll=0, filter=None):
+                 rx_cksum=False, lro=False, queues=1, busy_poll=0, vhost_busy_poll=0,
+                 filter=None):
         if tap_io not in self.TAP_IO:
             raise ConfigError("tap_io", f"{tap_io!r} is not one of {', '.join(self.TAP_IO)}")
         if nic_io is None:
@@ -2885,10 +2891,13 @@ class Config:
             raise ConfigError("queues", f"must be from 1 to {MAX_TAP_QUEUES} (the tap's "
                                         f"limit), not {queues!r}")
         self.tap_io, self.nic_io, self.path, self.queue_size = tap_io, nic_io, path, queue_size
-        if not (_whole(busy_poll) and 0 <= busy_poll <= 1000000):
-            raise ConfigError("busy_poll", f"must be from 0 (off) to 1000000 microseconds, "
-                                           f"not {busy_poll!r}")
-        self.busy_poll = busy_poll
+        for keyword, value in (("busy_poll", busy_poll), ("vhost_busy_poll", vhost_busy_poll)):
+            if not (_whole(value) and 0 <= value <= 1000000):
+                raise ConfigError(keyword, f"must be from 0 (off) to 1000000 microseconds, "
+                                           f"not {value!r}")
+        if vhost_busy_poll and tap_io != "vhost-net":
+            raise ConfigError("vhost_busy_poll", f"needs tap I/O vhost-net, not {tap_io}")
+        self.busy_poll, self.vhost_busy_poll = busy_poll, vhost_busy_poll
         if netns is not None and not (isinstance(netns, str) and netns
                                       and "/" not in netns and netns not in (".", "..")):
             raise ConfigError("netns", f"{netns!r} is not a network namespace name")
@@ -3215,7 +3224,8 @@ class VirtioUserPort(Port):
             self.rxq.add_buf(desc_id, RX_BUF_SIZE)
         self._layout_tx(tx_bufs, spills)
         self.features = self.vhost.start([[self.arena.region()]], self.tap, self.hdr_len,
-                                         self.features, config.tap_mac(), config.busy_poll)
+                                         self.features, config.tap_mac(),
+                                         config.vhost_busy_poll)
         if tap is None:
             config.configure_tap(self.tap)
         self._rx_taken = []                # [(desc id, length)] per packet taken, in order
@@ -3550,7 +3560,7 @@ class _Forwarder(_Closing):
     ``_poll_fds()`` (fd -> poll events at start) and ``_step(ready)`` (one
     pass over what poll() reported, or over everything for None, which may
     change ``self._poller``; returns the frames moved), may define
-    ``_wake_at()``, and set ``busy_poll``.
+    ``_wake_at()``, and set ``busy_poll`` and ``vhost_busy_poll`` (Config's).
     """
 
     def _attach_nic(self, nic, nic_stats):
@@ -3565,10 +3575,12 @@ class _Forwarder(_Closing):
 
     def describe_busy_poll(self):
         """The -v line of the busy-poll setting."""
-        if not self.busy_poll:
-            return "busy-poll: off (poll() sleeps until a device or the NIC signals)"
-        return (f"busy-poll: {self.busy_poll} us after a pass that moved frames, and "
-                f"every vring's vhost worker spins as long (VHOST_SET_VRING_BUSYLOOP_TIMEOUT)")
+        line = (f"busy-poll: {self.busy_poll} us after a pass that moved frames" if self.busy_poll
+                else "busy-poll: off (poll() sleeps until a device or the NIC signals)")
+        if self.vhost_busy_poll:
+            line += (f"; every vring's vhost worker spins {self.vhost_busy_poll} us for new "
+                     "work (VHOST_SET_VRING_BUSYLOOP_TIMEOUT)")
+        return line
 
     def describe_following(self):
         """What of the NIC the tap follows (a -v line, and a warning where the carrier
@@ -3778,7 +3790,7 @@ class Bridge(_Forwarder):
     def __init__(self, nic, port, nic_stats=None, quiet_nic=True, hook=None):
         self.port, self.hook = port, hook
         self._judged = False             # OUTWARD: the first frame taken next was PASSed
-        self.busy_poll = port.config.busy_poll
+        self.busy_poll, self.vhost_busy_poll = port.config.busy_poll, port.config.vhost_busy_poll
         self._attach_nic(nic, nic_stats)
         self._nic_blocked = False         # a send to the NIC hit a full socket buffer
         self._send = _MsgBatch(SEND_BATCH, 1 + MAX_RX_BUFS)
@@ -4097,7 +4109,8 @@ class VhostBridge(_Forwarder):
     def __init__(self, nic, config=None, tap=None, nic_stats=None, tap_stats=None,
                  quiet_nic=True, **options):
         self.config = _config(config, options)
-        self.queue_size, self.busy_poll = self.config.queue_size, self.config.busy_poll
+        self.queue_size = self.config.queue_size
+        self.busy_poll, self.vhost_busy_poll = self.config.busy_poll, self.config.vhost_busy_poll
         self._attach_nic(nic, nic_stats)
         self.tap_stats = tap_stats or PortStats()
         self.resizes = 0                    # data paths made again for a larger MTU
@@ -4204,7 +4217,7 @@ class VhostBridge(_Forwarder):
         arena = self.arena.region()
         self.features = self.vhost.start([[arena, self.nic_ring.region()], [arena]],
                                          self.tap, self.hdr_len, self.features, mac,
-                                         config.busy_poll)
+                                         config.vhost_busy_poll)
         self._tap_bound, self._hold_until = True, 0.0
         self._bind_tap(False)                   # idle: TAP_BIND_HOLD
 
@@ -5041,9 +5054,12 @@ def _add_port_options(p):
                         "softirq (default: every frame)")
     p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
                    help="after a pass that moved frames, keep passing over the rings for "
-                        "USEC microseconds before sleeping, and let the vhost workers spin "
-                        "as long: lower latency, more CPU under traffic, none when idle "
-                        "(default 0: off)")
+                        "USEC microseconds before sleeping: lower latency, more CPU under "
+                        "traffic, none when idle (default 0: off)")
+    p.add_argument("--vhost-busy-poll", type=int, default=0, metavar="USEC",
+                   help="let every vring's vhost worker spin USEC microseconds for new work "
+                        "before sleeping; each holds a CPU meanwhile, worth it only where "
+                        "the path has cores to spare (default 0: off)")
     _add_switch(p, "--lro", "large receive: the kernel hands over 64 KB TCP segments "
                             "(VIRTIO_NET_F_GUEST_TSO4/6), segmented on the way out "
                             "(default: on, unless --no-rx-cksum)")
@@ -5115,6 +5131,8 @@ def _preflight(args, iface=None):
         return None
     if args.nic_io == "vhost-net":
         raise VhostPathError(f"--nic-io vhost-net: {missing}")
+    if args.vhost_busy_poll:
+        raise VhostPathError(f"--vhost-busy-poll: {missing}")
     args.tap_io = "read-write"
     return (f"warning: {missing}. Falling back to --tap-io read-write: this process moves "
             "every packet with read()/write() on the tap, with no vhost kernel thread, so "

@@ -765,15 +765,16 @@ class UdpGsoCase(OutsideCase):
 
 
 class BusyPollCase(OutsideCase):
-    """--busy-poll: sha256-checked transfers both ways, passes that found work counted,
-    and once the window has passed without traffic, the process and its vhost
-    threads asleep."""
+    """--busy-poll (and with vhost-net, --vhost-busy-poll): sha256-checked transfers
+    both ways, passes that found work counted, and once the windows have passed
+    without traffic, the process and its vhost threads asleep."""
 
     TAP_IO = "vhost-net"
 
     def test_busy_poll_forwards_then_sleeps(self):
+        vhost = ("--vhost-busy-poll", "2000") if self.TAP_IO == "vhost-net" else ()
         tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--busy-poll", "2000",
-                         "-v", "--address", f"{topo.KERNEL_IP}/24")
+                         *vhost, "-v", "--address", f"{topo.KERNEL_IP}/24")
         self.addCleanup(tool.kill)
         for direction in ("in", "out"):
             sent, received = topo.tcp_transfer(direction, 8 * MB)
@@ -786,6 +787,7 @@ class BusyPollCase(OutsideCase):
         rc, out, err = tool.stop()
         self.assertEqual(rc, 0, err)
         self.assertIn("busy-poll: 2000 us after a pass that moved frames", err)
+        self.assertEqual("every vring's vhost worker spins 2000 us" in err, bool(vhost), err)
         passes = re.search(r"Busy-poll passes that found work: (\d+)", out)
         self.assertTrue(passes and int(passes.group(1)) > 0, out)
 

@@ -495,6 +495,17 @@ class TestCliErrors(unittest.TestCase):
                                    "/nonexistent"), "--nic-io vhost-net",
                          "/nonexistent does not exist")
 
+    def test_vhost_busy_poll_needs_vhost_net(self):
+        self.assertFails(_run_tool("--iface", "lo", "--tap-io", "read-write",
+                                   "--vhost-busy-poll", "50"),
+                         "--vhost-busy-poll: needs tap I/O vhost-net, not read-write")
+        # --tap-io auto would fall back to read-write: refused, not ignored.
+        self.assertFails(_run_tool("--iface", "lo", "--vhost-busy-poll", "50", "--path",
+                                   "/nonexistent"), "--vhost-busy-poll: /nonexistent does not")
+        self.assertFails(_run_tool("--iface", "lo", "--vhost-busy-poll", "-1", "--tap-io",
+                                   "vhost-net", "--path", "/dev/null"),
+                         "--vhost-busy-poll: must be from 0 (off) to 1000000 microseconds")
+
     def test_nic_missing(self):
         r = _run_tool("--iface", "nosuchnic0", "--path", "/dev/null")
         self.assertFails(r, "nosuchnic0", "no such network interface")

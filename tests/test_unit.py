@@ -516,7 +516,11 @@ class TestConfig(unittest.TestCase):
                 (dict(netns="../x"), "netns", "not a network namespace name"),
                 (dict(netns=""), "netns", "not a network namespace name"),
                 (dict(busy_poll=-1), "busy_poll", "from 0 (off) to 1000000 microseconds"),
-                (dict(busy_poll=2000000), "busy_poll", "not 2000000")):
+                (dict(busy_poll=2000000), "busy_poll", "not 2000000"),
+                (dict(vhost_busy_poll=-5), "vhost_busy_poll", "from 0 (off) to 1000000"),
+                (dict(vhost_busy_poll="50"), "vhost_busy_poll", "not '50'"),
+                (dict(tap_io="read-write", vhost_busy_poll=50), "vhost_busy_poll",
+                 "needs tap I/O vhost-net, not read-write")):
             with self.subTest(**options):
                 with self.assertRaises(vp.ConfigError) as cm:
                     vp.Config(**options)
