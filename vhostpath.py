@@ -58,8 +58,8 @@ __all__ = [
     "VhostPathError", "RingBrokenError", "ConfigError",
     "vnet_hdr_len", "offload_features", "tap_offloads", "feature_names",
     "Arena", "SplitVirtqueue", "vring_layout",
-    "socket_in_netns", "Link", "Rtnl", "Tap", "VhostNet", "attach_filter", "PacketSocket",
-    "PacketRxRing", "restore_nic", "QuietNic", "VhostDevices",
+    "socket_in_netns", "Link", "Rtnl", "restore_nic", "Tap", "restore_tap", "VhostNet",
+    "attach_filter", "PacketSocket", "PacketRxRing", "QuietNic", "VhostDevices",
     "insert_vlan_tag", "insert_vlan_tag_scattered", "Frame",
     "Config", "check_filter", "load_filter", "PortStats", "Port", "VirtioUserPort", "TapPort",
     "PASS", "BOUNCE", "DROP", "KEEP", "INWARD", "OUTWARD",
@@ -1593,6 +1593,81 @@ def _put_back_sysctls(ifindex, sysctls):
     return restored
 
 
+STATE_DIR = "/run/vhostpath"              # what a running vhostpath changed, per link
+TAP_STATE_DIR = os.path.join(STATE_DIR, "tap")     # a persistent tap's (TapFound)
+
+
+def _process_id(pid):
+    """``pid`` and its start time (/proc/PID/stat field 22): a running process's
+    identity, which a later process reusing the pid does not share; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid}@{f.read().rpartition(')')[2].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _state_file(name, folder=STATE_DIR):
+    """The record of link ``name`` in ``folder``: STATE_DIR for a NIC, TAP_STATE_DIR
+    for a persistent tap."""
+    if not _ifname_valid(name):                 # never a path out of the folder
+        raise VhostPathError(f"invalid interface name {name!r}")
+    return os.path.join(folder, f"{name}.json")
+
+
+def _write_record(path, fields):
+    """Record ``fields`` (what a link was before it changes: JSON values) and who
+    changes it: this process (pid and start time).  Written aside and renamed:
+    whole or absent."""
+    import json
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    temp = f"{path}.{os.getpid()}"
+    with open(temp, "w") as f:
+        json.dump(dict(fields, owner=_process_id(os.getpid())), f)
+    os.rename(temp, path)
+
+
+def _take_record(path, read, busy):
+    """``read(record)`` of the record at ``path`` (a dict: see _write_record), once
+    its writer is gone; None if there is none, or it is torn or foreign (then
+    it is removed: nothing in it can be trusted).  The caller removes it once
+    it has put back what it holds.  Raises VhostPathError if its writer
+    still runs, saying ``busy`` and the pid."""
+    import json
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        owner, fields = str(record["owner"]), read(record)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        os.unlink(path)
+        return None
+    pid = owner.partition("@")[0]
+    if _process_id(pid) == owner:
+        raise VhostPathError(f"{busy} (pid {pid}); stop it first")
+    return fields
+
+
+def restore_nic(iface):
+    """Put back what a vhostpath that is no longer running changed on ``iface``, from
+    its record under STATE_DIR (written before the change), and remove the
+    record; the NIC is the record's ifindex, renamed or not, and a record of
+    a NIC since removed is only removed.  Returns {sysctl file: value put
+    back} (empty without a record).
+
+    Raises VhostPathError if the process that wrote the record still runs.
+    """
+    path = _state_file(iface)
+    record = _take_record(path, lambda r: (int(r["ifindex"]), dict(r["sysctls"])),
+                          f"{iface} is bridged by vhostpath")
+    if record is None:
+        return {}
+    restored = _put_back_sysctls(*record)
+    os.unlink(path)
+    return restored
+
+
 ########################################################################################
 # Frames: VLAN tags put back, and frames for a Python dataplane
 ########################################################################################
@@ -1881,47 +1956,105 @@ class TapFound:
     (TUNSETOFFLOAD, TUNSETVNETHDRSZ) as every user of a tap does.  Both in
     this network namespace, where the tap stays.
 
-    Made before the tap is opened where the name is known: attaching a queue
-    turns the carrier on, and the kernel gives an up tap an IPv6 link-local
-    address then.  OSError ENODEV if there is no link ``name``.
+    ``read(name)`` finds it, before the tap is opened where the name is known:
+    attaching a queue turns the carrier on, and the kernel gives an up tap an
+    IPv6 link-local address then.  ``keep(name)`` records it under
+    TAP_STATE_DIR until restore(), so that after a SIGKILL or a crash the
+    next start on the tap, or ``vhostpath cleanup --tap``, puts it back
+    (restore_tap), never what a killed instance made of it.
     """
 
-    def __init__(self, name):
+    def __init__(self, index, address, mtu, up, addresses, sysctls):
+        self.index, self.address, self.mtu, self.up = index, address, mtu, up
+        self.addresses, self.sysctls = addresses, sysctls
+        self._record = None                 # its record's path, once kept
+
+    @classmethod
+    def read(cls, name):
+        """Tap ``name`` as it is now.  OSError ENODEV if there is no link ``name``."""
         with Rtnl() as rtnl:
-            self.link = rtnl.link(name=name)
-            self.addresses = rtnl.addresses(self.link.index)
-        self.sysctls = {template: _sysctl_read(_net_sysctl(template, name))
-                        for template, _ in Tap.NOTIFY}
+            link = rtnl.link(name=name)
+            addresses = rtnl.addresses(link.index)
+        return cls(link.index, link.address, link.mtu, bool(link.flags & IFF_UP), addresses,
+                   {template: _sysctl_read(_net_sysctl(template, name))
+                    for template, _ in Tap.NOTIFY})
+
+    @classmethod
+    def from_record(cls, record, path):
+        """The tap ``record`` describes (read from ``path``, which restore removes);
+        ValueError, KeyError, TypeError or AttributeError if it is not one."""
+        import ipaddress
+        sysctls = {str(template): None if value is None else str(value)
+                   for template, value in record["sysctls"].items()}
+        found = cls(int(record["ifindex"]), bytes.fromhex(record["mac"]), int(record["mtu"]),
+                    bool(record["up"]), [ipaddress.ip_interface(a) for a in record["addresses"]],
+                    sysctls)
+        found._record = path
+        return found
+
+    def keep(self, name):
+        """Record this as what tap ``name``, now attached, was (restore removes it)."""
+        path = _state_file(name, TAP_STATE_DIR)
+        _write_record(path, {"ifindex": self.index, "mac": self.address.hex(), "mtu": self.mtu,
+                             "up": self.up, "addresses": [str(a) for a in self.addresses],
+                             "sysctls": self.sysctls})
+        self._record = path
 
     def restore(self):
         """Put back what changed; nothing if the tap is gone.  Found by its index, and
         its sysctls under the name it has now: renamed meanwhile, its old name may
-        be another link's."""
-        index, found = self.link.index, self.link
+        be another link's.  Then its record, if kept, is removed.  Returns whether
+        the tap was there."""
         with Rtnl() as rtnl:
             try:
-                now = rtnl.link(index)
+                now = rtnl.link(self.index)
             except OSError as e:
                 if e.errno != errno.ENODEV:
                     raise
-                return
-            name = now.name             # for the messages: it may have been renamed
-            if now.address != found.address:
-                rtnl.set_link(index, f"MAC address back on {name}", address=found.address)
-            if now.mtu != found.mtu:
-                rtnl.set_link(index, f"MTU {found.mtu} back on {name}", mtu=found.mtu)
-            if now.flags & IFF_UP and not found.flags & IFF_UP:
-                rtnl.set_link(index, f"{name} down again", up=False)
-            for interface in set(rtnl.addresses(index)) - set(self.addresses):
-                try:
-                    rtnl.del_address(index, interface, f"address {interface} off {name}")
-                except OSError as e:    # gone with another (an IPv4 secondary, its primary)
-                    if e.errno != errno.EADDRNOTAVAIL:
-                        raise
-            for interface in set(self.addresses) - set(rtnl.addresses(index)):
-                rtnl.add_address(index, interface, f"address {interface} back on {name}")
-        _put_back_sysctls(index, {template: value for template, value in self.sysctls.items()
-                                  if value is not None})
+                now = None
+            else:
+                self._put_back(rtnl, now)
+        if now is not None:
+            _put_back_sysctls(self.index, {template: value for template, value
+                                           in self.sysctls.items() if value is not None})
+        if self._record is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._record)
+            self._record = None
+        return now is not None
+
+    def _put_back(self, rtnl, now):
+        """restore() on ``now``, the tap's link as it is: its MAC, MTU, state and
+        addresses."""
+        index, name = self.index, now.name   # for the messages: it may have been renamed
+        if now.address != self.address:
+            rtnl.set_link(index, f"MAC address back on {name}", address=self.address)
+        if now.mtu != self.mtu:
+            rtnl.set_link(index, f"MTU {self.mtu} back on {name}", mtu=self.mtu)
+        if now.flags & IFF_UP and not self.up:
+            rtnl.set_link(index, f"{name} down again", up=False)
+        for interface in set(rtnl.addresses(index)) - set(self.addresses):
+            try:
+                rtnl.del_address(index, interface, f"address {interface} off {name}")
+            except OSError as e:    # gone with another (an IPv4 secondary, its primary)
+                if e.errno != errno.EADDRNOTAVAIL:
+                    raise
+        for interface in set(self.addresses) - set(rtnl.addresses(index)):
+            rtnl.add_address(index, interface, f"address {interface} back on {name}")
+
+
+def restore_tap(name):
+    """Put back persistent tap ``name`` as a vhostpath that is no longer running found
+    it, from its record under TAP_STATE_DIR (TapFound.keep), and remove the
+    record; the tap is the record's ifindex, renamed or not, and a record of a
+    tap since removed is only removed.  Returns whether a tap was put back.
+
+    Raises VhostPathError if the process that wrote the record still runs.
+    """
+    path = _state_file(name, TAP_STATE_DIR)
+    found = _take_record(path, lambda record: TapFound.from_record(record, path),
+                         f"{name} is attached by vhostpath")
+    return found is not None and found.restore()
 
 
 class VhostNet:
@@ -2450,75 +2583,6 @@ class PacketRxRing:
         return f"<PacketRxRing {self.frame_nr} x {self.frame_size} bytes at {self.addr:#x}>"
 
 
-STATE_DIR = "/run/vhostpath"              # what a running vhostpath changed, per NIC
-
-
-def _process_id(pid):
-    """``pid`` and its start time (/proc/PID/stat field 22): a running process's
-    identity, which a later process reusing the pid does not share; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f"{pid}@{f.read().rpartition(')')[2].split()[19]}"
-    except (OSError, IndexError):
-        return None
-
-
-def _state_file(iface):
-    if not _ifname_valid(iface):                # never a path out of STATE_DIR
-        raise VhostPathError(f"invalid interface name {iface!r}")
-    return os.path.join(STATE_DIR, f"{iface}.json")
-
-
-def _write_record(iface, ifindex, sysctls):
-    """Record, before they change, the values ``sysctls`` ({/proc/sys/net path with
-    "{}" for the NIC's name: value}) of ``iface`` and who changes them: this
-    process (pid and start time) and the NIC (its ifindex, which outlives a
-    rename).  Written aside and renamed: whole or absent."""
-    import json
-    os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
-    temp = f"{_state_file(iface)}.{os.getpid()}"
-    with open(temp, "w") as f:
-        json.dump({"owner": _process_id(os.getpid()), "ifindex": ifindex, "sysctls": sysctls}, f)
-    os.rename(temp, _state_file(iface))
-
-
-def _read_record(iface):
-    """(owner, ifindex, sysctls) of ``iface``'s record (see _write_record); None if
-    there is none, or it is torn or foreign (then it is removed: nothing in it
-    can be trusted)."""
-    import json
-    try:
-        with open(_state_file(iface)) as f:
-            record = json.load(f)
-        return str(record["owner"]), int(record["ifindex"]), dict(record["sysctls"])
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError):
-        os.unlink(_state_file(iface))
-        return None
-
-
-def restore_nic(iface):
-    """Put back what a vhostpath that is no longer running changed on ``iface``, from
-    its record under STATE_DIR (written before the change), and remove the
-    record; the NIC is the record's ifindex, renamed or not, and a record of
-    a NIC since removed is only removed.  Returns {sysctl file: value put
-    back} (empty without a record).
-
-    Raises VhostPathError if the process that wrote the record still runs.
-    """
-    record = _read_record(iface)
-    if record is None:
-        return {}
-    owner, ifindex, sysctls = record
-    if _process_id(owner.partition("@")[0]) == owner:
-        raise VhostPathError(f"{iface} is bridged by vhostpath (pid {owner.partition('@')[0]}); "
-                             "stop it first")
-    restored = _put_back_sysctls(ifindex, sysctls)
-    os.unlink(_state_file(iface))
-    return restored
-
-
 class QuietNic:
     """The NIC's own stack kept quiet while bridging; ``restore()`` puts back what was
     there.
@@ -2551,7 +2615,7 @@ class QuietNic:
                 self.old[template] = value
         if not self.old:
             return
-        _write_record(iface, self.ifindex, self.old)
+        _write_record(self.record, {"ifindex": self.ifindex, "sysctls": self.old})
         try:
             for template, value in self.SETTINGS:
                 _sysctl_swap(_net_sysctl(template, iface), value)
@@ -2955,15 +3019,18 @@ def _open_tap(config, push, tap=None, multi_queue=False):
         return tap
     found = None
     if "%" not in config.tap:
+        restore_tap(config.tap)                 # as a killed vhostpath found it
         try:
-            found = TapFound(config.tap)
+            found = TapFound.read(config.tap)
         except OSError as e:
             if e.errno != errno.ENODEV:         # none yet: the kernel makes it
                 raise
     tap = Tap(config.tap, multi_queue)
     push(tap.close)
     if tap.persistent:
-        push((found or TapFound(tap.name)).restore)
+        found = found or TapFound.read(tap.name)
+        found.keep(tap.name)
+        push(found.restore)
         if config.netns is not None:
             raise VhostPathError(f"{tap.name} is a persistent tap (it existed before): it "
                                  f"stays in its network namespace, not {config.netns}; "
@@ -5207,6 +5274,8 @@ def _bridge_main(args):
     if warning:
         _say(warning)
     _say_restored(args.iface, restore_nic(args.iface))
+    if "%" not in config.tap:
+        _say_tap_restored(config.tap)
     address = _ipv4_address(args.iface)
     if address:
         _say(f"warning: {args.iface} still has IPv4 address {address}: the kernel will "
@@ -5245,14 +5314,29 @@ def _say_restored(iface, restored):
         _say(f"put back {settings} (left changed by a vhostpath on {iface} that was killed)")
 
 
+def _say_tap_restored(name):
+    """restore_tap, told; returns whether it put anything back: a vhostpath on tap
+    ``name`` did not stop cleanly."""
+    if not restore_tap(name):
+        return False
+    _say(f"put back {name} as it was found (left changed by a vhostpath that was killed)")
+    return True
+
+
 def _cleanup_main(args):
-    """``vhostpath cleanup --iface NIC``: what a killed vhostpath changed, put back."""
+    """``vhostpath cleanup --iface NIC --tap TAP`` (either or both): what a killed
+    vhostpath changed, put back."""
+    if args.iface is None and args.tap is None:
+        raise VhostPathError("cleanup: name the NIC (--iface), the tap (--tap) or both")
     if not _capabilities() & (1 << CAP_NET_ADMIN):
         raise VhostPathError("permission denied: run as root")
-    restored = restore_nic(args.iface)
-    _say_restored(args.iface, restored)
-    if not restored:
-        print(f"nothing to put back on {args.iface}", flush=True)
+    if args.iface is not None:
+        restored = restore_nic(args.iface)
+        _say_restored(args.iface, restored)
+        if not restored:
+            print(f"nothing to put back on {args.iface}", flush=True)
+    if args.tap is not None and not _say_tap_restored(args.tap):
+        print(f"nothing to put back on {args.tap}", flush=True)
     return 0
 
 
@@ -5260,9 +5344,11 @@ def _build_cleanup_parser():
     p = argparse.ArgumentParser(
         prog="vhostpath cleanup",
         description="Put back what a vhostpath that was killed (SIGKILL, OOM, a crash) "
-                    f"changed on a NIC, from its record under {STATE_DIR}.  A normal stop, "
-                    "and the next start on the NIC, do this themselves.")
-    p.add_argument("--iface", required=True, help="the NIC")
+                    f"changed on a NIC or a persistent tap, from its record under {STATE_DIR}.  "
+                    "A normal stop, and the next start on the NIC or the tap, do this "
+                    "themselves.")
+    p.add_argument("--iface", help="the NIC")
+    p.add_argument("--tap", help="the persistent tap")
     return p
 
 

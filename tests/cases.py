@@ -555,6 +555,49 @@ class LifeCycleCase(OutsideCase):
                          "is moved there")
         self.assertEqual(topo.link_state("vpkeep0"), found)
 
+    def test_a_persistent_tap_is_put_back_after_sigkill(self):
+        """After a SIGKILL a persistent tap is left as the tool made it, with a record
+        of what it was, which `cleanup --tap` puts back (refused while the tool
+        runs); after another SIGKILL the next start does, and its stop too."""
+        found = topo.persistent_tap(self, "vpkeep0")
+        notify = "/proc/sys/net/ipv4/conf/vpkeep0/arp_notify"
+        notify_found = topo.sh("cat", notify).strip()
+        record = "/run/vhostpath/tap/vpkeep0.json"
+        args = ("--tap", "vpkeep0", "--address", f"{topo.KERNEL_IP}/24",
+                "--mac", "02:00:00:00:00:99")
+        tool = self.start(*args)
+        cleanup = [*topo.tool_command(), "cleanup", "--iface", "veth0", "--tap", "vpkeep0"]
+        r = topo.run([*topo.tool_command(), "cleanup", "--tap", "vpkeep0"], timeout=60)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(r.stderr.strip().splitlines()[-1],
+                         f"vhostpath: vpkeep0 is attached by vhostpath (pid {tool.pid}); "
+                         "stop it first")
+        for restart in (False, True):
+            tool.proc.kill()
+            tool.proc.communicate()
+            mtu, mac, up, addresses = topo.link_state("vpkeep0")
+            self.assertEqual((mtu, mac, up), ("1500", "02:00:00:00:00:99", True))
+            self.assertIn(f"{topo.KERNEL_IP}/24", addresses)
+            self.assertEqual(topo.sh("cat", notify).strip(), "1")
+            self.assertTrue(os.path.exists(record))
+            if restart:
+                tool = self.start(*args)
+                rc, _, err = tool.stop()
+                self.assertEqual(rc, 0, err)
+            else:
+                r = topo.run(cleanup, timeout=60)        # the NIC's record too
+                self.assertEqual(r.returncode, 0, r.stderr)
+                err = r.stderr
+                self.assertEqual(topo.link_state("vpkeep0"), found)
+                self.assertEqual(topo.sh("cat", notify).strip(), notify_found)
+                self.assertFalse(os.path.exists(record))
+                tool = self.start(*args)
+            self.assertIn("put back vpkeep0 as it was found (left changed by a vhostpath "
+                          "that was killed)", err)
+        self.assertEqual(topo.link_state("vpkeep0"), found)
+        self.assertEqual(topo.sh("cat", notify).strip(), notify_found)
+        self.assertFalse(os.path.exists(record))
+
     def test_a_renamed_persistent_tap_is_put_back_under_its_new_name(self):
         """A persistent tap renamed while the tool runs gets its sysctls back under its
         new name at exit; the link that took its old name is left alone."""

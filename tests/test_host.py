@@ -211,6 +211,66 @@ class TestTap(unittest.TestCase):
                 vp.Tap(bad)
 
 
+class TestTapRecord(unittest.TestCase):
+    """A persistent tap's record (TapFound.keep) as restore_tap reads it: a tap
+    changed under a dead owner's record is put back and the record removed; a
+    running owner's record is refused and kept; a torn or foreign record, or one
+    of a tap since removed, is only removed."""
+
+    NAME = "vprec0"
+
+    def setUp(self):
+        self.path = os.path.join(vp.TAP_STATE_DIR, f"{self.NAME}.json")
+        self.addCleanup(lambda: os.path.exists(self.path) and os.unlink(self.path))
+
+    def write(self, text):
+        os.makedirs(vp.TAP_STATE_DIR, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def orphan(self):
+        """The record's owner made a process that has exited (pid 1 at another start)."""
+        import json
+        with open(self.path) as f:
+            record = json.load(f)
+        self.write(json.dumps(dict(record, owner="1@0")))
+
+    def test_put_back_under_a_dead_owner(self):
+        found = topo.persistent_tap(self, self.NAME)
+        vp.TapFound.read(self.NAME).keep(self.NAME)
+        with self.assertRaises(vp.VhostPathError) as cm:
+            vp.restore_tap(self.NAME)
+        self.assertEqual(str(cm.exception), f"{self.NAME} is attached by vhostpath "
+                                            f"(pid {os.getpid()}); stop it first")
+        self.assertTrue(os.path.exists(self.path))
+        topo.sh("ip", "link", "set", self.NAME, "mtu", "1500", "address", "02:00:00:00:00:98",
+                "up")
+        topo.sh("ip", "addr", "add", "10.8.8.1/24", "dev", self.NAME)
+        self.assertNotEqual(topo.link_state(self.NAME), found)
+        self.orphan()
+        self.assertTrue(vp.restore_tap(self.NAME))
+        self.assertEqual(topo.link_state(self.NAME), found)
+        self.assertFalse(os.path.exists(self.path))
+        self.assertFalse(vp.restore_tap(self.NAME))      # nothing left to put back
+
+    def test_a_removed_tap_record_is_only_removed(self):
+        topo.persistent_tap(self, self.NAME)
+        vp.TapFound.read(self.NAME).keep(self.NAME)
+        topo.sh("ip", "link", "del", self.NAME)
+        self.orphan()
+        self.assertFalse(vp.restore_tap(self.NAME))
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_torn_and_foreign_records_are_removed(self):
+        for text in ('{"owner": "1@0", "ifindex"', '{"owner": "1@0"}', '[1, 2]',
+                     '{"owner": "1@0", "ifindex": 1, "mac": "zz", "mtu": 1500, "up": false, '
+                     '"addresses": [], "sysctls": {}}'):
+            with self.subTest(record=text):
+                self.write(text)
+                self.assertFalse(vp.restore_tap(self.NAME))
+                self.assertFalse(os.path.exists(self.path))
+
+
 class TestPacketRxRing(OutsideCase, unittest.TestCase):
     """The NIC's receive ring on a veth (MTU 4000, so that frames over a 2 KB slot
     come too): frames in ring order behind their virtio_net_hdr, big ones queued
@@ -555,14 +615,13 @@ class TestCliErrors(unittest.TestCase):
         self.assertFails(_run_tool("--iface", "lo", "--address", "10.0.0.1/24", "--address",
                                    "fe80::1/129"), "--address: 'fe80::1/129' is not")
 
-    def test_cleanup_needs_root_and_a_nic(self):
+    def test_cleanup_needs_root_and_a_link(self):
         with topo.readable_copy() as tool:
             r = topo.run([topo.unprivileged_python(), tool, "cleanup", "--iface", "lo"],
                          timeout=60, preexec_fn=topo.as_user(topo.NOBODY))
         self.assertFails(r, "permission denied", "root")
-        r = _run_tool("cleanup")
-        self.assertEqual(r.returncode, 2)
-        self.assertIn("the following arguments are required: --iface", r.stderr)
+        self.assertFails(_run_tool("cleanup"),
+                         "cleanup: name the NIC (--iface), the tap (--tap) or both")
 
     def test_bad_stats_period(self):
         for bad in ("0", "-1", "nan", "inf", "1e9", "0.001"):
@@ -578,9 +637,10 @@ class TestCliErrors(unittest.TestCase):
             victim.write(b'{"a": 1}')
             victim.flush()
             name = "../.." + victim.name[:-len(".json")]
-            for bad in (name, "..", "a b", ""):
-                with self.subTest(iface=bad):
-                    self.assertFails(_run_tool("cleanup", "--iface", bad),
+            for option, bad in [(o, b) for o in ("--iface", "--tap")
+                                for b in (name, "..", "a b", "")]:
+                with self.subTest(option=option, name=bad):
+                    self.assertFails(_run_tool("cleanup", option, bad),
                                      f"invalid interface name {bad!r}")
             self.assertTrue(os.path.exists(victim.name))
 
