@@ -1811,7 +1811,7 @@ class Tap(_Closing):
                      | struct.unpack("I", offered)[0] & IFF_NAPI)
             req = _ifreq(name, flags)
             _ioctl(self.fd, "TUNSETIFF", TUNSETIFF, req, name)
-            self.name = req.ifr_name.decode()
+            self._name = req.ifr_name.decode()      # the last known: see name
             self.netns, self._rtnl = None, None     # this network namespace; see move_to
             self._index = None                      # its ifindex there, once asked
             self.persistent = bool(self.flags() & IFF_PERSIST)     # made before us
@@ -1924,11 +1924,25 @@ class Tap(_Closing):
         if up or addresses:
             self.set_up()
 
+    @property
+    def name(self):
+        """The tap's name now, asked through its fd (TUNGETIFF), so a rename (``ip
+        link set tap0 name ...``) is followed; once the fd is closed, or the tap
+        deleted, the last one known."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                self._name = self._get_iff().ifr_name.decode()
+        return self._name
+
+    def _get_iff(self):
+        """TUNGETIFF: an ifreq holding the tap's name and IFF_* flags now."""
+        req = _ifreq(self._name)
+        _ioctl(self.fd, "TUNGETIFF", TUNGETIFF, req, self._name)
+        return req
+
     def flags(self):
         """TUNGETIFF: the tap's IFF_* flags."""
-        req = _ifreq(self.name)
-        _ioctl(self.fd, "TUNGETIFF", TUNGETIFF, req, self.name)
-        return req.ifr_ifru.ifru_flags & 0xFFFF
+        return self._get_iff().ifr_ifru.ifru_flags & 0xFFFF
 
     def fileno(self):
         return self.fd
@@ -3820,8 +3834,10 @@ class _Forwarder(_Closing):
         return VhostPathError(f"{self.name} was deleted (or its queue detached): stopping")
 
     def refresh_stats(self):
-        """Add the packet socket's drop count (read and cleared from the kernel)."""
+        """Add the packet socket's drop count (read and cleared from the kernel); the
+        tap's counters take its name now (renamed meanwhile)."""
         self.nic_stats.rx_dropped += self.nic.drops()
+        self.tap_stats.name = self.name
 
     def report(self):
         """Forward statistics of both ports, testpmd style."""
@@ -4858,6 +4874,12 @@ class QueuePairs(_Closing):
             self._stack.close()
             raise
 
+    @property
+    def name(self):
+        """The tap's name (its first queue's, which this process holds: a rename is
+        followed)."""
+        return self._tap.name
+
     def _start(self, iface):
         push, tap_name = self._stack.callback, self.config.tap
         multi = self.queues > 1
@@ -4872,7 +4894,7 @@ class QueuePairs(_Closing):
         # Put back as found (a persistent tap) once the workers are gone: _reap
         # is pushed after.
         taps = [_open_tap(self.config, push, multi_queue=multi)]
-        self.name, self.tap_persistent = taps[0].name, taps[0].persistent
+        self._tap, self.tap_persistent = taps[0], taps[0].persistent
         for _ in range(1, self.queues):
             taps.append(Tap(self.name, multi_queue=True))
             push(taps[-1].close)

@@ -205,6 +205,19 @@ class TestTap(unittest.TestCase):
             with open(f"/sys/class/net/{t.name}/address") as f:
                 self.assertEqual(f.read().strip(), "02:00:00:12:34:56")
 
+    def test_name_follows_a_rename(self):
+        """The name is asked through the fd: a rename is followed (the index too, if
+        first asked after it), and once closed the last name known stays."""
+        with vp.Tap("vpold0") as t:
+            self.addCleanup(topo.sh, "ip", "link", "del", "vpnew0", check=False)
+            topo.sh("ip", "link", "set", "vpold0", "name", "vpnew0")
+            self.assertEqual(t.name, "vpnew0")
+            self.assertEqual(t.index(), socket.if_nametoindex("vpnew0"))
+            t.set_up()
+            self.assertIn("UP", topo.sh("ip", "-o", "link", "show", "vpnew0"))
+        self.assertEqual(t.name, "vpnew0")
+        self.assertNotIn("vpnew0", _interfaces(), "tap left behind after close")
+
     def test_bad_names_rejected(self):
         for bad in ("", "x" * 16, "a/b", "a b"):
             with self.subTest(name=bad), self.assertRaises(vp.VhostPathError):
