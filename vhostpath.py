@@ -2575,7 +2575,8 @@ class PacketRxRing:
         reordered with later stores) and used_pending() fences elsewhere."""
         q, first = self.frame_size // 4, min(n, self.frame_nr - start)
         self._u32[start * q:(start + first) * q:q] = self._zeros[:first]
-        self._u32[0:(n - first) * q:q] = self._zeros[:n - first]
+        if n > first:                             # round the end of the ring
+            self._u32[0:(n - first) * q:q] = self._zeros[:n - first]
 
     def _free(self):
         with contextlib.suppress(OSError):
@@ -3747,14 +3748,18 @@ class _Forwarder(_Closing):
         for fd, events in fds.items():
             self._poller.register(fd, events)
         self._poller.register(self._wake_r, select.POLLIN)
+        # Looked up once: a wakeup's first steps are on a round trip's path.
+        links_fd, tap_fd, nic_fd = links.fileno(), self.tap.fileno(), self.nic.fileno()
         while not self._stopping:
             ready = dict(self._poller.poll(ticker.timeout(self._wake_at())))
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 64)
-            if links.fileno() in ready:
+            if links_fd in ready:
                 self._check_links(links)
-            self._check_faults(ready, links)
+            tap_events, nic_events = ready.get(tap_fd, 0), ready.get(nic_fd, 0)
+            if (tap_events | nic_events) & _POLL_FAULTS:
+                self._check_faults(tap_events, nic_events, links)
             if self._step(ready) and self.busy_poll:
                 self._busy()
             if ticker.due() and on_stats:
@@ -3814,15 +3819,16 @@ class _Forwarder(_Closing):
         raise VhostPathError(f"{self.nic.iface} is gone (removed, renamed or moved to "
                              "another network namespace): stopping")
 
-    def _check_faults(self, ready, links):
-        """An error or hang-up poll() reported on the tap or the NIC socket: the tap
-        deleted (tun reports POLLERR on a detached fd), or the NIC gone, which
-        ends the bridge; or the NIC down (ENETDOWN), which is read and so cleared:
-        the kernel hooks the socket in again when the link comes back.  An error
-        that is neither would wake poll() for ever: it ends the bridge too."""
-        if ready.get(self.tap.fileno(), 0) & _POLL_FAULTS:
+    def _check_faults(self, tap_events, nic_events, links):
+        """An error or hang-up poll() reported on the tap or the NIC socket (in
+        ``tap_events``, ``nic_events``): the tap deleted (tun reports POLLERR on
+        a detached fd), or the NIC gone, which ends the bridge; or the NIC down
+        (ENETDOWN), which is read and so cleared: the kernel hooks the socket in
+        again when the link comes back.  An error that is neither would wake
+        poll() for ever: it ends the bridge too."""
+        if tap_events & _POLL_FAULTS:
             raise self._tap_deleted()
-        if ready.get(self.nic.fileno(), 0) & _POLL_FAULTS:
+        if nic_events & _POLL_FAULTS:
             err = self.nic.error()
             self._require_nic(links)
             if not err:
@@ -4360,14 +4366,16 @@ class VhostBridge(_Forwarder):
         and the arena: the bring-up's mirror."""
         self._stack.close()
 
-    def _count(self, rx_stats, tx_stats, lengths, lost=()):
+    def _count(self, rx_stats, tx_stats, lengths, lost=(), direct=0):
         """Count frames of ``lengths`` bytes (virtio_net_hdr included) received and
-        forwarded; those of ``lost`` (some of the same lengths) as dropped instead."""
+        forwarded; those of ``lost`` (some of the same lengths) as dropped instead;
+        ``direct`` of those forwarded went from here (DIRECT_BATCH)."""
         h, n = self.hdr_len, len(lengths)
         nbytes = sum(lengths) - h * n
         rx_stats.rx_packets += n
         rx_stats.rx_bytes += nbytes
         tx_stats.tx_packets += n - len(lost)
+        tx_stats.tx_direct += direct
         tx_stats.tx_bytes += nbytes - (sum(lost) - h * len(lost))
         tx_stats.tx_dropped += len(lost)
         limit = self._max_frame + h
@@ -4403,7 +4411,7 @@ class VhostBridge(_Forwarder):
             rxq.add_run(first, done)        # recycled now: see _recycle
         if done < count:
             txq.add_run(first + done, count - done, lengths[done:])
-        self._count(self.tap_stats, self.nic_stats, lengths, lost)
+        self._count(self.tap_stats, self.nic_stats, lengths, lost, done - len(lost))
         return count
 
     def _rings_idle(self):
@@ -4423,8 +4431,6 @@ class VhostBridge(_Forwarder):
                 return k, lost
             except OSError:                 # the NIC down (ENETDOWN), a qdisc drop...
                 lost.append(lengths[k])
-            else:
-                self.nic_stats.tx_direct += 1
         return count, lost
 
     def _forward_merged(self, first, count, lengths):
@@ -4504,11 +4510,12 @@ class VhostBridge(_Forwarder):
                 tag = VLAN_HLEN if ring.vlan_tagged(start, n) else 0
                 if tag and not ring.retag(start, n, self.hdr_len):
                     tag = None
-            lost = []                           # written directly, refused by the tap
+            lost, direct = [], 0                # written from here: refused by the tap, the rest
             if tag is not None:
                 lengths = array.array("I", [length + self.hdr_len + tag for length in snaplen])
                 if n <= DIRECT_BATCH and self._rings_idle():
                     lost = self._write_tap(start, n, tag, lengths)
+                    direct = n - len(lost)
                 else:
                     txq.set_addrs(first, self._frame_addrs[bool(tag)][start:start + n])
                     txq.add_run(first, n, memoryview(lengths))
@@ -4520,7 +4527,7 @@ class VhostBridge(_Forwarder):
             self._nic_head = (start + taken) % ring.frame_nr
             room -= taken
             if lengths:
-                self._count(self.nic_stats, self.tap_stats, lengths, lost)
+                self._count(self.nic_stats, self.tap_stats, lengths, lost, direct)
                 moved += len(lengths)
             if taken < limit:
                 break
@@ -4528,16 +4535,18 @@ class VhostBridge(_Forwarder):
             kicks.append(txq)
         return moved
 
-    def _write_usual(self, f):
+    def _write_usual(self, f, written, refused):
         """Write ring frame ``f`` to the tap from here (DIRECT_BATCH) if it is the usual
-        kind (PacketRxRing.whole), and count it; False if it is not."""
+        kind (PacketRxRing.whole), its length added to ``written``, and to
+        ``refused`` too if the tap refused it; False if it is not that kind."""
         ring = self.nic_ring
         length = ring.whole(f)
         if length is None:
             return False
         ring.front_header(f, ring.mac_offset)
-        lengths = (length + self.hdr_len,)
-        self._count(self.nic_stats, self.tap_stats, lengths, self._write_tap(f, 1, 0, lengths))
+        length += self.hdr_len
+        written.append(length)
+        refused += self._write_tap(f, 1, 0, (length,))
         self._nic_head = (f + 1) % ring.frame_nr
         return True
 
@@ -4555,8 +4564,6 @@ class VhostBridge(_Forwarder):
                 os.write(fd, ring.view[at:at + length])
             except OSError:                 # the tap down (EIO), a bad header (EINVAL)
                 lost.append(length)
-            else:
-                self.tap_stats.tx_direct += 1
         ring.release(start, n)
         self._nic_tail = (start + n) % ring.frame_nr
         return lost
@@ -4700,44 +4707,57 @@ class VhostBridge(_Forwarder):
         while that is unbound, frame by frame from the tap (_read_tap), straight
         to the tap or the NIC (DIRECT_BATCH), in turns, so that an answer that
         came back during a send goes on at once; then only the tap RX ring's
-        interrupt needs setting again.  Returns (frames moved, settled): not
-        settled at a burst from the NIC, a frame of another kind, frames put on
-        a TX ring (a burst from the tap RX ring, a full socket buffer), or
-        DIRECT_BATCH frames read from the tap: the full pass goes on from
-        there, the tap RX ring bound."""
-        ring, rxq, moved, reads = self.nic_ring, self.tap_rxq, 0, 0
-        while True:
-            f = self._nic_head
-            if ring.ready(f, 1):
-                # Two single looks: cheaper than ready(f, 2) on the answer's path.
-                if ring.ready((f + 1) % ring.frame_nr, 1) or not self._write_usual(f):
-                    break                       # a burst, or a frame of another kind
-                moved += 1
-                continue
-            run = rxq.get_run(self._rx_min_len)
-            if run is not None:
-                moved += self._forward_run(*run)
-                if self._rings_idle():
+        interrupt needs setting again (while it is bound: unbound, the device
+        uses no buffer).  The frames written to the tap and read from it are
+        counted at the end, off an answer's path.  Returns (frames moved,
+        settled): not settled at a burst from the NIC, a frame of another kind,
+        frames put on a TX ring (a burst from the tap RX ring, a full socket
+        buffer), or DIRECT_BATCH frames read from the tap: the full pass goes
+        on from there, the tap RX ring bound."""
+        ring, rxq, moved, settled = self.nic_ring, self.tap_rxq, 0, False
+        written, refused, read, unsent = [], [], [], []    # lengths to the tap, from it
+        try:
+            while True:
+                f = self._nic_head
+                if ring.ready(f, 1):
+                    # Two single looks: cheaper than ready(f, 2) on the answer's path.
+                    if ring.ready((f + 1) % ring.frame_nr, 1) or \
+                            not self._write_usual(f, written, refused):
+                        break                   # a burst, or a frame of another kind
                     continue
-                break
-            if not self._tap_bound:
-                if reads == DIRECT_BATCH:       # a burst from the kernel: to the worker
+                run = rxq.get_run(self._rx_min_len)
+                if run is not None:
+                    moved += self._forward_run(*run)
+                    if self._rings_idle():
+                        continue
                     break
-                if self._read_tap():
-                    reads += 1
-                    moved += 1
-                    continue
-            rxq.kick()                          # buffers _send_nic gave back
-            if rxq.enable_cb() and not self._nic_frame_waits():
-                return moved, True
-        rxq.kick()
-        self.nic_txq.kick()
-        return moved, False
+                if not self._tap_bound:
+                    if len(read) == DIRECT_BATCH:   # a burst from the kernel: to the worker
+                        break
+                    if self._read_tap(read, unsent):
+                        continue
+                rxq.kick()                      # buffers _send_nic gave back
+                if (not self._tap_bound or rxq.enable_cb()) and not self._nic_frame_waits():
+                    settled = True
+                    break
+        finally:                                # counted even when the bridge stops
+            if written:
+                self._count(self.nic_stats, self.tap_stats, written, refused,
+                            len(written) - len(refused))
+            if read:
+                self.tap_stats.rx_direct += len(read)
+                self._count(self.tap_stats, self.nic_stats, read, unsent,
+                            len(read) - len(unsent))
+        if not settled:
+            rxq.kick()
+            self.nic_txq.kick()
+        return moved + len(written) + len(read), settled
 
-    def _read_tap(self):
+    def _read_tap(self, read, unsent):
         """Read the frame at the head of the tap's queue from here (its RX vring
-        unbound: TAP_BIND_HOLD) and send it on the packet socket; False if none
-        waits.  No frame is in flight then, so none is overtaken."""
+        unbound: TAP_BIND_HOLD) and send it on the packet socket, its length
+        added to ``read``, and to ``unsent`` too if the send failed; False if
+        none waits.  No frame is in flight then, so none is overtaken."""
         try:
             length = os.readv(self.tap.fileno(), [self._tap_buf])
         except BlockingIOError:
@@ -4747,15 +4767,11 @@ class VhostBridge(_Forwarder):
                 raise self._tap_deleted() from None
             self.tap_stats.rx_dropped += 1      # one tun could not hand over (EINVAL: its
             return True                         # GSO type has no virtio_net_hdr): gone
-        lost = ()
+        read.append(length)
         try:
             self._send_read(self._tap_view[:length])
         except OSError:     # the NIC down (ENETDOWN), a qdisc drop, still no room
-            lost = (length,)
-        else:
-            self.nic_stats.tx_direct += 1
-        self.tap_stats.rx_direct += 1
-        self._count(self.tap_stats, self.nic_stats, (length,), lost)
+            unsent.append(length)
         return True
 
     def _send_read(self, frame):
