@@ -3081,11 +3081,22 @@ class PortStats(ctypes.Structure):
     LINK_UNKNOWN, LINK_DOWN, LINK_UP = 0, 1, 2
     # ``link``: the NIC's state now (LINK_*); ``link_changes``: how often it went
     # down or up since the start.  The same for every queue pair, so not summed.
-    _fields_ = [(f, ctypes.c_uint64) for f in FIELDS + ("link", "link_changes")]
+    # The name is in the structure too: a worker's tap renamed reaches the parent.
+    _fields_ = [(f, ctypes.c_uint64) for f in FIELDS + ("link", "link_changes")] + [
+        ("_name", ctypes.c_char * IFNAMSIZ)]
 
     def __init__(self, name="?", mtu=None):
         super().__init__()
         self.name, self.mtu = name, mtu
+
+    @property
+    def name(self):
+        """The port's name: an interface name, shorter than IFNAMSIZ."""
+        return self._name.decode()
+
+    @name.setter
+    def name(self, name):
+        self._name = name.encode()
 
     def add(self, other):
         """Add ``other``'s counters to these (totals over queues)."""
@@ -4892,9 +4903,10 @@ class QueuePairs(_Closing):
 
     @property
     def name(self):
-        """The tap's name (its first queue's, which this process holds: a rename is
-        followed)."""
-        return self._tap.name
+        """The tap's name as the first queue pair's worker last saw it: its
+        statistics take it at every refresh and at its end, so a rename is
+        followed."""
+        return self.tap_stats[0].name
 
     def _start(self, iface):
         push, tap_name = self._stack.callback, self.config.tap
@@ -4910,9 +4922,9 @@ class QueuePairs(_Closing):
         # Put back as found (a persistent tap) once the workers are gone: _reap
         # is pushed after.
         taps = [_open_tap(self.config, push, multi_queue=multi)]
-        self._tap, self.tap_persistent = taps[0], taps[0].persistent
+        self.tap_persistent = taps[0].persistent
         for _ in range(1, self.queues):
-            taps.append(Tap(self.name, multi_queue=True))
+            taps.append(Tap(taps[0].name, multi_queue=True))
             push(taps[-1].close)
         group = os.getpid() & 0xFFFF if multi else None
         nics = []
@@ -4927,7 +4939,7 @@ class QueuePairs(_Closing):
         self.config.configure_tap(taps[0])
         for tap in taps[1:]:
             tap.netns = taps[0].netns
-        self._share_stats(iface, nics[0].mtu())
+        self._share_stats(iface, nics[0].mtu(), taps[0].name)
         self.quiet = QuietNic(iface)
         push(self.quiet.restore)
         push(self._reap)
@@ -4957,7 +4969,7 @@ class QueuePairs(_Closing):
             obj.close()
         self._wait_ready()
 
-    def _share_stats(self, iface, mtu):
+    def _share_stats(self, iface, mtu, tap_name):
         """Every pair's counters, in memory the workers share with this process."""
         size = ctypes.sizeof(PortStats)
         shared = mmap.mmap(-1, 2 * size * self.queues, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
@@ -4967,7 +4979,7 @@ class QueuePairs(_Closing):
                           for i in range(self.queues)]
         for nic_st, tap_st in zip(self.nic_stats, self.tap_stats):
             nic_st.name, nic_st.mtu = iface, mtu
-            tap_st.name, tap_st.mtu = self.name, None
+            tap_st.name, tap_st.mtu = tap_name, None
 
     def _wait_ready(self):
         """One line per worker on its status pipe: "ok", or "error <why>"; end of file

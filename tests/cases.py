@@ -558,15 +558,21 @@ class LifeCycleCase(OutsideCase):
     def test_a_renamed_tap_is_reported_under_its_new_name(self):
         """The tool follows a rename of its tap (while down: Linux 6.1 refuses to
         rename an up link, EBUSY): it forwards as before, and its statistics name
-        the tap as it is called now."""
-        tool = self.start()
-        topo.sh("ip", "link", "set", "tap0", "name", "vpnew0")
-        topo.configure_tap("vpnew0")
-        self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
-        rc, out, err = tool.stop()
-        self.assertEqual(rc, 0, err)
-        self.assertIn("Forward statistics for port 1 (vpnew0)", out)
-        self.assertGreaterEqual(topo.report_counters(out)["vpnew0"]["RX-packets"], 6, out)
+        the tap as it is called now, each queue pair's line too."""
+        for queues in ((), ("--queues", "2")):
+            with self.subTest(queues=queues):
+                tool = self.start(*queues)
+                topo.sh("ip", "link", "set", "tap0", "name", "vpnew0")
+                topo.configure_tap("vpnew0")
+                self.assertEqual(topo.ping(topo.OUTSIDE_IP), 3)
+                rc, out, err = tool.stop()
+                self.assertEqual(rc, 0, err)
+                self.assertIn("Forward statistics for port 1 (vpnew0)", out)
+                self.assertGreaterEqual(topo.report_counters(out)["vpnew0"]["RX-packets"], 6,
+                                        out)
+                self.assertNotIn("tap0", out)
+                if queues:
+                    self.assertEqual(len(re.findall(r"\| vpnew0: rx", out)), 2, out)
 
     def test_a_persistent_tap_is_put_back_after_sigkill(self):
         """After a SIGKILL a persistent tap is left as the tool made it, with a record
