@@ -7,6 +7,7 @@ runs it first.
 """
 
 import array
+import ctypes
 import types
 import unittest
 
@@ -466,6 +467,23 @@ class TestDemoEchoRequest(unittest.TestCase):
                 self.assertEqual(words, 0xFFFF, (ident, seq))
                 self.assertEqual(message[:2], b"\x08\x00")
                 self.assertEqual(message[4:8], ident.to_bytes(2, "big") + seq.to_bytes(2, "big"))
+
+
+class TestPortStatsShared(unittest.TestCase):
+    """PortStats in shared memory (QueuePairs): counters and the name written through
+    one view are what another view of the same bytes reads, as a worker's reach the
+    parent; a name must be an interface name."""
+
+    def test_name_and_counters_cross_views(self):
+        shared = bytearray(ctypes.sizeof(vp.PortStats))
+        worker, parent = (vp.PortStats.from_buffer(shared) for _ in range(2))
+        parent.name, parent.mtu = "tap0", None        # as QueuePairs sets them
+        worker.name, worker.rx_packets = "vpnew0", 7
+        self.assertEqual((parent.name, parent.rx_packets), ("vpnew0", 7))
+        self.assertIn("Forward statistics for port 1 (vpnew0)", parent.report(1))
+        self.assertEqual(vp.PortStats("x" * 15).name, "x" * 15)
+        with self.assertRaises(ValueError):
+            vp.PortStats("x" * 17)
 
 
 class TestConfig(unittest.TestCase):
