@@ -4379,14 +4379,15 @@ class VhostBridge(_Forwarder):
 
     def _count(self, rx_stats, tx_stats, lengths, lost=(), direct=0):
         """Count frames of ``lengths`` bytes (virtio_net_hdr included) received and
-        forwarded; those of ``lost`` (some of the same lengths) as dropped instead;
-        ``direct`` of those forwarded went from here (DIRECT_BATCH)."""
+        forwarded; those of ``lost`` (some of the same lengths) as dropped instead.
+        ``direct`` of them were sent from here (DIRECT_BATCH), ``lost`` among
+        those: only a send from here can fail."""
         h, n = self.hdr_len, len(lengths)
         nbytes = sum(lengths) - h * n
         rx_stats.rx_packets += n
         rx_stats.rx_bytes += nbytes
         tx_stats.tx_packets += n - len(lost)
-        tx_stats.tx_direct += direct
+        tx_stats.tx_direct += direct - len(lost)
         tx_stats.tx_bytes += nbytes - (sum(lost) - h * len(lost))
         tx_stats.tx_dropped += len(lost)
         limit = self._max_frame + h
@@ -4422,7 +4423,7 @@ class VhostBridge(_Forwarder):
             rxq.add_run(first, done)        # recycled now: see _recycle
         if done < count:
             txq.add_run(first + done, count - done, lengths[done:])
-        self._count(self.tap_stats, self.nic_stats, lengths, lost, done - len(lost))
+        self._count(self.tap_stats, self.nic_stats, lengths, lost, done)
         return count
 
     def _rings_idle(self):
@@ -4521,12 +4522,12 @@ class VhostBridge(_Forwarder):
                 tag = VLAN_HLEN if ring.vlan_tagged(start, n) else 0
                 if tag and not ring.retag(start, n, self.hdr_len):
                     tag = None
-            lost, direct = [], 0                # written from here: refused by the tap, the rest
+            lost, direct = [], 0                # refused by the tap; written from here
             if tag is not None:
                 lengths = array.array("I", [length + self.hdr_len + tag for length in snaplen])
                 if n <= DIRECT_BATCH and self._rings_idle():
                     lost = self._write_tap(start, n, tag, lengths)
-                    direct = n - len(lost)
+                    direct = n
                 else:
                     txq.set_addrs(first, self._frame_addrs[bool(tag)][start:start + n])
                     txq.add_run(first, n, memoryview(lengths))
@@ -4753,12 +4754,10 @@ class VhostBridge(_Forwarder):
                     break
         finally:                                # counted even when the bridge stops
             if written:
-                self._count(self.nic_stats, self.tap_stats, written, refused,
-                            len(written) - len(refused))
+                self._count(self.nic_stats, self.tap_stats, written, refused, len(written))
             if read:
                 self.tap_stats.rx_direct += len(read)
-                self._count(self.tap_stats, self.nic_stats, read, unsent,
-                            len(read) - len(unsent))
+                self._count(self.tap_stats, self.nic_stats, read, unsent, len(read))
         if not settled:
             rxq.kick()
             self.nic_txq.kick()
