@@ -596,6 +596,26 @@ class _Ticker:
         return True
 
 
+class _TrafficRate:
+    """Whether traffic is sparse: under ``max_frames`` frames and ``max_bytes``
+    bytes a second, measured over periods of at least ``period`` seconds (the
+    last one ended, or the one under way once it is that long)."""
+
+    def __init__(self, max_frames, max_bytes, period):
+        self.max_frames, self.max_bytes, self.period = max_frames, max_bytes, period
+        self._since, self._frames, self._bytes, self._sparse = time.monotonic(), 0, 0, True
+
+    def sparse(self, frames, nbytes, now):
+        """Whether traffic is sparse, given the frames and bytes moved so far (totals
+        that only grow) at ``now`` (a monotonic time)."""
+        elapsed = now - self._since
+        if elapsed >= self.period:
+            self._sparse = (frames - self._frames < self.max_frames * elapsed
+                            and nbytes - self._bytes < self.max_bytes * elapsed)
+            self._since, self._frames, self._bytes = now, frames, nbytes
+        return self._sparse
+
+
 # The signals that stop vhostpath cleanly: SIGHUP too (the terminal or the ssh
 # session gone), which would otherwise kill it with the host left changed.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -925,6 +945,18 @@ TAP_BIND_HOLD = 0.05
 # at 1 Gb/s the default 208 KB in 1.7 ms) before it is dropped and counted; it
 # is out of the tap, with no ring to wait in.
 NIC_SEND_WAIT = 0.01
+# Busy-polling (--busy-poll) pays while traffic is sparse (requests and answers,
+# pings): without it each frame finds the process asleep.  Bulk traffic keeps the
+# process awake without it, and there a spinning process takes CPU the rest of
+# the path needs (TCP in 20-35 % lower on 2 vCPUs): so a forwarder spins only
+# while its NIC moved fewer than BUSY_POLL_MAX_FRAMES frames and BUSY_POLL_MAX_BYTES
+# bytes a second, both ways, over BUSY_POLL_PERIOD seconds.  Bytes too, as bulk
+# TCP with LRO moves 64 KB frames: a few thousand a second.  (A request/response
+# flow moves 2 frames a round trip.)
+BUSY_POLL_MAX_FRAMES = 10000
+BUSY_POLL_MAX_BYTES = 10 << 20
+BUSY_POLL_PERIOD = 0.01
+SPARSE = f"under {BUSY_POLL_MAX_FRAMES} frames and {BUSY_POLL_MAX_BYTES >> 20} MB a second"
 
 
 ########################################################################################
@@ -2909,8 +2941,9 @@ class Config:
             lengths (``"192.0.2.1/24"``, ``"2001:db8::1/64"``); they bring it up.
         up: bring the tap up once created.
         busy_poll: microseconds this process keeps passing over its rings after
-            a pass that moved frames, before it sleeps in poll() again; 0 (off)
-            to 1000000.
+            a pass that moved frames, before it sleeps in poll() again, while
+            traffic is sparse (BUSY_POLL_MAX_FRAMES and _BYTES a second; bulk
+            traffic keeps it awake anyway); 0 (off) to 1000000.
         vhost_busy_poll: microseconds every vring's vhost worker spins for new
             buffers and socket data before it sleeps
             (VHOST_SET_VRING_BUSYLOOP_TIMEOUT); 0 (off) to 1000000; tap I/O
@@ -3665,10 +3698,12 @@ class _Forwarder(_Closing):
         self._max_frame = mtu + ETH_HLEN + VLAN_HLEN
         self.carrier_follows = True          # until TUNSETCARRIER is refused (Linux < 5.0)
         self._running = self._tap_mtu = None
+        self._rate = _TrafficRate(BUSY_POLL_MAX_FRAMES, BUSY_POLL_MAX_BYTES, BUSY_POLL_PERIOD)
 
     def describe_busy_poll(self):
         """The -v line of the busy-poll setting."""
-        line = (f"busy-poll: {self.busy_poll} us after a pass that moved frames" if self.busy_poll
+        line = (f"busy-poll: {self.busy_poll} us after a pass that moved frames, while "
+                f"traffic is {SPARSE}" if self.busy_poll
                 else "busy-poll: off (poll() sleeps until a device or the NIC signals)")
         if self.vhost_busy_poll:
             line += (f"; every vring's vhost worker spins {self.vhost_busy_poll} us for new "
@@ -3771,7 +3806,8 @@ class _Forwarder(_Closing):
             tap_events, nic_events = ready.get(tap_fd, 0), ready.get(nic_fd, 0)
             if (tap_events | nic_events) & _POLL_FAULTS:
                 self._check_faults(tap_events, nic_events, links)
-            if self._step(ready) and self.busy_poll:
+            moved = self._step(ready)
+            if moved and self.busy_poll and self._sparse(time.monotonic()):
                 self._busy()
             if ticker.due() and on_stats:
                 on_stats(self)
@@ -3780,16 +3816,27 @@ class _Forwarder(_Closing):
         """When poll() must return though nothing happens (a monotonic time), or None."""
         return None
 
+    def _sparse(self, now):
+        """Whether traffic through the NIC is sparse enough to busy-poll for."""
+        st = self.nic_stats
+        return self._rate.sparse(st.rx_packets + st.tx_packets, st.rx_bytes + st.tx_bytes, now)
+
     def _busy(self):
         """Busy-poll: pass over everything again, without poll(), until busy_poll
-        microseconds go by without a pass that moved frames; such passes are
-        counted.  A frame that comes meanwhile is taken without a wakeup."""
+        microseconds go by without a pass that moved frames, or traffic is no
+        longer sparse (BUSY_POLL_MAX_FRAMES); such passes are counted.  A frame
+        that comes meanwhile is taken without a wakeup."""
         window = self.busy_poll / 1e6
-        deadline = time.monotonic() + window
-        while not self._stopping and time.monotonic() < deadline:
-            if self._step(None):
+        now = time.monotonic()
+        deadline = now + window
+        while not self._stopping and now < deadline:
+            moved = self._step(None)
+            now = time.monotonic()
+            if moved:
                 self.nic_stats.busy_passes += 1
-                deadline = time.monotonic() + window
+                if not self._sparse(now):
+                    return
+                deadline = now + window
 
     def _check_links(self, links):
         """Links changed somewhere: the NIC must still be here under its name, and
@@ -5170,8 +5217,9 @@ def _add_port_options(p):
                         "softirq (default: every frame)")
     p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
                    help="after a pass that moved frames, keep passing over the rings for "
-                        "USEC microseconds before sleeping: lower latency, more CPU under "
-                        "traffic, none when idle (default 0: off)")
+                        f"USEC microseconds before sleeping, while traffic is {SPARSE}: "
+                        "lower latency, more CPU under such traffic, none when idle "
+                        "(default 0: off)")
     p.add_argument("--vhost-busy-poll", type=int, default=0, metavar="USEC",
                    help="let every vring's vhost worker spin USEC microseconds for new work "
                         "before sleeping; each holds a CPU meanwhile, worth it only where "

@@ -439,8 +439,8 @@ def in_guest(suite, seconds, only=None, rounds=1, baselines=()):
     for baseline in baselines:      # other vhostpath.py files (commits before) beside this one
         PEERS.append((f"vhostpath (defaults) of {baseline}", peer_vhostpath(tool=baseline),
                       True))
-        PEERS.append((f"vhostpath --busy-poll 1000 of {baseline}",
-                      peer_vhostpath("--busy-poll", "1000", tool=baseline), True))
+        PEERS.append((f"vhostpath --busy-poll 20000 of {baseline}",
+                      peer_vhostpath("--busy-poll", "20000", tool=baseline), True))
     from tests import guest
     with guest.hold_netstamp_key():
         rows = SUITES[suite][0](seconds, only,
@@ -491,7 +491,7 @@ def main():
                         "report medians (default %(default)s)")
     p.add_argument("--baseline", metavar="FILE", action="append", default=[],
                    help="peers: also run this vhostpath.py with its defaults and with "
-                        "--busy-poll 1000 (e.g. a copy of the commit before), for a "
+                        "--busy-poll 20000 (e.g. a copy of the commit before), for a "
                         "before/after in one boot; repeatable")
     p.add_argument("--kernel", choices=("6.1", "6.12"), default="6.1",
                    help="the guest's Debian kernel series (default %(default)s)")

@@ -8,6 +8,7 @@ runs it first.
 
 import array
 import ctypes
+import time
 import types
 import unittest
 
@@ -484,6 +485,24 @@ class TestPortStatsShared(unittest.TestCase):
         self.assertEqual(vp.PortStats("x" * 15).name, "x" * 15)
         with self.assertRaises(ValueError):
             vp.PortStats("x" * 17)
+
+
+class TestTrafficRate(unittest.TestCase):
+    """The rate that gates busy-polling: sparse until a whole period has carried
+    either limit's rate, then judged anew at the end of each period (from the
+    first look after it), so a burst within a period does not end it early."""
+
+    def test_sparse_then_bulk_then_sparse(self):
+        t = time.monotonic()
+        rate = vp._TrafficRate(1000, 100000, 0.01)    # per 10 ms: 10 frames, 1000 bytes
+        self.assertTrue(rate.sparse(50, 500, t + 0.001))        # the period under way
+        self.assertFalse(rate.sparse(51, 510, t + 0.011))       # 51 frames in 11 ms: bulk
+        self.assertFalse(rate.sparse(52, 520, t + 0.015))       # judged at period ends
+        self.assertFalse(rate.sparse(72, 720, t + 0.022))       # 21 frames in 11 ms
+        self.assertTrue(rate.sparse(73, 730, t + 0.042))        # 1 in 20 ms: sparse again
+        self.assertTrue(rate.sparse(82, 820, t + 0.053))        # 9 in 11 ms: under
+        self.assertFalse(rate.sparse(83, 2820, t + 0.064))      # 2000 bytes in 11 ms: bulk
+        self.assertTrue(rate.sparse(84, 2830, t + 0.075))
 
 
 class TestConfig(unittest.TestCase):

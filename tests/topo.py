@@ -500,11 +500,13 @@ def checksum_errors(ns=None):
     return counters
 
 
-def ping(target, ns=None, count=3, size=None, wait=5):
-    """Ping ``target``; return the number of replies, each waited for up to ``wait``
-    seconds.  ``size``: ICMP payload bytes, sent with DF (never fragmented)."""
+def ping(target, ns=None, count=3, size=None, wait=5, interval=0.2):
+    """Ping ``target``, ``interval`` seconds apart; return the number of replies, each
+    waited for up to ``wait`` seconds.  ``size``: ICMP payload bytes, sent with DF
+    (never fragmented)."""
     sized = ["-s", str(size), "-M", "do"] if size else []
-    out = sh("ping", "-c", str(count), "-i", "0.2", "-W", str(wait), *sized, target, ns=ns,
+    out = sh("ping", "-c", str(count), "-i", str(interval), "-W", str(wait), *sized, target,
+             ns=ns,
              check=False, timeout=60)
     m = re.search(r"(\d+) received", out)
     return int(m.group(1)) if m else 0
