@@ -948,7 +948,7 @@ NIC_SEND_WAIT = 0.01
 # Busy-polling (--busy-poll) pays while traffic is sparse (requests and answers,
 # pings): without it each frame finds the process asleep.  Bulk traffic keeps the
 # process awake without it, and there a spinning process takes CPU the rest of
-# the path needs (TCP in 20-35 % lower on 2 vCPUs): so a forwarder spins only
+# the path needs (TCP in was 20-35 % lower on 2 vCPUs): so a forwarder spins only
 # while its NIC moved fewer than BUSY_POLL_MAX_FRAMES frames and BUSY_POLL_MAX_BYTES
 # bytes a second, both ways, over BUSY_POLL_PERIOD seconds.  Bytes too, as bulk
 # TCP with LRO moves 64 KB frames: a few thousand a second.  (A request/response
@@ -956,7 +956,7 @@ NIC_SEND_WAIT = 0.01
 BUSY_POLL_MAX_FRAMES = 10000
 BUSY_POLL_MAX_BYTES = 10 << 20
 BUSY_POLL_PERIOD = 0.01
-SPARSE = f"under {BUSY_POLL_MAX_FRAMES} frames and {BUSY_POLL_MAX_BYTES >> 20} MB a second"
+SPARSE_TRAFFIC = f"under {BUSY_POLL_MAX_FRAMES} frames and {BUSY_POLL_MAX_BYTES >> 20} MB a second"
 
 
 ########################################################################################
@@ -2942,8 +2942,9 @@ class Config:
         up: bring the tap up once created.
         busy_poll: microseconds this process keeps passing over its rings after
             a pass that moved frames, before it sleeps in poll() again, while
-            traffic is sparse (BUSY_POLL_MAX_FRAMES and _BYTES a second; bulk
-            traffic keeps it awake anyway); 0 (off) to 1000000.
+            traffic is sparse (under BUSY_POLL_MAX_FRAMES frames and
+            BUSY_POLL_MAX_BYTES bytes a second; bulk traffic keeps it awake
+            anyway); 0 (off) to 1000000.
         vhost_busy_poll: microseconds every vring's vhost worker spins for new
             buffers and socket data before it sleeps
             (VHOST_SET_VRING_BUSYLOOP_TIMEOUT); 0 (off) to 1000000; tap I/O
@@ -3703,7 +3704,7 @@ class _Forwarder(_Closing):
     def describe_busy_poll(self):
         """The -v line of the busy-poll setting."""
         line = (f"busy-poll: {self.busy_poll} us after a pass that moved frames, while "
-                f"traffic is {SPARSE}" if self.busy_poll
+                f"traffic is {SPARSE_TRAFFIC}" if self.busy_poll
                 else "busy-poll: off (poll() sleeps until a device or the NIC signals)")
         if self.vhost_busy_poll:
             line += (f"; every vring's vhost worker spins {self.vhost_busy_poll} us for new "
@@ -3806,8 +3807,7 @@ class _Forwarder(_Closing):
             tap_events, nic_events = ready.get(tap_fd, 0), ready.get(nic_fd, 0)
             if (tap_events | nic_events) & _POLL_FAULTS:
                 self._check_faults(tap_events, nic_events, links)
-            moved = self._step(ready)
-            if moved and self.busy_poll and self._sparse(time.monotonic()):
+            if self._step(ready) and self.busy_poll and self._sparse(time.monotonic()):
                 self._busy()
             if ticker.due() and on_stats:
                 on_stats(self)
@@ -3824,8 +3824,8 @@ class _Forwarder(_Closing):
     def _busy(self):
         """Busy-poll: pass over everything again, without poll(), until busy_poll
         microseconds go by without a pass that moved frames, or traffic is no
-        longer sparse (BUSY_POLL_MAX_FRAMES); such passes are counted.  A frame
-        that comes meanwhile is taken without a wakeup."""
+        longer sparse (BUSY_POLL_MAX_FRAMES, _BYTES); such passes are counted.  A
+        frame that comes meanwhile is taken without a wakeup."""
         window = self.busy_poll / 1e6
         now = time.monotonic()
         deadline = now + window
@@ -5217,7 +5217,7 @@ def _add_port_options(p):
                         "softirq (default: every frame)")
     p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
                    help="after a pass that moved frames, keep passing over the rings for "
-                        f"USEC microseconds before sleeping, while traffic is {SPARSE}: "
+                        f"USEC microseconds before sleeping, while traffic is {SPARSE_TRAFFIC}: "
                         "lower latency, more CPU under such traffic, none when idle "
                         "(default 0: off)")
     p.add_argument("--vhost-busy-poll", type=int, default=0, metavar="USEC",

@@ -854,7 +854,7 @@ class BusyPollCase(OutsideCase):
         self.assertTrue(passes and int(passes.group(1)) > 0, out)
 
     def test_sparse_traffic_is_busy_polled(self):
-        # Pings 50 ms apart, sparse traffic (vp.SPARSE), in a 200 ms window:
+        # Pings 50 ms apart, sparse traffic (vp.SPARSE_TRAFFIC), in a 200 ms window:
         # every request after the first comes while the process spins.
         tool = topo.Tool("--iface", "veth0", "--tap-io", self.TAP_IO, "--busy-poll", "200000",
                          "-v", "--address", f"{topo.KERNEL_IP}/24")
@@ -862,7 +862,7 @@ class BusyPollCase(OutsideCase):
         self.assertEqual(topo.ping(topo.KERNEL_IP, ns=topo.NS, count=20, interval=0.05), 20)
         rc, out, err = tool.stop()
         self.assertEqual(rc, 0, err)
-        self.assertIn(f"while traffic is {vp.SPARSE}", err)
+        self.assertIn(f"while traffic is {vp.SPARSE_TRAFFIC}", err)
         passes = re.search(r"Busy-poll passes that found work: (\d+)", out)
         self.assertTrue(passes and int(passes.group(1)) >= 19, out)
 

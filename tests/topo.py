@@ -506,8 +506,7 @@ def ping(target, ns=None, count=3, size=None, wait=5, interval=0.2):
     (never fragmented)."""
     sized = ["-s", str(size), "-M", "do"] if size else []
     out = sh("ping", "-c", str(count), "-i", str(interval), "-W", str(wait), *sized, target,
-             ns=ns,
-             check=False, timeout=60)
+             ns=ns, check=False, timeout=60)
     m = re.search(r"(\d+) received", out)
     return int(m.group(1)) if m else 0
 
